@@ -1,0 +1,120 @@
+"""All labelloop settings, in one place.
+
+Values come, highest priority first, from: keyword arguments, ``LABELLOOP_*`` environment variables,
+a ``.env`` file, a TOML file named by ``LABELLOOP_CONFIG`` (or ``labelloop.toml`` in the working
+directory), then the defaults below. Defaults keep every piece of state inside the repository so a
+fresh clone works offline with nothing configured.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("LABELLOOP_CONFIG", "labelloop.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LABELLOOP_", env_file=".env", extra="ignore")
+
+    # --- where state lives -------------------------------------------------------------------
+    mlruns_dir: Path = REPO_ROOT / "mlruns"
+    state_dir: Path = Field(REPO_ROOT / "var", description="journal, caches, jobs, eval sets, LS credentials")
+    data_dir: Path = Field(REPO_ROOT.parent / "shared" / "data", description="the shared public datasets")
+
+    # --- MLflow ------------------------------------------------------------------------------
+    tracking_uri: str | None = Field(None, description="default: SQLite under mlruns_dir")
+    artifact_location: str | None = Field(None, description="default: mlruns_dir/artifacts")
+    experiment: str = "labelloop"
+    model_name: str | None = Field(None, description="registered model name; default labelloop-<taxonomy>")
+
+    # --- the task ----------------------------------------------------------------------------
+    taxonomy: str = "hate_offensive"
+    base_model: str = Field(DEFAULT_BASE_MODEL, description="HF model id or local path")
+    max_length: int = Field(64, ge=8, le=512)
+    seed: int = 13
+
+    # --- promotion gate ----------------------------------------------------------------------
+    gate_min_gain: float = Field(0.0, description="challenger macro-F1 must exceed champion's by more than this")
+    gate_max_recall_drop: float = Field(0.05, ge=0, le=1, description="largest allowed per-class recall drop")
+
+    # --- serving -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 9090
+    basic_user: str | None = None
+    basic_password: SecretStr | None = None
+    api_token: SecretStr | None = None
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_text_chars: int = 20_000
+    batch_size: int = 64
+    poll_seconds: float = Field(10.0, description="how often serving checks whether the champion alias moved")
+
+    # --- active learning ---------------------------------------------------------------------
+    retrain_every: int = Field(100, ge=1, description="retrain after this many new labels")
+    query_batch: int = 100
+
+    # --- Label Studio ------------------------------------------------------------------------
+    ls_url: str = "http://127.0.0.1:8080"
+    ls_api_key: SecretStr | None = None
+
+    @field_validator("mlruns_dir", "state_dir", "data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
+        return init_settings, env_settings, dotenv_settings, toml, file_secret_settings
+
+    # --- derived values ----------------------------------------------------------------------
+    @property
+    def resolved_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.mlruns_dir / 'mlflow.db'}"
+
+    @property
+    def resolved_artifact_location(self) -> str:
+        return self.artifact_location or (self.mlruns_dir / "artifacts").as_uri()
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.model_name or f"labelloop-{self.taxonomy.replace('_', '-')}"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.sqlite"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.state_dir / "cache"
+
+    @property
+    def eval_sets_dir(self) -> Path:
+        return self.state_dir / "eval_sets"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests build their own ``Settings(...)`` instead."""
+    return Settings()

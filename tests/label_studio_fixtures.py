@@ -1,0 +1,1 @@
+"""Real Label Studio server fixtures (session-scoped)."""
