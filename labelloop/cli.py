@@ -1,0 +1,234 @@
+"""The ``labelloop`` command line: the one front door for ML engineers and operators."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the default model ships in a package; never reach for a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import functools  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from labelloop.config import Settings, get_settings  # noqa: E402
+
+app = typer.Typer(help="labelloop: ML-assisted labeling and active learning for trust & safety review.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    """An expected failure: printed as one clear line, exit code 2."""
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from labelloop.data import DataError
+        from labelloop.taxonomy import LabelConfigError
+        from training.registry import RegistryError
+
+        try:
+            return fn(*args, **kwargs)
+        except (CliError, DataError, RegistryError, LabelConfigError, ValueError, FileNotFoundError) as e:
+            err.print(f"[bold red]error:[/] {e}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(stage, done, total)`` callback drawing one rich bar per stage."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def settings_for(taxonomy: str | None) -> Settings:
+    settings = get_settings()
+    return settings.model_copy(update={"taxonomy": taxonomy}) if taxonomy else settings
+
+
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="shared dataset name (davidson, tweeteval_hate, "
+                                         "tweeteval_offensive, ethos, sms_spam), a CSV/JSONL/Parquet file, "
+                                         "or a Hugging Face dataset id")]
+TaxonomyOpt = Annotated[str | None, typer.Option(help="label taxonomy (default: the dataset's, else settings)")]
+
+
+@app.command()
+@friendly_errors
+def train(
+    dataset: DatasetOpt = "davidson",
+    mode: Annotated[str, typer.Option(help="finetune (best quality) or fast (frozen encoder + linear head)")] = "finetune",
+    limit: Annotated[int | None, typer.Option(help="train on a stratified sample of N rows (quick runs)")] = None,
+    epochs: Annotated[int, typer.Option(help="fine-tuning epochs (early stopping may stop sooner)")] = 3,
+    taxonomy: TaxonomyOpt = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    promote: Annotated[bool, typer.Option(help="run the promotion gate right after training")] = False,
+) -> None:
+    """Train a classifier, evaluate it on the frozen evaluation set, log it to MLflow and register it
+    as the challenger."""
+    from labelloop import data
+    from training.finetune import FineTuneConfig
+    from training.train import train_and_register
+
+    if mode not in ("finetune", "fast"):
+        raise CliError(f"--mode must be finetune or fast, not {mode!r}")
+    tax_name = taxonomy or data.KNOWN_DATASETS.get(dataset)
+    settings = settings_for(tax_name)
+    with console.status(f"loading {dataset}"):
+        labeled = data.load(dataset, taxonomy=tax_name, text_column=text_column, label_column=label_column,
+                            settings=settings)
+        settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
+        splits = data.split(labeled, seed=settings.seed)
+    train_frame, val_frame = splits.train, splits.validation
+    if limit:
+        train_frame = data.stratified_sample(train_frame, limit, seed=settings.seed)
+        val_frame = data.stratified_sample(val_frame, max(limit // 4, 50), seed=settings.seed)
+    console.print(f"{labeled.source}: {len(labeled)} rows after de-duplication; training on {len(train_frame)}, "
+                  f"validating on {len(val_frame)}, taxonomy {labeled.taxonomy.name} {list(labeled.taxonomy.labels)}")
+    config = FineTuneConfig(base_model=settings.base_model, max_length=settings.max_length, epochs=epochs,
+                            seed=settings.seed)
+    with progress_bars() as progress:
+        result = train_and_register(train_frame, val_frame, labeled.taxonomy, mode=mode, settings=settings,
+                                    source=labeled.source, eval_frame=splits.test, finetune_config=config,
+                                    extra_params={"limit": limit or 0}, progress=progress)
+    _print_report(result.report)
+    console.print(f"registered [bold]{result.ref.label}[/] as challenger (run {result.run_id}, "
+                  f"{result.seconds:.0f} s)")
+    if promote:
+        _print_decision(_registry(settings).promote())
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    version: Annotated[str, typer.Argument(help="version number or alias")] = "champion",
+    dataset: Annotated[str | None, typer.Option(help="evaluate on this dataset's test split instead of the "
+                                                "frozen evaluation set")] = None,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """Evaluate a registered model (per-class precision/recall/F1, confusion matrix, calibration) and log
+    the result to MLflow."""
+    import mlflow
+
+    from labelloop import data
+    from training.evaluate import evaluate as run_eval
+
+    settings = settings_for(taxonomy or (data.KNOWN_DATASETS.get(dataset) if dataset else None))
+    registry = _registry(settings)
+    loaded = registry.load(version)
+    if dataset:
+        labeled = data.load(dataset, taxonomy=settings.taxonomy, settings=settings)
+        frame, eval_name = data.split(labeled, seed=settings.seed).test, f"{labeled.source}:test"
+    else:
+        frozen = registry.eval_set()
+        if frozen is None:
+            raise CliError("no frozen evaluation set yet; pass --dataset")
+        frame, eval_name = frozen[1], f"frozen:{frozen[0]}"
+    with console.status(f"evaluating {loaded.ref.label} on {eval_name} ({len(frame)} rows)"):
+        report = run_eval(loaded.classifier, frame)
+    with mlflow.start_run(experiment_id=registry.experiment_id(), run_name=f"evaluate-{loaded.ref.label}",
+                          tags={"labelloop.kind": "evaluation", "model_version": loaded.ref.label,
+                                "eval_set": eval_name}):
+        mlflow.log_metrics(report.metrics())
+        mlflow.log_dict(report.to_dict(), "evaluation/report.json")
+    console.print(f"[bold]{loaded.ref.label}[/] on {eval_name}")
+    _print_report(report)
+
+
+@app.command()
+@friendly_errors
+def promote(
+    version: Annotated[int | None, typer.Argument(help="version to promote (default: the challenger)")] = None,
+    rollback: Annotated[bool, typer.Option("--rollback", help="return champion to the previous champion")] = False,
+    force: Annotated[bool, typer.Option(help="skip the gate (recorded as forced)")] = False,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """Promote the challenger to champion through the gate, or roll back."""
+    registry = _registry(settings_for(taxonomy))
+    decision = registry.rollback() if rollback else registry.promote(version, force=force)
+    _print_decision(decision)
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def models(taxonomy: TaxonomyOpt = None) -> None:
+    """Registered versions with aliases and key metrics, and the promotion history."""
+    registry = _registry(settings_for(taxonomy))
+    frozen = registry.eval_set()
+    eval_id = frozen[0] if frozen else None
+    table = Table(title=f"{registry.name} (frozen eval set {eval_id or '-'})")
+    for col in ("version", "aliases", "kind", "macro-F1", "ECE", "data snapshot", "created"):
+        table.add_column(col)
+    for v in registry.versions():
+        f1, ece = v.metric(eval_id, "macro_f1"), v.metric(eval_id, "ece")
+        table.add_row(f"v{v.version}", ", ".join(v.aliases), v.tags.get("model_kind", ""),
+                      f"{f1:.4f}" if f1 is not None else "-", f"{ece:.4f}" if ece is not None else "-",
+                      v.tags.get("data_snapshot", ""), v.created.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+    history = Table(title="promotion history")
+    for col in ("at", "action", "result", "candidate", "champion before → after", "reason"):
+        history.add_column(col)
+    for e in registry.history():
+        history.add_row(e.at[:19], e.action, "[green]yes[/]" if e.promoted else "[red]refused[/]",
+                        f"v{e.candidate}" if e.candidate else "-",
+                        f"{_v(e.champion_before)} → {_v(e.champion_after)}", e.reason)
+    console.print(history)
+
+
+@app.command("label-configs")
+def label_configs() -> None:
+    """Regenerate label_studio_config/*.xml from the taxonomy (the model's label list)."""
+    from labelloop.taxonomy import write_label_configs
+
+    for path in write_label_configs():
+        console.print(f"wrote {path}")
+
+
+def _registry(settings: Settings):
+    from training.registry import Registry
+
+    return Registry(settings)
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "-"
+
+
+def _print_report(report) -> None:
+    table = Table(title=f"macro-F1 {report.macro_f1:.4f} · accuracy {report.accuracy:.4f} · ECE {report.ece:.4f}")
+    for col in ("label", "precision", "recall", "F1", "support"):
+        table.add_column(col)
+    for label, m in report.per_class.items():
+        table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(int(m["support"])))
+    console.print(table)
+
+
+def _print_decision(decision) -> None:
+    colour = "green" if decision.promoted else "red"
+    verb = {"promote": "promoted" if decision.promoted else "refused", "rollback": "rolled back"}[decision.action]
+    console.print(f"[bold {colour}]{verb}[/]: {decision.reason}; champion is now {_v(decision.champion_after)}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,107 @@
+"""One training run end to end: guard against eval leakage, train (fine-tune or fast mode), evaluate
+on the frozen evaluation set, log and register the model as the new challenger."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import pandas as pd
+
+from labelloop.config import Settings
+from labelloop.data import DataError
+from labelloop.taxonomy import Taxonomy
+from training.classifier import TextClassifier, load_encoder
+from training.evaluate import EvalReport, evaluate, evaluate_proba
+from training.fast import EmbeddingCache, train_fast
+from training.finetune import FineTuneConfig, finetune
+from training.registry import ModelRef, Registry
+
+Mode = Literal["finetune", "fast"]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainResult:
+    ref: ModelRef
+    run_id: str
+    report: EvalReport
+    seconds: float
+    mode: Mode
+    train_rows: int
+
+
+def embedding_cache(settings: Settings) -> EmbeddingCache:
+    """The process's embedding cache for the configured encoder (shared by fast mode and the AL pool)."""
+    encoder = load_encoder(settings.base_model, settings.max_length)
+    return EmbeddingCache(settings.cache_dir / "embeddings", encoder)
+
+
+def train_and_register(
+    train: pd.DataFrame,
+    validation: pd.DataFrame | None,
+    taxonomy: Taxonomy,
+    *,
+    mode: Mode,
+    settings: Settings,
+    source: str,
+    eval_frame: pd.DataFrame | None = None,
+    finetune_config: FineTuneConfig | None = None,
+    extra_params: dict[str, object] | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train on ``train`` and register the result as challenger.
+
+    The registered model's frozen evaluation set is used when one exists; ``eval_frame`` freezes one
+    on the first run. Texts of the evaluation set are removed from the training data, so no model is
+    ever judged on what it was trained on.
+    """
+    if taxonomy.name != settings.taxonomy:
+        raise DataError(f"data is labeled in taxonomy {taxonomy.name!r} but settings.taxonomy is "
+                        f"{settings.taxonomy!r}; set LABELLOOP_TAXONOMY={taxonomy.name}")
+    registry = Registry(settings)
+    frozen = registry.eval_set()
+    if frozen is None:
+        if eval_frame is None or eval_frame.empty:
+            raise DataError(f"model {registry.name!r} has no frozen evaluation set yet; the first training "
+                            "run must supply one (labelloop train --dataset ... freezes its test split)")
+        frozen = registry.freeze_eval_set(eval_frame, source)
+    eval_id, frozen_frame = frozen
+    held_out = set(frozen_frame["text"])
+    train = train[~train["text"].isin(held_out)].reset_index(drop=True)
+    if validation is not None:
+        validation = validation[~validation["text"].isin(held_out)].reset_index(drop=True)
+    if train["label"].nunique() < 2:
+        raise DataError(f"{source}: training data needs at least two classes, got {train['label'].unique()}")
+
+    started = time.perf_counter()
+    params: dict[str, object] = {"mode": mode, "source": source, "base_model": settings.base_model,
+                                 "max_length": settings.max_length, "seed": settings.seed,
+                                 "labels": ",".join(taxonomy.labels)}
+    extra_metrics: dict[str, float] = {}
+    classifier: TextClassifier
+    if mode == "finetune":
+        if validation is None or validation.empty:
+            raise DataError("fine-tuning needs a validation split for early stopping")
+        config = finetune_config or FineTuneConfig(base_model=settings.base_model,
+                                                   max_length=settings.max_length, seed=settings.seed)
+        result = finetune(train, validation, taxonomy, config, progress)
+        classifier = result.classifier
+        params.update({f"ft_{k}": v for k, v in asdict(config).items()})
+        extra_metrics = {"best_epoch": result.best_epoch, "val_macro_f1": result.best_val_macro_f1}
+        train_seconds = time.perf_counter() - started
+        report = evaluate(classifier, frozen_frame)
+    else:
+        cache = embedding_cache(settings)
+        classifier = train_fast(train, taxonomy, encoder=cache.encoder, cache=cache, seed=settings.seed)
+        train_seconds = time.perf_counter() - started
+        proba = classifier.proba_from_embeddings(cache.get(frozen_frame["text"].tolist()))
+        y = frozen_frame["label"].map(taxonomy.index).to_numpy()
+        report = evaluate_proba(proba, y, taxonomy.labels)
+    params.update(extra_params or {})
+    extra_metrics["train_seconds"] = train_seconds
+    ref, run_id = registry.register(classifier, params=params, train_frame=train, report=report,
+                                    eval_id=eval_id, run_name=f"{mode}-{source}", extra_metrics=extra_metrics)
+    return TrainResult(ref, run_id, report, time.perf_counter() - started, mode, len(train))
