@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +35,8 @@ class Settings(BaseSettings):
     # --- where state lives -------------------------------------------------------------------
     mlruns_dir: Path = REPO_ROOT / "mlruns"
     state_dir: Path = Field(REPO_ROOT / "var", description="journal, caches, jobs, eval sets, LS credentials")
+    cache_dir: Path | None = Field(None, description="embedding/probability caches (content-addressed); "
+                                             "default: state_dir/cache")
     data_dir: Path = Field(REPO_ROOT.parent / "shared" / "data", description="the shared public datasets")
 
     # --- MLflow ------------------------------------------------------------------------------
@@ -62,6 +65,8 @@ class Settings(BaseSettings):
     max_text_chars: int = 20_000
     batch_size: int = 64
     poll_seconds: float = Field(10.0, description="how often serving checks whether the champion alias moved")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="serving only: int8 dynamic quantisation of the model's Linear layers at load time")
 
     # --- active learning ---------------------------------------------------------------------
     retrain_every: int = Field(100, ge=1, description="retrain after this many new labels")
@@ -71,10 +76,16 @@ class Settings(BaseSettings):
     ls_url: str = "http://127.0.0.1:8080"
     ls_api_key: SecretStr | None = None
 
-    @field_validator("mlruns_dir", "state_dir", "data_dir")
+    @field_validator("mlruns_dir", "state_dir", "data_dir", "cache_dir")
     @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        return v.expanduser().resolve()
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
+
+    @model_validator(mode="after")
+    def _default_cache_dir(self) -> Settings:
+        if self.cache_dir is None:
+            self.cache_dir = self.state_dir / "cache"
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -104,10 +115,6 @@ class Settings(BaseSettings):
     @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.sqlite"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.state_dir / "cache"
 
     @property
     def eval_sets_dir(self) -> Path:

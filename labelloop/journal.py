@@ -1,0 +1,739 @@
+"""The annotation journal: every Label Studio annotation event, durably, exactly once.
+
+Label Studio posts webhooks synchronously with a 1 s timeout and never retries, so the serving app's
+``POST /webhook`` writes the payload here and acknowledges only after :meth:`Journal.record` returns;
+anything Label Studio failed to deliver is found later by the reconciler
+(``active_learning.reconcile``), which feeds the annotations it lists through
+:meth:`Journal.apply_annotation`. Both paths meet in one SQLite file with three tables:
+
+``events``
+    Every webhook payload exactly as received (plus the reconciler's state-changing applications),
+    with the status and reason it was given: the audit trail and the replay source. ``event_id`` is
+    monotonic (AUTOINCREMENT never reuses ids), so "labels since event N" is a well-defined question.
+``annotations``
+    The current state, one row per Label Studio annotation id: task, item id and text, label,
+    annotator, ``updated_at``, the cancelled / ground-truth / deleted flags, which path wrote it
+    and which event last changed it. Training data is derived from this table only.
+``quarantine``
+    One row per annotation (or payload) that could not be used, with the reason. A separate table
+    because one event (``ANNOTATIONS_CREATED``) can carry several annotations, each with its own
+    problem.
+
+Exactly-once rules, applied inside one write transaction per call:
+
+* An annotation version is identified by ``(id, updated_at)``. The same version again is a
+  ``duplicate``; a version older than the stored one is a ``duplicate`` too (superseded) and
+  never overwrites newer state; a newer one replaces the row.
+* Deletion is final: Label Studio never reuses annotation ids (Django's SQLite ``AUTOINCREMENT`` and
+  PostgreSQL sequences), so a stale event or a reconcile pass that listed an annotation just before
+  it was deleted cannot bring it back. Deleting an id never seen leaves a tombstone for that reason.
+* A cancelled (skipped) annotation is recorded, but is not a label.
+* A new version that is unusable (label outside the taxonomy, no choices value, task without
+  text) is quarantined *and* replaces the stored row with an unlabeled one: the annotator changed
+  their answer, so the older label must stop counting.
+
+Durability: WAL mode with ``synchronous=FULL``. In WAL mode ``NORMAL`` survives an application crash
+but may lose the last commits on power loss or an OS crash; the journal's promise is that an
+acknowledged webhook is never lost, and Label Studio does not resend, so every commit is fsynced.
+The cost is one fsync per webhook, negligible at human labeling rates; reconcile passes mostly
+find duplicates, which commit nothing.
+
+Concurrency: one connection per :class:`Journal`, serialised by a lock (so any number of threads
+may share one instance), every write in ``BEGIN IMMEDIATE`` so that a second process (the
+reconciler) waits on the database lock (``busy_timeout``) instead of failing or interleaving a
+read-check-write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from labelloop.taxonomy import Taxonomy
+
+Status = Literal["accepted", "duplicate", "ignored", "quarantined"]
+Source = Literal["webhook", "reconcile"]
+STATUSES: tuple[Status, ...] = ("accepted", "duplicate", "ignored", "quarantined")
+SOURCES: tuple[Source, ...] = ("webhook", "reconcile")
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+
+#: actions that carry annotations to apply (``ANNOTATIONS_CREATED`` carries lists)
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
+#: actions Label Studio sends that never change a label
+NON_LABEL_ACTIONS = (
+    "START_TRAINING",
+    "PROJECT_CREATED",
+    "PROJECT_UPDATED",
+    "TASKS_CREATED",
+    "LABEL_LINK_CREATED",
+    "LABEL_LINK_UPDATED",
+    "LABEL_LINK_DELETED",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at   TEXT    NOT NULL,
+    source        TEXT    NOT NULL CHECK (source IN ('webhook', 'reconcile')),
+    action        TEXT,
+    project_id    INTEGER,
+    annotation_id INTEGER,
+    status        TEXT    NOT NULL CHECK (status IN ('accepted', 'duplicate', 'ignored', 'quarantined')),
+    reason        TEXT,
+    payload       TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_status ON events (status);
+CREATE INDEX IF NOT EXISTS events_annotation ON events (annotation_id);
+
+CREATE TABLE IF NOT EXISTS annotations (
+    annotation_id  INTEGER PRIMARY KEY,
+    project_id     INTEGER,
+    task_id        INTEGER,
+    item_id        TEXT,
+    text           TEXT,
+    label          TEXT,
+    annotator      INTEGER,
+    created_at     TEXT,
+    updated_at     TEXT,
+    cancelled      INTEGER NOT NULL DEFAULT 0 CHECK (cancelled IN (0, 1)),
+    ground_truth   INTEGER NOT NULL DEFAULT 0 CHECK (ground_truth IN (0, 1)),
+    deleted        INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
+    problem        TEXT,
+    source         TEXT    NOT NULL CHECK (source IN ('webhook', 'reconcile')),
+    event_id       INTEGER NOT NULL REFERENCES events (event_id),
+    label_event_id INTEGER REFERENCES events (event_id),
+    -- only a tombstone (deleted before it was ever seen) may lack the task fields
+    CHECK (deleted = 1 OR (task_id IS NOT NULL AND item_id IS NOT NULL AND updated_at IS NOT NULL)),
+    -- a label is never stored next to a reason it is unusable, nor on a skipped annotation
+    CHECK (label IS NULL OR (problem IS NULL AND cancelled = 0 AND text IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS annotations_task ON annotations (task_id);
+CREATE INDEX IF NOT EXISTS annotations_project ON annotations (project_id);
+CREATE INDEX IF NOT EXISTS annotations_label_event ON annotations (label_event_id);
+
+CREATE TABLE IF NOT EXISTS quarantine (
+    quarantine_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id      INTEGER NOT NULL REFERENCES events (event_id),
+    annotation_id INTEGER,
+    task_id       INTEGER,
+    reason        TEXT    NOT NULL
+);
+"""
+
+LABEL_COLUMNS = [
+    "id", "text", "label", "task_id", "project_id", "annotation_id", "annotator", "updated_at",
+    "n_annotations",
+]
+ANNOTATION_COLUMNS = [
+    "annotation_id", "task_id", "project_id", "id", "text", "label", "annotator", "created_at",
+    "updated_at", "cancelled", "ground_truth", "problem", "source",
+]
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What the journal did with one payload; ``event_id`` is None only for a reconcile no-op."""
+
+    status: Status
+    reason: str | None
+    event_id: int | None
+
+
+class JournalError(RuntimeError):
+    """The journal file cannot be used (newer schema, not a journal); never raised for bad payloads."""
+
+
+class _Malformed(ValueError):
+    """A payload whose shape is unusable; turned into a quarantine row, never raised to callers."""
+
+
+@dataclass(frozen=True)
+class _Version:
+    """One annotation version, parsed; ``problem`` set means it carries no usable label."""
+
+    annotation_id: int
+    task_id: int
+    project_id: int | None
+    item_id: str
+    text: str | None
+    label: str | None
+    annotator: int | None
+    created_at: str | None
+    updated_at: str
+    cancelled: bool
+    ground_truth: bool
+    problem: str | None
+
+    @property
+    def is_label(self) -> bool:
+        return self.label is not None
+
+
+class Journal:
+    """The persistent annotation journal for one taxonomy (any number of Label Studio projects)."""
+
+    def __init__(self, path: Path, taxonomy: Taxonomy, text_field: str = "text"):
+        self.path = Path(path)
+        self.taxonomy = taxonomy
+        self.text_field = text_field
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise JournalError(f"{self.path}: could not switch SQLite to WAL mode (got {mode!r})")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"{self.path} has journal schema {version}; this labelloop understands {SCHEMA_VERSION}"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, taken before reading so check-then-write is atomic across processes."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot for multi-statement reads."""
+        with self._lock:
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def record(self, payload: Any, source: Source = "webhook") -> RecordResult:
+        """Journal one raw Label Studio webhook payload; durable (fsynced) when this returns.
+
+        Never raises for a bad payload: it is stored and quarantined with the reason. Raises only
+        when the database itself fails (I/O, disk full), in which case nothing was acknowledged.
+        """
+        _check_source(source)
+        action = payload.get("action") if isinstance(payload, dict) else None
+        project_id = _project_id_of(payload) if isinstance(payload, dict) else None
+        annotation = payload.get("annotation") if isinstance(payload, dict) else None
+        annotation_id = _optional_int(annotation.get("id")) if isinstance(annotation, dict) else None
+        with self._write() as conn:
+            event_id = _insert_event(conn, source, action, project_id, annotation_id, payload)
+            status, reason = self._dispatch(conn, event_id, source, payload)
+            _set_status(conn, event_id, status, reason)
+        return RecordResult(status, reason, event_id)
+
+    def apply_annotation(self, annotation: dict, task: dict, source: Source = "reconcile") -> RecordResult:
+        """Apply one annotation as the Label Studio API returns it, with its task.
+
+        A version already applied commits nothing and returns ``event_id=None``, so repeated
+        reconcile passes do not grow the event log; a state change or a quarantine is logged as an
+        event with action ``RECONCILE_APPLY``.
+        """
+        _check_source(source)
+        payload = {"action": "RECONCILE_APPLY", "annotation": annotation, "task": task}
+        project_id = _project_id_of(payload)
+        with self._write() as conn:
+            try:
+                version = self._parse_version(annotation, task, project_id)
+            except _Malformed as e:
+                event_id = _insert_event(conn, source, "RECONCILE_APPLY", project_id, None, payload)
+                return self._finish_quarantine(conn, event_id, _dict_int(annotation, "id"),
+                                               _dict_int(task, "id"), str(e))
+            current = _current(conn, version.annotation_id)
+            verdict = _verdict(current, version)
+            if verdict is not None:
+                return RecordResult(verdict[0], verdict[1], None)
+            event_id = _insert_event(conn, source, "RECONCILE_APPLY", version.project_id,
+                                     version.annotation_id, payload)
+            status, reason = self._store(conn, event_id, source, version, current)
+            _set_status(conn, event_id, status, reason)
+        return RecordResult(status, reason, event_id)
+
+    def mark_deleted(self, annotation_id: int, source: Source) -> RecordResult:
+        """Record that Label Studio no longer has this annotation (the reconciler confirmed it)."""
+        _check_source(source)
+        payload = {"action": "RECONCILE_DELETE", "annotation": {"id": annotation_id}}
+        with self._write() as conn:
+            current = _current(conn, annotation_id)
+            if current is not None and current["deleted"]:
+                return RecordResult("duplicate", f"annotation {annotation_id} is already deleted", None)
+            project_id = current["project_id"] if current is not None else None
+            event_id = _insert_event(conn, source, "RECONCILE_DELETE", project_id, annotation_id, payload)
+            status, reason = _delete(conn, event_id, source, annotation_id)
+            _set_status(conn, event_id, status, reason)
+        return RecordResult(status, reason, event_id)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def last_event_id(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()[0]
+
+    def new_label_count(self, since_event_id: int) -> int:
+        """Usable labels (annotations, not tasks) set or changed by an event after ``since_event_id``.
+
+        Counted on current state, so a label created and then deleted or skipped since does not
+        count, and re-sending the same version never counts twice. The retrain trigger compares this
+        with ``Settings.retrain_every`` using the ``last_event_id()`` taken when it last trained.
+        """
+        with self._lock:
+            return self._conn.execute(
+                "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND label IS NOT NULL "
+                "AND label_event_id > ?",
+                (since_event_id,),
+            ).fetchone()[0]
+
+    def live_annotation_ids(self, project_id: int) -> set[int]:
+        """Ids of the project's annotations the journal holds as not deleted (for the reconciler)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT annotation_id FROM annotations WHERE deleted = 0 AND project_id = ?", (project_id,)
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def annotations(self, project_id: int | None = None) -> pd.DataFrame:
+        """Every annotation not deleted, skipped and unusable ones included (``label`` is None there).
+
+        One row per annotation, for agreement statistics: ``cancelled``, ``ground_truth`` and
+        ``problem`` say why a row carries no label.
+        """
+        sql = (
+            "SELECT annotation_id, task_id, project_id, item_id AS id, text, label, annotator, created_at, "
+            "updated_at, cancelled, ground_truth, problem, source FROM annotations WHERE deleted = 0"
+        )
+        params: tuple = ()
+        if project_id is not None:
+            sql += " AND project_id = ?"
+            params = (project_id,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY annotation_id", params).fetchall()
+        frame = pd.DataFrame([tuple(r) for r in rows], columns=ANNOTATION_COLUMNS)
+        return frame.astype({"annotation_id": "int64", "task_id": "int64", "project_id": "Int64",
+                             "annotator": "Int64", "cancelled": bool, "ground_truth": bool})
+
+    def labels(self, project_id: int | None = None) -> pd.DataFrame:
+        """The training labels: one row per Label Studio task that holds at least one usable label.
+
+        Columns: ``id`` (``task.data.item_id``, else ``ls-<task id>``), ``text``, ``label``,
+        ``task_id``, ``project_id``, ``annotation_id``, ``annotator``, ``updated_at``,
+        ``n_annotations``. Per task:
+
+        * annotations marked ground truth by a reviewer, when there are any, are the only ones
+          considered (that is what the flag means in Label Studio);
+        * otherwise the majority label of the task's usable annotations wins, because one annotator's
+          slip should not override two who agree; a tie goes to the label whose latest annotation is
+          the most recent, as the freshest judgement (often a reviewer's correction);
+        * ``annotation_id``/``annotator``/``updated_at``/``text`` come from the latest annotation
+          carrying the winning label; ``n_annotations`` counts all usable ones on the task.
+
+        The same item imported into two tasks yields two rows with the same ``id``.
+        """
+        usable = self.annotations(project_id)
+        usable = usable[usable["label"].notna()]
+        if usable.empty:
+            return pd.DataFrame(columns=LABEL_COLUMNS)
+        has_truth = usable.groupby("task_id")["ground_truth"].transform("any")
+        considered = usable[usable["ground_truth"] | ~has_truth]
+        votes = (
+            considered.groupby(["task_id", "label"], as_index=False)
+            .agg(n=("annotation_id", "size"), latest=("updated_at", "max"))
+            .sort_values(["task_id", "n", "latest"], ascending=[True, False, False])
+            .drop_duplicates("task_id")
+        )
+        chosen = (
+            considered.merge(votes[["task_id", "label"]], on=["task_id", "label"])
+            .sort_values(["task_id", "updated_at", "annotation_id"])
+            .drop_duplicates("task_id", keep="last")
+        )
+        counts = usable.groupby("task_id").size().rename("n_annotations")
+        return chosen.join(counts, on="task_id")[LABEL_COLUMNS].reset_index(drop=True)
+
+    def stats(self) -> dict[str, int]:
+        """Events per status, plus the quarantine size and the number of usable labels now."""
+        with self._read() as conn:
+            counts = dict(conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall())
+            quarantine = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
+            live = conn.execute(
+                "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND label IS NOT NULL"
+            ).fetchone()[0]
+        result = {status: counts.get(status, 0) for status in STATUSES}
+        result.update(events=sum(result.values()), quarantine=quarantine, live_labels=live)
+        return result
+
+    def quarantined(self, limit: int = 100) -> list[dict]:
+        """The most recent quarantine entries, newest first, each with the payload that caused it."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT q.quarantine_id, q.event_id, e.received_at, e.source, e.action, q.annotation_id, "
+                "q.task_id, q.reason, e.payload FROM quarantine q JOIN events e USING (event_id) "
+                "ORDER BY q.quarantine_id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _dispatch(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: Any
+                  ) -> tuple[Status, str | None]:
+        if not isinstance(payload, dict):
+            return self._quarantine(conn, event_id, None, None,
+                                    f"payload is a {type(payload).__name__}, not a JSON object")
+        action = payload.get("action")
+        if not isinstance(action, str) or not action:
+            return self._quarantine(conn, event_id, None, None, "payload has no 'action'")
+        if action in ANNOTATION_ACTIONS:
+            return self._apply_payload(conn, event_id, source, payload)
+        if action == "ANNOTATIONS_DELETED":
+            return self._delete_payload(conn, event_id, source, payload)
+        if action == "TASKS_DELETED":
+            return _delete_where(conn, event_id, source, "task_id", _ids_of(payload.get("tasks")), "tasks")
+        if action == "PROJECT_DELETED":
+            project = payload.get("project")
+            ids = _ids_of([project]) if isinstance(project, dict) else []
+            return _delete_where(conn, event_id, source, "project_id", ids, "project")
+        if action == "START_TRAINING":
+            return "ignored", "START_TRAINING: training is decided by the caller from new_label_count()"
+        if action in NON_LABEL_ACTIONS:
+            return "ignored", f"{action} does not change labels"
+        return "ignored", f"unknown action {action!r}"
+
+    def _apply_payload(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: dict
+                       ) -> tuple[Status, str | None]:
+        annotations = payload.get("annotation")
+        tasks = payload.get("task")
+        if annotations is None:
+            return self._quarantine(conn, event_id, None, None, f"{payload['action']} without 'annotation'")
+        if isinstance(annotations, dict):
+            annotations, tasks = [annotations], [tasks]
+        if not isinstance(annotations, list) or not isinstance(tasks, list):
+            return self._quarantine(conn, event_id, None, None,
+                                    "'annotation' and 'task' must both be objects or both be lists")
+        by_task = {_dict_int(t, "id"): t for t in tasks if isinstance(t, dict)}
+        only_task = tasks[0] if len(tasks) == 1 else None
+        project_id = _project_id_of(payload)
+        outcomes: list[tuple[Status, str | None]] = []
+        for annotation in annotations:
+            task = by_task.get(_dict_int(annotation, "task"), only_task)
+            outcomes.append(self._apply_one(conn, event_id, source, annotation, task, project_id))
+        if len(outcomes) == 1:
+            return outcomes[0]
+        return _combine(outcomes, annotations)
+
+    def _apply_one(self, conn: sqlite3.Connection, event_id: int, source: Source, annotation: Any,
+                   task: Any, project_id: int | None) -> tuple[Status, str | None]:
+        try:
+            version = self._parse_version(annotation, task, project_id)
+        except _Malformed as e:
+            return self._quarantine(conn, event_id, _dict_int(annotation, "id"), _dict_int(task, "id"),
+                                    str(e))
+        current = _current(conn, version.annotation_id)
+        verdict = _verdict(current, version)
+        if verdict is not None:
+            return verdict
+        return self._store(conn, event_id, source, version, current)
+
+    def _store(self, conn: sqlite3.Connection, event_id: int, source: Source, version: _Version,
+               current: sqlite3.Row | None) -> tuple[Status, str | None]:
+        """Replace the row with a newer version; keep ``label_event_id`` when the label is unchanged."""
+        unchanged = (
+            current is not None and current["label"] is not None
+            and (current["label"], current["text"]) == (version.label, version.text)
+        )
+        label_event_id = (current["label_event_id"] if unchanged else event_id) if version.is_label else None
+        conn.execute(
+            "INSERT OR REPLACE INTO annotations (annotation_id, project_id, task_id, item_id, text, label, "
+            "annotator, created_at, updated_at, cancelled, ground_truth, deleted, problem, source, event_id, "
+            "label_event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            (version.annotation_id, version.project_id, version.task_id, version.item_id, version.text,
+             version.label, version.annotator, version.created_at, version.updated_at, int(version.cancelled),
+             int(version.ground_truth), version.problem, source, event_id, label_event_id),
+        )
+        if version.problem is not None:
+            return self._quarantine(conn, event_id, version.annotation_id, version.task_id, version.problem)
+        if version.cancelled:
+            return "accepted", f"annotation {version.annotation_id} was skipped: recorded, not a label"
+        return "accepted", None
+
+    def _delete_payload(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: dict
+                        ) -> tuple[Status, str | None]:
+        ids = _ids_of(payload.get("annotations"))
+        if not ids:
+            return self._quarantine(
+                conn, event_id, None, None,
+                "ANNOTATIONS_DELETED without annotation ids (Label Studio sends none when it turns an "
+                "annotation back into a draft); the reconciler will find the deletion",
+            )
+        outcomes = [_delete(conn, event_id, source, annotation_id) for annotation_id in ids]
+        if len(outcomes) == 1:
+            return outcomes[0]
+        return _combine(outcomes, [{"id": i} for i in ids])
+
+    def _quarantine(self, conn: sqlite3.Connection, event_id: int, annotation_id: int | None,
+                    task_id: int | None, reason: str) -> tuple[Status, str]:
+        conn.execute(
+            "INSERT INTO quarantine (event_id, annotation_id, task_id, reason) VALUES (?, ?, ?, ?)",
+            (event_id, annotation_id, task_id, reason),
+        )
+        return "quarantined", reason
+
+    def _finish_quarantine(self, conn: sqlite3.Connection, event_id: int, annotation_id: int | None,
+                           task_id: int | None, reason: str) -> RecordResult:
+        status, reason = self._quarantine(conn, event_id, annotation_id, task_id, reason)
+        _set_status(conn, event_id, status, reason)
+        return RecordResult(status, reason, event_id)
+
+    def _parse_version(self, annotation: Any, task: Any, project_id: int | None) -> _Version:
+        """Read one annotation + task; raise :class:`_Malformed` when it cannot even be identified."""
+        if not isinstance(annotation, dict):
+            raise _Malformed("annotation is not a JSON object")
+        annotation_id = _required_int(annotation, "id", "annotation")
+        if not isinstance(task, dict):
+            raise _Malformed(f"annotation {annotation_id}: task is missing or not a JSON object")
+        task_id = _required_int(task, "id", "task")
+        if "task" in annotation and _optional_int(annotation["task"]) != task_id:
+            raise _Malformed(
+                f"annotation {annotation_id} belongs to task {annotation['task']!r}, not {task_id}"
+            )
+        updated_at = _timestamp(annotation.get("updated_at"))
+        if updated_at is None:
+            raise _Malformed(f"annotation {annotation_id} has no valid 'updated_at'")
+        if project_id is None:
+            project_id = _optional_int(annotation.get("project")) or _optional_int(task.get("project"))
+        data = task.get("data")
+        data = data if isinstance(data, dict) else {}
+        item_id = data.get("item_id")
+        item_id = str(item_id) if isinstance(item_id, (str, int)) and str(item_id) else f"ls-{task_id}"
+        text = data.get(self.text_field)
+        text = text if isinstance(text, str) and text.strip() else None
+        cancelled = annotation.get("was_cancelled") is True
+        label, problem = None, None
+        if not cancelled:
+            label, problem = self._label_of(annotation.get("result"))
+            if text is None:
+                label, problem = None, f"task {task_id} has no text in data[{self.text_field!r}]"
+        return _Version(
+            annotation_id=annotation_id, task_id=task_id, project_id=project_id, item_id=item_id, text=text,
+            label=label, annotator=_annotator(annotation.get("completed_by")),
+            created_at=_timestamp(annotation.get("created_at")), updated_at=updated_at,
+            cancelled=cancelled, ground_truth=annotation.get("ground_truth") is True,
+            problem=problem,
+        )
+
+    def _label_of(self, result: Any) -> tuple[str | None, str | None]:
+        """The single taxonomy label in a result, or the reason there is none.
+
+        Choices controls whose values are all outside the taxonomy are ignored (a config may hold
+        other questions); several different taxonomy labels are ambiguous and not guessed at.
+        """
+        if not isinstance(result, list):
+            return None, "annotation 'result' is not a list"
+        found: list[str] = []
+        outside: list[str] = []
+        for item in result:
+            value = item.get("value") if isinstance(item, dict) else None
+            choices = value.get("choices") if isinstance(value, dict) else None
+            if not isinstance(choices, list):
+                continue
+            for choice in choices:
+                (found if choice in self.taxonomy.labels else outside).append(choice)
+        if not found and not outside:
+            return None, "annotation result has no choices value"
+        if not found:
+            return None, (f"label(s) {sorted(map(str, outside))} not in taxonomy {self.taxonomy.name!r} "
+                          f"(expected one of {list(self.taxonomy.labels)})")
+        if len(set(found)) > 1:
+            return None, f"several taxonomy labels in one annotation: {sorted(set(found))}"
+        return found[0], None
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def _check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
+
+
+def _insert_event(conn: sqlite3.Connection, source: str, action: Any, project_id: int | None,
+                  annotation_id: int | None, payload: Any) -> int:
+    """Store the payload first (provisionally 'ignored'); the caller sets the final status."""
+    cursor = conn.execute(
+        "INSERT INTO events (received_at, source, action, project_id, annotation_id, status, payload) "
+        "VALUES (?, ?, ?, ?, ?, 'ignored', ?)",
+        (_now(), source, action if isinstance(action, str) else None, project_id, annotation_id,
+         json.dumps(payload, default=repr, ensure_ascii=False)),
+    )
+    return cursor.lastrowid
+
+
+def _set_status(conn: sqlite3.Connection, event_id: int, status: Status, reason: str | None) -> None:
+    conn.execute("UPDATE events SET status = ?, reason = ? WHERE event_id = ?", (status, reason, event_id))
+
+
+def _current(conn: sqlite3.Connection, annotation_id: int) -> sqlite3.Row | None:
+    return conn.execute("SELECT * FROM annotations WHERE annotation_id = ?", (annotation_id,)).fetchone()
+
+
+def _verdict(current: sqlite3.Row | None, version: _Version) -> tuple[Status, str] | None:
+    """Why this version must not be applied, or None when it is new state."""
+    if current is None:
+        return None
+    if current["deleted"]:
+        return "ignored", f"annotation {version.annotation_id} was deleted; deletions are final"
+    if version.updated_at == current["updated_at"]:
+        return "duplicate", f"annotation {version.annotation_id} version {version.updated_at} already applied"
+    if version.updated_at < current["updated_at"]:
+        return "duplicate", (f"annotation {version.annotation_id} version {version.updated_at} is older "
+                             f"than the stored {current['updated_at']}")
+    return None
+
+
+def _delete(conn: sqlite3.Connection, event_id: int, source: str, annotation_id: int
+            ) -> tuple[Status, str | None]:
+    current = _current(conn, annotation_id)
+    if current is None:
+        conn.execute(
+            "INSERT INTO annotations (annotation_id, deleted, source, event_id) VALUES (?, 1, ?, ?)",
+            (annotation_id, source, event_id),
+        )
+        return "accepted", f"annotation {annotation_id} was never seen: tombstone recorded"
+    if current["deleted"]:
+        return "duplicate", f"annotation {annotation_id} is already deleted"
+    conn.execute(
+        "UPDATE annotations SET deleted = 1, source = ?, event_id = ?, label_event_id = NULL "
+        "WHERE annotation_id = ?",
+        (source, event_id, annotation_id),
+    )
+    return "accepted", None
+
+
+def _delete_where(conn: sqlite3.Connection, event_id: int, source: str, column: str, ids: list[int],
+                  what: str) -> tuple[Status, str | None]:
+    """Label Studio deletes a task's or project's annotations with it, without an annotation event."""
+    if not ids:
+        return "ignored", f"no {what} ids in the payload"
+    marks = ",".join("?" * len(ids))
+    changed = conn.execute(
+        f"UPDATE annotations SET deleted = 1, source = ?, event_id = ?, label_event_id = NULL "
+        f"WHERE deleted = 0 AND {column} IN ({marks})",
+        (source, event_id, *ids),
+    ).rowcount
+    if changed == 0:
+        return "ignored", f"no journaled annotations in {what} {ids}"
+    return "accepted", f"{changed} annotation(s) deleted with {what} {ids}"
+
+
+def _combine(outcomes: list[tuple[Status, str | None]], items: list[Any]) -> tuple[Status, str | None]:
+    """One status for a multi-annotation event: the most consequential one wins."""
+    statuses = {status for status, _ in outcomes}
+    status = next(s for s in ("accepted", "quarantined", "duplicate", "ignored") if s in statuses)
+    reasons = [
+        f"#{_dict_int(item, 'id')}: {status_}{'' if reason is None else ' (' + reason + ')'}"
+        for item, (status_, reason) in zip(items, outcomes, strict=True)
+    ]
+    return status, "; ".join(reasons)
+
+
+def _ids_of(items: Any) -> list[int]:
+    if not isinstance(items, list):
+        return []
+    ids = [_dict_int(item, "id") for item in items]
+    return [i for i in ids if i is not None]
+
+
+def _project_id_of(payload: dict) -> int | None:
+    project = payload.get("project")
+    if isinstance(project, dict):
+        return _optional_int(project.get("id"))
+    return _optional_int(project)
+
+
+def _optional_int(value: Any) -> int | None:
+    """An id as Label Studio sends it (int, or a digit string); bools are not ids."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+def _dict_int(obj: Any, key: str) -> int | None:
+    return _optional_int(obj.get(key)) if isinstance(obj, dict) else None
+
+
+def _required_int(obj: dict, key: str, what: str) -> int:
+    value = _optional_int(obj.get(key))
+    if value is None:
+        raise _Malformed(f"{what} has no valid {key!r} (got {obj.get(key)!r})")
+    return value
+
+
+def _annotator(completed_by: Any) -> int | None:
+    """``completed_by`` is a user id, or a user object when the API expands it."""
+    if isinstance(completed_by, dict):
+        return _optional_int(completed_by.get("id"))
+    return _optional_int(completed_by)
+
+
+def _timestamp(value: Any) -> str | None:
+    """Normalise to fixed-width UTC ISO-8601 so that string order is time order in SQL and Python."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

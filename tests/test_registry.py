@@ -1,0 +1,128 @@
+"""Registry, aliases and gate decisions against a real MLflow SQLite store in a temp dir."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+import pytest
+
+from labelloop import data
+from labelloop.data import DataError
+from training.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from training.train import train_and_register
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def frames(davidson):
+    """A fixed evaluation set and two training sets of very different size from real Davidson rows."""
+    rest, eval_frame = data.split(davidson, seed=5).train, data.split(davidson, seed=5).test
+    eval_frame = data.stratified_sample(eval_frame, 180, seed=1)
+    big = data.stratified_sample(rest, 450, seed=2)
+    tiny = pd.concat([g.head(4) for _, g in rest.groupby("label")]).reset_index(drop=True)
+    return eval_frame, big, tiny
+
+
+def _train(settings, train, eval_frame, seed=13):
+    settings = settings.model_copy(update={"seed": seed})
+    return train_and_register(train, None, davidson_tax(), mode="fast", settings=settings, source="davidson",
+                              eval_frame=eval_frame)
+
+
+def davidson_tax():
+    from labelloop.taxonomy import get_taxonomy
+
+    return get_taxonomy("hate_offensive")
+
+
+def test_first_version_is_promoted_then_worse_refused_then_rollback(settings, frames):
+    settings = settings.model_copy(update={"gate_max_recall_drop": 1.0})  # macro-F1 alone decides here
+    eval_frame, big, tiny = frames
+    registry = Registry(settings)
+
+    weak = _train(settings, tiny, eval_frame)
+    assert weak.ref.version == 1 and registry.alias_version(CHALLENGER) == 1
+    first = registry.promote()
+    assert first.promoted and "no champion" in first.reason
+    assert registry.alias_version(CHAMPION) == 1
+
+    strong = _train(settings, big, eval_frame)
+    assert strong.report.macro_f1 > weak.report.macro_f1
+    decision = registry.promote()
+    assert decision.promoted and decision.champion_before == 1 and decision.champion_after == 2
+    assert registry.alias_version(CHAMPION) == 2
+
+    worse = _train(settings, tiny, eval_frame, seed=99)
+    refused = registry.promote()
+    assert not refused.promoted and "must exceed" in refused.reason
+    assert registry.alias_version(CHAMPION) == 2 and registry.alias_version(CHALLENGER) == worse.ref.version
+
+    back = registry.rollback()
+    assert back.promoted and registry.alias_version(CHAMPION) == 1
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        registry.rollback()
+
+    history = registry.history()
+    assert [(e.action, e.promoted) for e in history] == [
+        ("promote", True), ("promote", True), ("promote", False), ("rollback", True)]
+    assert history[2].candidate_metrics["macro_f1"] < history[2].champion_metrics["macro_f1"]
+
+
+def test_gate_refuses_a_recall_drop_even_with_macro_f1_gain(settings):
+    settings = settings.model_copy(update={"gate_max_recall_drop": 0.05})
+    registry = Registry(settings)
+    champ = {"macro_f1": 0.70, "recall_hate": 0.40, "recall_offensive": 0.90, "recall_neither": 0.80}
+    cand = {"macro_f1": 0.72, "recall_hate": 0.30, "recall_offensive": 0.95, "recall_neither": 0.85}
+    passed, reason = registry._judge(2, 1, cand, champ, force=False)
+    assert not passed and "'hate' drops by 0.1000" in reason
+    passed, _ = registry._judge(2, 1, {**cand, "recall_hate": 0.38}, champ, force=False)
+    assert passed
+    margin = Registry(settings.model_copy(update={"gate_min_gain": 0.05}))
+    assert not margin._judge(2, 1, {**cand, "recall_hate": 0.38}, champ, force=False)[0]
+
+
+def test_registered_model_loads_by_alias_and_as_plain_pyfunc(settings, frames):
+    eval_frame, big, _ = frames
+    result = _train(settings, big, eval_frame)
+    registry = Registry(settings)
+    registry.promote()
+    loaded = registry.load("champion")
+    assert loaded.ref.label == f"{settings.registered_model_name}:v1"
+    texts = eval_frame["text"].head(8).tolist()
+    proba = loaded.classifier.predict_proba(texts)
+    assert proba.shape == (8, 3)
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}@champion")
+    out = pyfunc.predict(pd.DataFrame({"text": texts}))
+    assert out["label"].tolist() == [loaded.classifier.labels[i] for i in proba.argmax(1)]
+    run = mlflow.get_run(result.run_id)
+    assert run.data.tags["data_snapshot"] == data.snapshot_id(big)
+    assert {"macro_f1", "ece", "recall_hate", "f1_neither"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts and "evaluation/report.json" in artifacts
+
+
+def test_eval_set_is_frozen_and_never_trained_on(settings, frames):
+    eval_frame, big, _ = frames
+    leaky = pd.concat([big, eval_frame.head(50)], ignore_index=True)
+    first = _train(settings, leaky, eval_frame)
+    assert first.train_rows == len(big)
+    registry = Registry(settings)
+    eval_id, frozen = registry.eval_set()
+    _train(settings, big, eval_frame.head(10))  # a different candidate eval set does not replace the frozen one
+    assert registry.eval_set()[0] == eval_id and len(registry.eval_set()[1]) == len(frozen)
+
+
+def test_bad_training_input_registers_nothing(settings, frames):
+    eval_frame, big, _ = frames
+    registry = Registry(settings)
+    one_class = big[big["label"] == "offensive"]
+    with pytest.raises(DataError, match="at least two classes"):
+        _train(settings, one_class, eval_frame)
+    with pytest.raises(DataError, match="taxonomy"):
+        train_and_register(big, None, davidson_tax(), mode="fast", source="x", eval_frame=eval_frame,
+                           settings=settings.model_copy(update={"taxonomy": "spam"}))
+    assert registry.versions() == []
+    with pytest.raises(RegistryError, match="no challenger"):
+        registry.promote()
