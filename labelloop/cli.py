@@ -197,6 +197,142 @@ def models(taxonomy: TaxonomyOpt = None) -> None:
     console.print(history)
 
 
+@app.command()
+@friendly_errors
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default: settings, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: settings, 9090)")] = None,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """Serve the champion as a Label Studio ML backend, with webhooks, retrain jobs and the queue loop."""
+    import uvicorn
+
+    from active_learning.service import Service
+
+    settings = settings_for(taxonomy)
+    settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    service = Service(settings)
+    service.start_background()
+    console.print(f"serving {settings.registered_model_name}@champion on http://{settings.host}:{settings.port} "
+                  f"(API docs at /docs); Label Studio project: {settings.ls_project_id or 'not configured'}")
+    try:
+        uvicorn.run(service.app, host=settings.host, port=settings.port, workers=1, log_level="info")
+    finally:
+        service.close()
+
+
+loop_app = typer.Typer(help="The active-learning loop against a Label Studio project.", no_args_is_help=True)
+app.add_typer(loop_app, name="loop")
+
+
+def _loop(settings: Settings, project_id: int | None = None):
+    from active_learning.labelstudio import LabelStudioClient
+    from active_learning.loop import ActiveLearningLoop
+    from labelloop.journal import Journal
+    from labelloop.taxonomy import get_taxonomy
+
+    project_id = project_id or settings.ls_project_id
+    if settings.ls_api_key is None or project_id is None:
+        raise CliError("set LABELLOOP_LS_API_KEY and LABELLOOP_LS_PROJECT_ID (or pass --project) first")
+    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
+    journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
+    return ActiveLearningLoop(settings, client, project_id, journal)
+
+
+ProjectOpt = Annotated[int | None, typer.Option("--project", help="Label Studio project id (default: settings)")]
+
+
+@loop_app.command("import")
+@friendly_errors
+def loop_import(
+    dataset: DatasetOpt = "davidson",
+    title: Annotated[str, typer.Option(help="project title; an existing project with it is reused")] =
+        "Integrity review",
+    limit: Annotated[int | None, typer.Option(help="import a stratified sample of N items")] = None,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """Create (or reuse) the review project, freeze the evaluation set, and import the pool as tasks."""
+    from active_learning.labelstudio import LabelStudioClient
+    from labelloop import data
+
+    tax_name = taxonomy or data.KNOWN_DATASETS.get(dataset)
+    settings = settings_for(tax_name)
+    if settings.ls_api_key is None:
+        raise CliError("set LABELLOOP_LS_API_KEY (the Label Studio token) first")
+    labeled = data.load(dataset, taxonomy=tax_name, settings=settings)
+    settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
+    splits = data.split(labeled, seed=settings.seed)
+    frozen = _registry(settings).freeze_eval_set(splits.test, labeled.source)
+    pool = splits.train[~splits.train["text"].isin(set(frozen[1]["text"]))]
+    if limit:
+        pool = data.stratified_sample(pool, limit, seed=settings.seed)
+    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
+    project_id = client.ensure_project(title, labeled.taxonomy, description="labelloop integrity review queue")
+    client.use_uncertainty_sampling(project_id)
+    with console.status(f"importing {len(pool)} tasks into project {project_id}"):
+        count = _loop(settings, project_id).import_pool(pool[["id", "text"]])
+    console.print(f"project {project_id}: {count} tasks; frozen evaluation set {frozen[0]} ({len(frozen[1])} rows)")
+    console.print(f"export LABELLOOP_LS_PROJECT_ID={project_id}")
+
+
+@loop_app.command("round")
+@friendly_errors
+def loop_round(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None:
+    """Run one round now: retrain on the journal's labels, gate, and push the new queue."""
+    loop = _loop(settings_for(taxonomy), project)
+    with console.status("running a round"):
+        result = loop.run_round(lambda f, m: console.log(m))
+    console.print_json(data=result.to_dict())
+
+
+@loop_app.command("reconcile")
+@friendly_errors
+def loop_reconcile(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None:
+    """Pull every annotation from Label Studio into the journal (catches missed webhooks; idempotent)."""
+    from active_learning.reconcile import reconcile
+
+    loop = _loop(settings_for(taxonomy), project)
+    report = reconcile(loop.client, loop.project_id, loop.journal)
+    console.print_json(data=dict(vars(report)))
+
+
+@app.command()
+@friendly_errors
+def demo(
+    dataset: DatasetOpt = "davidson",
+    pool_size: Annotated[int, typer.Option(help="items imported into Label Studio")] = 3000,
+    rounds: Annotated[int, typer.Option(help="active-learning rounds after the cold start")] = 3,
+    batch: Annotated[int, typer.Option(help="labels per round")] = 100,
+    seed_labels: Annotated[int, typer.Option(help="cold-start labels before the first model")] = 100,
+    noise: Annotated[float, typer.Option(help="share of simulated answers flipped to a wrong label")] = 0.0,
+    short: Annotated[bool, typer.Option(help="small pool, one round, exit when done (for tests)")] = False,
+    wait: Annotated[bool, typer.Option(help="keep running until Ctrl-C")] = True,
+    mlflow_ui: Annotated[bool, typer.Option(help="start the MLflow UI")] = True,
+    label_studio_url: Annotated[str | None, typer.Option(help="use this running Label Studio")] = None,
+    label_studio_token: Annotated[str | None, typer.Option(envvar="LABELLOOP_LS_API_KEY")] = None,
+) -> None:
+    """Bring the whole loop up on 127.0.0.1 and turn it with simulated reviewers."""
+    from labelloop.demo import DemoOptions, run
+
+    options = DemoOptions(dataset=dataset, pool_size=pool_size, rounds=rounds, batch=batch, seed_labels=seed_labels,
+                          noise=noise, wait=wait, mlflow_ui=mlflow_ui, label_studio_url=label_studio_url,
+                          label_studio_token=label_studio_token)
+    if short:
+        options.pool_size, options.rounds, options.batch, options.seed_labels = 300, 1, 30, 30
+        options.wait, options.mlflow_ui = False, False
+    summary = run(get_settings(), options)
+    console.print_json(data=summary)
+
+
+@app.command()
+def stop() -> None:
+    """Stop what `labelloop demo` started (Label Studio, MLflow UI, the backend)."""
+    from labelloop.demo import stop as stop_demo
+
+    stopped = stop_demo(get_settings())
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
 @app.command("label-configs")
 def label_configs() -> None:
     """Regenerate label_studio_config/*.xml from the taxonomy (the model's label list)."""

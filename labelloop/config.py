@@ -70,11 +70,16 @@ class Settings(BaseSettings):
 
     # --- active learning ---------------------------------------------------------------------
     retrain_every: int = Field(100, ge=1, description="retrain after this many new labels")
-    query_batch: int = 100
+    query_batch: int = Field(100, ge=1, description="items selected per round (the front of the queue)")
+    queue_size: int = Field(1000, ge=1, description="items whose review priority is pushed to Label Studio")
+    strategy: str = Field("margin", description="query strategy for the annotators' queue")
+    reconcile_seconds: float = Field(60.0, description="how often the service pulls annotations from Label "
+                                     "Studio to catch missed webhooks (0: never)")
 
     # --- Label Studio ------------------------------------------------------------------------
     ls_url: str = "http://127.0.0.1:8080"
     ls_api_key: SecretStr | None = None
+    ls_project_id: int | None = Field(None, description="the project whose queue the loop steers")
 
     @field_validator("mlruns_dir", "state_dir", "data_dir", "cache_dir")
     @classmethod

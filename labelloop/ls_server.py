@@ -13,6 +13,15 @@ Why the environment below:
   Studio refuses ML backends and webhooks on 127.0.0.0/8, which is exactly where our serving process runs.
 * a stable ``SECRET_KEY``: it signs sessions and JWTs; a new one per start would log everybody out.
 * analytics, version checks and Sentry off: review data must not leave the machine.
+* ``fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short=true``: Label Studio's own newer
+  prediction import path. The default (legacy) one recounts the predictions of *every* task in the project
+  after each import request, so pushing a pool's worth of predictions in chunks grows quadratically;
+  the newer path counts only the tasks it touched. (It does not validate results against the config;
+  :meth:`active_learning.labelstudio.LabelStudioClient.import_predictions` does that itself.)
+
+The server is started in its own process group (so :meth:`LabelStudioServer.stop` reaches every child) and,
+on Linux, is sent SIGTERM if the thread that started it dies, so a killed demo or test run does not leave an
+orphaned server behind: call :meth:`LabelStudioServer.start` from a thread that outlives the server.
 
 The password, token and secret key are generated once (:func:`secrets.token_urlsafe`) and kept, mode 0600, in
 ``base_dir/credentials.json``; later starts on the same ``base_dir`` reuse them, because the SQLite database
@@ -21,12 +30,14 @@ already holds that user and token.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +50,7 @@ from labelloop.config import REPO_ROOT
 CREDENTIALS_FILE = "credentials.json"
 LOG_FILE = "label-studio.log"
 LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class LabelStudioServerError(RuntimeError):
@@ -58,6 +70,13 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent thread exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def _write_private_json(path: Path, payload: dict[str, str]) -> None:
@@ -116,9 +135,7 @@ class LabelStudioServer:
                     "Restore it, or delete the whole directory to start over with an empty Label Studio."
                 ) from None
             if creds.username != self.username:
-                raise LabelStudioServerError(
-                    f"{path} belongs to user {creds.username!r}, not {self.username!r}"
-                )
+                raise LabelStudioServerError(f"{path} belongs to user {creds.username!r}, not {self.username!r}")
         else:
             self.base_dir.mkdir(parents=True, exist_ok=True)
             creds = Credentials(
@@ -152,6 +169,7 @@ class LabelStudioServer:
                 "SENTRY_DSN": "",
                 "FRONTEND_SENTRY_DSN": "",
                 "SECRET_KEY": creds.secret_key,
+                "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short": "true",
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -175,8 +193,7 @@ class LabelStudioServer:
             return
         if not self.executable.exists():
             raise LabelStudioServerError(
-                f"Label Studio is not installed at {self.executable}; "
-                f"`make install` installs it into {self.venv}"
+                f"Label Studio is not installed at {self.executable}; `make install` installs it into {self.venv}"
             )
         if self.is_up():
             raise LabelStudioServerError(f"something already answers on {self.url}; choose another port")
@@ -199,15 +216,14 @@ class LabelStudioServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.base_dir,
                 start_new_session=True,  # its own process group, so stop() reaches every child
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self._process.poll()
             if code is not None:
                 self._process = None
-                raise LabelStudioServerError(
-                    f"Label Studio exited with code {code} while starting\n{self.log_tail()}"
-                )
+                raise LabelStudioServerError(f"Label Studio exited with code {code} while starting\n{self.log_tail()}")
             if self.is_up():
                 self._check_token()
                 return

@@ -1,0 +1,442 @@
+"""A small typed wrapper over ``label_studio_sdk.LabelStudio`` (SDK 2.1.2, open-source server 1.23.2).
+
+How active learning steers what reviewers see next
+---------------------------------------------------
+The open-source server has no API to push a queue order, but its project ``sampling = "Uncertainty
+sampling"`` is enough (``label_studio/projects/functions/next_task.py``, ``_try_uncertainty_sampling``):
+
+* ``GET /api/projects/<id>/next/`` takes the tasks this user has not solved (``get_not_solved_tasks_qs``:
+  not labelled, no annotation or postponed draft by this user), keeps those holding a prediction whose
+  ``model_version`` equals the **project's** ``model_version``, and orders them by that prediction's
+  ``score``, **lowest first** (``order_by('predictions__score')`` reuses the join of the model_version
+  filter, so predictions of older versions never count). So: push predictions whose ``score`` is a
+  *priority*, lowest = ask a human first, then :meth:`LabelStudioClient.set_model_version` to that version.
+  For least-confidence sampling the priority is simply the model's confidence (max probability); for any
+  other acquisition function use e.g. ``rank / n`` so the most informative item gets the lowest score.
+* The project ``model_version`` must be set explicitly: importing predictions through
+  ``/api/projects/<id>/import/predictions`` does not set it, and connecting an ML backend to a project whose
+  ``model_version`` is empty sets it to the backend's *title* (``ml/api.py`` ``perform_create``), which no
+  prediction carries, so sampling silently falls back to random.
+* Ties are not broken by the server (SQLite happens to return them in task-id order): make priorities unique.
+* Tasks without a current-version prediction are served only after all predicted ones, at random; with no
+  current-version prediction at all the whole queue is random ("uncertainty sampling fallback").
+* The returned task is locked for that user for ``TASK_LOCK_TTL`` (24 h) or until they annotate or skip
+  it: a later ``/next`` returns the same task first ("Task lock" queue), even after a re-ranking.
+* What comes *before* sampling in ``get_next_task``: manually assigned tasks, ground-truth onboarding
+  (``annotator_evaluation_enabled``) and, when ``maximum_annotations > 1``, "breadth first" (tasks others
+  already annotated, in random order). ``show_overlap_first`` restricts the pool to tasks with
+  ``overlap > 1`` when there are any. Keep ``maximum_annotations = 1`` and ``show_overlap_first = False``.
+* ``project.annotators()`` is empty in the open-source edition, so the "several annotators: random among
+  the top" branch (which in fact ignores the ordering altogether) is never taken there.
+
+In the Data Manager the "Prediction score" column (``predictions_score``) is the mean score of the task's
+predictions *of the project's current model_version* (``data_manager/managers.py``
+``annotate_predictions_score``), i.e. exactly the priority: sorting it ascending shows the queue order.
+The labeling screen pre-selects that prediction's label (``show_collab_predictions`` is on by default).
+
+Webhooks: ``ml.create`` also creates a project webhook to ``<backend>/webhook`` for all actions
+(``ml/models.py`` ``create_ml_webhook``), without the backend's basic-auth credentials;
+:meth:`LabelStudioClient.connect_backend` keeps exactly one such webhook and gives it the
+``Authorization`` header, so every event arrives once and is accepted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pandas as pd
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from pydantic import BaseModel, ConfigDict, Field
+
+from labelloop.taxonomy import (
+    FROM_NAME,
+    TO_NAME,
+    LabelConfigError,
+    Taxonomy,
+    label_config_xml,
+    parse_label_config,
+)
+
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+RETRIEVE_PREDICTIONS_ACTION = "retrieve_tasks_predictions"
+PAGE_SIZE = 1000
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio refused a request or could not be reached."""
+
+
+class InvalidPredictionError(ValueError):
+    """A prediction does not fit the project (unknown task, label or control names); nothing was sent."""
+
+
+class PredictionIn(BaseModel):
+    """One single-choice prediction to store in Label Studio.
+
+    ``score`` orders the annotation queue under uncertainty sampling (lowest first), see the module docstring.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task_id: int = Field(gt=0)
+    label: str = Field(min_length=1)
+    score: float = Field(allow_inf_nan=False)
+    model_version: str = Field(min_length=1)
+    from_name: str = FROM_NAME
+    to_name: str = TO_NAME
+
+    def to_ls(self) -> dict[str, Any]:
+        return {
+            "task": self.task_id,
+            "model_version": self.model_version,
+            "score": self.score,
+            "result": choice_result(self.label, self.from_name, self.to_name),
+        }
+
+
+def choice_result(label: str, from_name: str = FROM_NAME, to_name: str = TO_NAME) -> list[dict[str, Any]]:
+    """The ``result`` of a single-choice annotation or prediction, as Label Studio stores it."""
+    return [{"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": [label]}}]
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    if size < 1:
+        raise ValueError(f"chunk size must be positive, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _describe(error: ApiError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        detail = body.get("validation_errors") or body.get("detail") or body
+        return f"HTTP {error.status_code}: {json.dumps(detail, default=str)}"
+    return f"HTTP {error.status_code}: {body}"
+
+
+class LabelStudioClient:
+    """What labelloop needs from Label Studio, with errors that say which call failed and why."""
+
+    def __init__(self, url: str, api_key: str):
+        self.url = url.rstrip("/")
+        self.sdk = LabelStudio(base_url=self.url, api_key=api_key)
+        # Task ids seen per project. Listing tasks is the slow call (``/api/tasks`` loads every task's
+        # predictions, so it slows down as predictions pile up); this spares a listing per prediction push.
+        self._known_tasks: dict[int, set[int]] = {}
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except ApiError as e:
+            raise LabelStudioError(f"{what} failed: {_describe(e)}") from None
+        except httpx.HTTPError as e:
+            raise LabelStudioError(f"{what} failed: cannot reach Label Studio at {self.url}: {e}") from None
+
+    def _raw(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Endpoints the SDK does not wrap (``/next``, model versions), authenticated like the SDK."""
+        response = self.sdk._client_wrapper.httpx_client.request(path, method=method, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body: Any = response.json()
+            except ValueError:
+                body = response.text
+            raise ApiError(status_code=response.status_code, headers=dict(response.headers), body=body)
+        return response
+
+    # --- projects -----------------------------------------------------------------------------
+    def ensure_project(self, title: str, taxonomy: Taxonomy, description: str = "") -> int:
+        """The id of the project called ``title``, created with the taxonomy's config if there is none.
+
+        An existing project is reused (the oldest when several share the title) as long as its choices are
+        the taxonomy's labels; otherwise :class:`LabelConfigError`: its labels would not fit the model.
+        """
+        with self._call(f"listing projects titled {title!r}"):
+            matches = sorted(p.id for p in self.sdk.projects.list(title=title, page_size=100) if p.title == title)
+        if matches:
+            project_id = matches[0]
+            with self._call(f"reading project {project_id}"):
+                config = self.sdk.projects.get(project_id).label_config or ""
+            control = parse_label_config(config)
+            if set(control.labels) != set(taxonomy.labels):
+                raise LabelConfigError(
+                    f"project {project_id} ({title!r}) has choices {list(control.labels)}, "
+                    f"but taxonomy {taxonomy.name!r} has {list(taxonomy.labels)}"
+                )
+            return project_id
+        with self._call(f"creating project {title!r}"):
+            project = self.sdk.projects.create(
+                title=title, description=description, label_config=label_config_xml(taxonomy)
+            )
+        assert project.id is not None
+        return project.id
+
+    def set_model_version(self, project_id: int, model_version: str) -> None:
+        """Make ``model_version`` the project's current one.
+
+        It drives uncertainty sampling, the Data Manager's prediction columns and the pre-label annotators
+        see. The server accepts only a version some prediction of the project carries (or an ML backend's
+        title)."""
+        with self._call(f"setting model_version {model_version!r} on project {project_id}"):
+            self.sdk.projects.update(project_id, model_version=model_version)
+
+    def use_uncertainty_sampling(self, project_id: int) -> None:
+        """Serve tasks by lowest current-version prediction score (overlap-first would bypass it)."""
+        with self._call(f"enabling uncertainty sampling on project {project_id}"):
+            self.sdk.projects.update(project_id, sampling=UNCERTAINTY_SAMPLING, show_overlap_first=False)
+
+    def next_task(self, project_id: int) -> dict[str, Any] | None:
+        """The task ``GET /api/projects/<id>/next/`` gives the API user, as an annotator's label stream would;
+        ``None`` when nothing is left. Side effect, as in the UI: the task is locked for this user."""
+        with self._call(f"asking project {project_id} for the next task"):
+            try:
+                return dict(self._raw("GET", f"api/projects/{project_id}/next/").json())
+            except ApiError as e:
+                if e.status_code == 404:
+                    return None
+                raise
+
+    # --- tasks --------------------------------------------------------------------------------
+    def _tasks(self, project_id: int, *, fields: str = "task_only", query: dict[str, Any] | None = None):
+        kwargs: dict[str, Any] = {"project": project_id, "fields": fields, "page_size": PAGE_SIZE}
+        if query is not None:
+            kwargs["query"] = json.dumps(query)
+        with self._call(f"listing tasks of project {project_id}"):
+            yield from self.sdk.tasks.list(**kwargs)
+
+    def task_ids(self, project_id: int) -> dict[str, int]:
+        """``item_id -> task_id`` for the tasks labelloop imported.
+
+        Tasks without ``data.item_id`` are skipped; should an item have been imported twice by hand, its
+        oldest task wins."""
+        mapping: dict[str, int] = {}
+        seen: set[int] = set()
+        for task in self._tasks(project_id):
+            if task.id is None:
+                continue
+            seen.add(task.id)
+            item_id = (task.data or {}).get("item_id")
+            if item_id is not None:
+                key = str(item_id)
+                mapping[key] = min(task.id, mapping.get(key, task.id))
+        self._known_tasks[project_id] = seen
+        return mapping
+
+    def import_tasks(self, project_id: int, items: pd.DataFrame, chunk_size: int = PAGE_SIZE) -> dict[str, int]:
+        """Import ``items[id, text]`` as tasks ``{"text", "item_id"}``, skipping items already imported.
+
+        Everything is validated before the first request. Returns ``item_id -> task_id`` for every given item.
+        """
+        missing = {"id", "text"} - set(items.columns)
+        if missing:
+            raise ValueError(f"items lack column(s) {sorted(missing)}; expected at least id and text")
+        ids = items["id"].astype(str)
+        if ids.duplicated().any():
+            raise ValueError(f"duplicate item ids: {sorted(set(ids[ids.duplicated()]))[:10]}")
+        bad = [i for i, t in zip(ids, items["text"], strict=True) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise ValueError(f"{len(bad)} item(s) have no text, e.g. {bad[:10]}")
+        existing = self.task_ids(project_id)
+        new = [
+            {"text": text, "item_id": item_id}
+            for item_id, text in zip(ids, items["text"], strict=True)
+            if item_id not in existing
+        ]
+        for chunk in _chunks(new, chunk_size):
+            with self._call(f"importing {len(chunk)} tasks into project {project_id}"):
+                response = self.sdk.projects.import_tasks(project_id, request=list(chunk), return_task_ids=True)
+            task_ids = response.task_ids or []
+            if len(task_ids) != len(chunk):
+                raise LabelStudioError(
+                    f"Label Studio returned {len(task_ids)} task ids for {len(chunk)} imported tasks"
+                )
+            existing.update({row["item_id"]: task_id for row, task_id in zip(chunk, task_ids, strict=True)})
+            self._known_tasks.setdefault(project_id, set()).update(task_ids)
+        return {item_id: existing[item_id] for item_id in ids}
+
+    # --- predictions --------------------------------------------------------------------------
+    def _model_version_counts(self, project_id: int) -> dict[str, int]:
+        with self._call(f"reading model versions of project {project_id}"):
+            return dict(self._raw("GET", f"api/projects/{project_id}/model-versions/").json())
+
+    def _validate_predictions(self, project_id: int, predictions: Sequence[PredictionIn]) -> None:
+        with self._call(f"reading project {project_id}"):
+            config = self.sdk.projects.get(project_id).label_config or ""
+        control = parse_label_config(config)
+        for p in predictions:
+            if (p.from_name, p.to_name) != (control.from_name, control.to_name):
+                raise InvalidPredictionError(
+                    f"prediction for task {p.task_id} targets {p.from_name}->{p.to_name}, "
+                    f"but project {project_id} labels with {control.from_name}->{control.to_name}"
+                )
+            if p.label not in control.labels:
+                raise InvalidPredictionError(
+                    f"prediction for task {p.task_id} has label {p.label!r}, "
+                    f"not one of project {project_id}'s choices {list(control.labels)}"
+                )
+        wanted = {p.task_id for p in predictions}
+        if not wanted <= self._known_tasks.get(project_id, set()):
+            self.task_ids(project_id)  # refreshes what this client knows of the project's tasks
+        unknown = sorted(wanted - self._known_tasks[project_id])
+        if unknown:
+            raise InvalidPredictionError(f"task(s) {unknown[:10]} are not in project {project_id}")
+
+    def import_predictions(self, project_id: int, predictions: Sequence[PredictionIn], chunk_size: int = 500) -> int:
+        """Store predictions, in chunks; returns how many were created.
+
+        All predictions are checked against the project first (the server silently drops predictions whose
+        label is not in the config), so a bad one means nothing is written. A task that already holds a
+        prediction of the same ``model_version`` keeps it and is skipped, so a repeated run adds no
+        duplicates; to re-rank, push under a new model_version.
+        """
+        if not predictions:
+            return 0
+        self._validate_predictions(project_id, predictions)
+        versions = {p.model_version for p in predictions}
+        if versions & set(self._model_version_counts(project_id)):
+            stored = {(p["task"], p["model_version"]) for p in self.predictions(project_id)}
+            predictions = [p for p in predictions if (p.task_id, p.model_version) not in stored]
+        seen: set[tuple[int, str]] = set()
+        unique = []
+        for p in predictions:
+            if (p.task_id, p.model_version) not in seen:
+                seen.add((p.task_id, p.model_version))
+                unique.append(p)
+        created = 0
+        for chunk in _chunks(unique, chunk_size):
+            with self._call(f"importing {len(chunk)} predictions into project {project_id}"):
+                response = self.sdk.projects.import_predictions(project_id, request=[p.to_ls() for p in chunk])
+            created += int(response.created or 0)
+        return created
+
+    def predictions(self, project_id: int) -> list[dict[str, Any]]:
+        """Every stored prediction of the project: ``id, task, model_version, score, result``."""
+        with self._call(f"listing predictions of project {project_id}"):
+            stored = self.sdk.predictions.list(project=project_id)
+        return [
+            {
+                "id": p.id,
+                "task": p.task,
+                "model_version": p.model_version,
+                "score": p.score,
+                "result": p.result,
+            }
+            for p in stored
+        ]
+
+    # --- ML backend -----------------------------------------------------------------------------
+    def connect_backend(
+        self,
+        project_id: int,
+        url: str,
+        *,
+        title: str = "labelloop",
+        basic_auth: tuple[str, str] | None = None,
+    ) -> int:
+        """Connect the serving ML backend (reusing one already registered with this URL); returns its id.
+
+        Label Studio calls the backend's ``/health`` and ``/setup`` right away, so it must be running.
+        Afterwards exactly one project webhook points at ``<url>/webhook``, carrying the basic-auth header.
+        """
+        url = url.rstrip("/")
+        auth: dict[str, Any] = {"auth_method": "NONE"}
+        if basic_auth is not None:
+            user, password = basic_auth
+            auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": user, "basic_auth_pass": password}
+        with self._call(f"listing ML backends of project {project_id}"):
+            backends = [b for b in self.sdk.ml.list(project=project_id) if b.url.rstrip("/") == url]
+        if backends:
+            backend_id = min(b.id for b in backends if b.id is not None)
+            with self._call(f"updating ML backend {backend_id}"):
+                # url and project are needed: the server re-validates the connection with them (else HTTP 500)
+                self.sdk.ml.update(backend_id, project=project_id, url=url, title=title, **auth)
+        else:
+            with self._call(f"connecting ML backend {url} to project {project_id}"):
+                backend = self.sdk.ml.create(project=project_id, url=url, title=title, is_interactive=False, **auth)
+            assert backend.id is not None
+            backend_id = backend.id
+        self._ensure_one_webhook(project_id, f"{url}/webhook", basic_auth)
+        return backend_id
+
+    def _ensure_one_webhook(self, project_id: int, url: str, basic_auth: tuple[str, str] | None) -> None:
+        headers: dict[str, str] = {}
+        if basic_auth is not None:
+            token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        with self._call(f"listing webhooks of project {project_id}"):
+            hooks = sorted(
+                (
+                    h
+                    for h in self.sdk.webhooks.list(project=str(project_id))
+                    if h.project == project_id and h.url == url
+                ),
+                key=lambda h: h.id or 0,
+            )
+        if not hooks:
+            with self._call(f"creating webhook {url}"):
+                self.sdk.webhooks.create(
+                    project=project_id, url=url, send_payload=True, send_for_all_actions=True, headers=headers
+                )
+            return
+        keep, *extra = hooks
+        for hook in extra:
+            with self._call(f"deleting duplicate webhook {hook.id}"):
+                self.sdk.webhooks.delete(hook.id)
+        if (keep.headers or {}) != headers or not keep.is_active:
+            with self._call(f"updating webhook {keep.id}"):
+                self.sdk.webhooks.update(keep.id, headers=headers, is_active=True)
+
+    def retrieve_predictions(self, project_id: int, task_ids: list[int] | None = None) -> None:
+        """Ask the connected ML backend for predictions (Data Manager action), for all tasks or some.
+
+        Label Studio skips tasks that already hold a prediction of the backend's current model_version.
+        """
+        with self._call(f"listing ML backends of project {project_id}"):
+            if not list(self.sdk.ml.list(project=project_id)):
+                raise LabelStudioError(f"project {project_id} has no ML backend; connect_backend() first")
+        selected = {"all": True, "excluded": []} if task_ids is None else {"all": False, "included": task_ids}
+        with self._call(f"retrieving predictions for project {project_id}"):
+            self.sdk.actions.create(id=RETRIEVE_PREDICTIONS_ACTION, project=project_id, selected_items=selected)
+
+    # --- annotations --------------------------------------------------------------------------
+    def annotations(self, project_id: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """``(annotation, task)`` for every annotation in the project, skipped ones (``was_cancelled``)
+        included; only tasks that have annotations are fetched."""
+        has_annotations = {
+            "filters": {
+                "conjunction": "or",
+                "items": [
+                    {
+                        "filter": "filter:tasks:total_annotations",
+                        "operator": "greater",
+                        "type": "Number",
+                        "value": 0,
+                    },
+                    {
+                        "filter": "filter:tasks:cancelled_annotations",
+                        "operator": "greater",
+                        "type": "Number",
+                        "value": 0,
+                    },
+                ],
+            }
+        }
+        for task in self._tasks(project_id, fields="all", query=has_annotations):
+            task_dict = task.model_dump(mode="json", exclude={"annotations", "predictions", "drafts"})
+            for annotation in task.annotations or []:
+                yield dict(annotation), task_dict
+
+    def create_annotation(
+        self, task_id: int, label: str, from_name: str = FROM_NAME, to_name: str = TO_NAME, **kw: Any
+    ) -> dict[str, Any]:
+        """Annotate a task as the API user (simulated reviewers, tests); ``kw`` goes to ``annotations.create``
+        (``lead_time``, ``was_cancelled``, ``ground_truth``, ...). Fires the project's webhooks."""
+        with self._call(f"annotating task {task_id}"):
+            annotation = self.sdk.annotations.create(task_id, result=choice_result(label, from_name, to_name), **kw)
+        return annotation.model_dump(mode="json")

@@ -1,0 +1,373 @@
+"""Offline replay of the labeling loop: which query strategy gets the best model for the fewest labels?
+
+A simulated reviewer returns each queried item's gold label (optionally flipping a fixed share, to
+see how strategies cope with noisy reviewers). Every round refits the fast-mode model (cached frozen
+embeddings + logistic-regression head, the same ``fit_head`` the product trains with), scores it on a
+held-out test split, and asks the strategy for the next batch — about a third of a second per round
+on a 20k pool, so ten seeds of several strategies run in minutes.
+
+Comparisons are paired by seed: for a given seed every strategy starts from the same initial labels
+and meets the same reviewer mistakes, so differences between strategies are not seed luck.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from active_learning.pool import bootstrap_committee_proba
+from active_learning.stopping import StoppingMonitor
+from active_learning.strategies import PoolContext, QueryStrategy, get_strategy
+from labelloop import data
+from labelloop.config import Settings, get_settings
+from training.classifier import EmbeddingHeadClassifier, load_encoder
+from training.evaluate import evaluate_proba
+from training.fast import DEFAULT_C, EmbeddingCache, fit_head
+
+ColdStart = Literal["kmeans", "random"]
+Progress = Callable[[dict], None]
+MC_MEMBERS = 5  # bootstrap committee size for BALD: 5 refits keep a round near a second
+
+
+@dataclass
+class SimulationResult:
+    """Learning curves: one row of ``curves`` per (strategy, seed, round)."""
+
+    dataset: str
+    labels: tuple[str, ...]
+    rare_class: str
+    curves: pd.DataFrame
+    config: dict = field(default_factory=dict)
+    parent_run_id: str | None = None
+
+    def paired_gain(self, strategy: str, at: int, baseline: str = "random") -> tuple[float, float, int]:
+        return paired_gain(self.curves, strategy, at, baseline)
+
+    def labels_to_reach(self, target: float) -> pd.DataFrame:
+        return labels_to_reach(self.curves, target)
+
+
+def parse_strategy(spec: str) -> QueryStrategy:
+    """``name`` or ``name:base`` (for the composite strategies), e.g. ``class_balanced:margin_kmeans``
+    or ``mixed:margin``."""
+    name, _, base = spec.partition(":")
+    return get_strategy(name, base=base) if base else get_strategy(name)
+
+
+def pool_and_test(labeled: data.LabeledData, split_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The unlabeled pool and the test split. Official splits: pool = train, test = test (validation
+    unused). Otherwise a stratified 80/20 split — the same protocol as the measured baselines."""
+    parts = data.split(labeled, seed=split_seed)
+    if labeled.has_official_splits:
+        return parts.train, parts.test
+    return pd.concat([parts.train, parts.validation], ignore_index=True), parts.test
+
+
+def simulate(
+    dataset: str | data.LabeledData,
+    strategies: Sequence[str] = ("random", "margin"),
+    seeds: int | Sequence[int] = 3,
+    budget: int = 2000,
+    step: int = 100,
+    initial: int = 100,
+    noise: float = 0.0,
+    settings: Settings | None = None,
+    *,
+    cold_start: ColdStart = "random",
+    C: float = DEFAULT_C,
+    split_seed: int = 0,
+    cache_dir: Path | None = None,
+    out_dir: Path | None = None,
+    log_to_mlflow: bool = True,
+    progress: Progress | None = None,
+) -> SimulationResult:
+    """Replay active learning on ``dataset`` (a shared dataset name or loaded data) for every strategy
+    spec and seed: ``initial`` labels chosen by ``cold_start`` (k-means over embeddings, or random),
+    then batches of ``step`` chosen by the strategy until ``budget`` labels. ``noise``: the share of
+    reviewer answers replaced by a wrong label. ``cache_dir``: embedding cache (default: the settings'
+    cache). ``out_dir``: also write the curves CSV/PNG there (and attach them to the MLflow run).
+    ``progress`` receives each round's row as it is recorded."""
+    settings = settings or get_settings()
+    if budget < initial or initial < 1 or step < 1:
+        raise ValueError("need 1 <= initial <= budget and step >= 1")
+    if not 0.0 <= noise < 1.0:
+        raise ValueError("noise must lie in [0, 1)")
+    if cold_start not in ("kmeans", "random"):
+        raise ValueError("cold_start must be 'kmeans' or 'random'")
+    arms = {spec: parse_strategy(spec) for spec in strategies}
+    if not arms:
+        raise ValueError("no strategies given")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+
+    labeled = dataset if isinstance(dataset, data.LabeledData) else data.load(dataset, settings=settings)
+    labels = labeled.taxonomy.labels
+    pool, test = pool_and_test(labeled, split_seed)
+    if len(pool) < budget:
+        raise ValueError(f"budget {budget} exceeds the pool ({len(pool)} items)")
+    encoder = load_encoder(settings.base_model, settings.max_length)
+    cache = EmbeddingCache(cache_dir or settings.cache_dir / "embeddings", encoder)
+    embeddings = cache.get(pool["text"].tolist() + test["text"].tolist())
+    world = _World(embeddings[: len(pool)], labeled.label_ids(pool), embeddings[len(pool):],
+                   labeled.label_ids(test), labels, encoder)
+    rare = int(np.argmin(np.bincount(world.pool_y, minlength=len(labels))))
+    config = {"dataset": labeled.source, "strategies": ",".join(arms), "seeds": ",".join(map(str, seed_list)),
+              "budget": budget, "step": step, "initial": initial, "noise": noise, "cold_start": cold_start,
+              "C": C, "split_seed": split_seed, "pool_size": len(pool), "test_size": len(test),
+              "rare_class": labels[rare]}
+
+    tracker = _Tracker(settings, config) if log_to_mlflow else None
+    rows: list[dict] = []
+    starts = {seed: _initial_set(world, seed, initial, cold_start) for seed in seed_list}
+    try:
+        for spec, strategy in arms.items():
+            for seed in seed_list:
+                run_id = tracker.start(f"{spec}-seed{seed}", {"strategy": spec, "seed": seed}) if tracker else None
+                for row in _replay(world, strategy, seed, starts[seed], budget, step, noise, C):
+                    row = {"strategy": spec, "seed": seed, **row}
+                    rows.append(row)
+                    if tracker:
+                        tracker.log_round(run_id, row, labels)
+                    if progress:
+                        progress(row)
+                if tracker:
+                    tracker.finish(run_id)
+        result = SimulationResult(labeled.source, labels, labels[rare], pd.DataFrame(rows), config,
+                                  tracker.parent_id if tracker else None)
+        if out_dir is not None:
+            paths = write_curves(result, out_dir)
+            if tracker:
+                tracker.attach(paths)
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
+    if tracker:
+        tracker.finish(tracker.parent_id)
+    return result
+
+
+@dataclass
+class _World:
+    pool_x: np.ndarray
+    pool_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    labels: tuple[str, ...]
+    encoder: object
+
+
+def _reviewer_answers(gold: np.ndarray, n_classes: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+    """What the simulated reviewers would answer for every pool item: gold, except an exact ``noise``
+    share of items that get a uniformly chosen wrong label. Fixed per seed, so all strategies meet the
+    same mistakes on the same items."""
+    answers = gold.copy()
+    flip = rng.choice(len(gold), size=int(round(noise * len(gold))), replace=False)
+    answers[flip] = (gold[flip] + rng.integers(1, n_classes, size=len(flip))) % n_classes
+    return answers
+
+
+def _initial_set(world: _World, seed: int, initial: int, cold_start: ColdStart) -> np.ndarray:
+    """The first ``initial`` pool items to label, before any model exists; depends only on the seed,
+    so every strategy of a seed starts from the same labels (and k-means runs once per seed)."""
+    start = get_strategy("cold_start") if cold_start == "kmeans" else get_strategy("random")
+    return start.select(PoolContext(len(world.labels), embeddings=world.pool_x), initial,
+                        np.random.default_rng([seed, 0]))
+
+
+def _replay(world: _World, strategy: QueryStrategy, seed: int, start_set: np.ndarray, budget: int, step: int,
+            noise: float, C: float):
+    """Yield one row per round for one strategy and seed."""
+    n_classes = len(world.labels)
+    answers = _reviewer_answers(world.pool_y, n_classes, noise, np.random.default_rng([seed, 1]))
+    is_labeled = np.zeros(len(world.pool_y), dtype=bool)
+    is_labeled[start_set] = True
+    explore = get_strategy("random")
+    rng = np.random.default_rng([seed, 2])
+    monitor = StoppingMonitor()
+    stop_at = None
+    round_no = 0
+    while True:
+        t0 = time.perf_counter()
+        labeled_idx = np.flatnonzero(is_labeled)
+        y_obs = answers[labeled_idx]
+        if len(np.unique(y_obs)) < 2:  # no model from one class: keep exploring until a second appears
+            if len(labeled_idx) >= budget:
+                raise ValueError(f"all {budget} labels came back as one class: nothing to train on")
+            _label(is_labeled, explore, world, None, min(step, budget - len(labeled_idx)), rng)
+            continue
+        head = fit_head(world.pool_x[labeled_idx], y_obs, seed=seed, C=C)
+        model = EmbeddingHeadClassifier(world.encoder, head, world.labels)
+        pool_proba = model.proba_from_embeddings(world.pool_x)
+        seconds = time.perf_counter() - t0
+        report = evaluate_proba(model.proba_from_embeddings(world.test_x), world.test_y, world.labels)
+        signal = monitor.update(round_no, pool_proba.argmax(1), None)
+        if signal.stop and stop_at is None:
+            stop_at = len(labeled_idx)
+        counts = np.bincount(world.pool_y[labeled_idx], minlength=n_classes)
+        row = {"round": round_no, "n_labels": len(labeled_idx), "macro_f1": report.macro_f1,
+               "accuracy": report.accuracy,
+               **{f"f1_{label}": report.per_class[label]["f1"] for label in world.labels},
+               **{f"labeled_{label}": int(c) for label, c in zip(world.labels, counts, strict=True)},
+               "noisy_labels": int((y_obs != world.pool_y[labeled_idx]).sum()),
+               "kappa": signal.kappa, "kappa_stop_at": stop_at}
+        done = len(labeled_idx) >= budget or is_labeled.all()
+        if not done:
+            t1 = time.perf_counter()
+            _label(is_labeled, strategy, world, (model, pool_proba, labeled_idx, y_obs, seed),
+                   min(step, budget - len(labeled_idx)), rng)
+            seconds += time.perf_counter() - t1
+        # round_seconds: refit the head + score the whole pool + choose the next batch (the work a
+        # live round does; test-set evaluation is simulation overhead and not counted)
+        yield row | {"round_seconds": seconds}
+        if done:
+            return
+        round_no += 1
+
+
+def _label(is_labeled: np.ndarray, strategy: QueryStrategy, world: _World, model_state, k: int,
+           rng: np.random.Generator) -> None:
+    """Ask ``strategy`` for ``k`` unlabeled items and mark them labeled."""
+    unlabeled = np.flatnonzero(~is_labeled)
+    ctx = PoolContext(len(world.labels), size=len(unlabeled))
+    if "embeddings" in strategy.needs:
+        ctx.embeddings = world.pool_x[unlabeled]
+    if model_state is not None:
+        model, pool_proba, labeled_idx, y_obs, seed = model_state
+        ctx.proba = pool_proba[unlabeled]
+        ctx.labeled_embeddings, ctx.labeled_y = world.pool_x[labeled_idx], y_obs
+        if "mc_proba" in strategy.needs:
+            ctx.mc_proba = bootstrap_committee_proba(model.head, ctx.labeled_embeddings, y_obs,
+                                                     world.pool_x[unlabeled], len(world.labels), MC_MEMBERS,
+                                                     np.random.default_rng([seed, len(labeled_idx)]))
+    is_labeled[unlabeled[strategy.select(ctx, k, rng)]] = True
+
+
+class _Tracker:
+    """One MLflow parent run per simulation, a nested run per (strategy, seed), one metrics batch per
+    round with step = number of labels. Uses an explicit client, so the process-wide tracking URI of
+    whoever called us is left alone."""
+
+    def __init__(self, settings: Settings, config: dict):
+        self.client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
+        name = f"{settings.experiment}-al-simulation"
+        experiment = self.client.get_experiment_by_name(name)
+        self.experiment_id = (experiment.experiment_id if experiment is not None else
+                              self.client.create_experiment(name, artifact_location=settings.resolved_artifact_location))
+        run = self.client.create_run(self.experiment_id, run_name=f"simulate-{config['dataset']}",
+                                     tags={"labelloop.kind": "al-simulation"})
+        self.parent_id = run.info.run_id
+        self.open: list[str] = [self.parent_id]
+        self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in config.items()])
+
+    def start(self, name: str, params: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.parent_id, "labelloop.kind": "al-simulation"})
+        self.open.append(run.info.run_id)
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id
+
+    def log_round(self, run_id: str, row: dict, labels: Sequence[str]) -> None:
+        now = int(time.time() * 1000)
+        keys = ["macro_f1", "accuracy", "round_seconds", "noisy_labels",
+                *(f"f1_{label}" for label in labels), *(f"labeled_{label}" for label in labels)]
+        if row["kappa"] is not None:
+            keys.append("kappa")
+        metrics = [Metric(key, float(row[key]), now, int(row["n_labels"])) for key in keys]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def attach(self, paths: Sequence[Path]) -> None:
+        for path in paths:
+            self.client.log_artifact(self.parent_id, str(path))
+
+    def finish(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.open.remove(run_id)
+
+    def fail(self) -> None:
+        for run_id in list(self.open):
+            self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        self.open.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries and plots
+# --------------------------------------------------------------------------------------------------
+
+
+def at_labels(curves: pd.DataFrame, n: int, column: str = "macro_f1") -> pd.DataFrame:
+    """``column`` per strategy (rows: seeds) at exactly ``n`` labels."""
+    rows = curves[curves["n_labels"] == n]
+    return rows.pivot_table(index="seed", columns="strategy", values=column)
+
+
+def paired_gain(curves: pd.DataFrame, strategy: str, at: int, baseline: str = "random"
+                ) -> tuple[float, float, int]:
+    """Mean and sd over seeds of (strategy - baseline) macro-F1 at ``at`` labels, and the number of
+    seed pairs — paired, because seed-to-seed spread is larger than most strategy differences."""
+    table = at_labels(curves, at)
+    if strategy not in table or baseline not in table:
+        raise ValueError(f"no rows for {strategy!r} and {baseline!r} at {at} labels")
+    diff = (table[strategy] - table[baseline]).dropna()
+    return float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0, int(len(diff))
+
+
+def labels_to_reach(curves: pd.DataFrame, target: float) -> pd.DataFrame:
+    """Per strategy: the labels each seed needed to first reach macro-F1 ``target`` (NaN if never),
+    summarised as mean over the seeds that reached it and the share that did."""
+    reached = curves[curves["macro_f1"] >= target].groupby(["strategy", "seed"])["n_labels"].min()
+    seeds = curves.groupby("strategy")["seed"].nunique()
+    out = pd.DataFrame({"mean_labels": reached.groupby("strategy").mean(),
+                        "seeds_reached": reached.groupby("strategy").size()}).reindex(seeds.index)
+    out["seeds_reached"] = out["seeds_reached"].fillna(0).astype(int)
+    out["seeds"] = seeds
+    return out
+
+
+def curve_summary(curves: pd.DataFrame, column: str = "macro_f1") -> pd.DataFrame:
+    """Mean and sd over seeds of ``column`` per (strategy, n_labels)."""
+    return curves.groupby(["strategy", "n_labels"])[column].agg(["mean", "std"]).reset_index()
+
+
+def write_curves(result: SimulationResult, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
+    """Write every round as CSV and plot mean ± sd over seeds: macro-F1, the rare class's F1 and how
+    many rare-class items each strategy got labeled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"al_curves_{result.dataset}"
+    csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
+    result.curves.to_csv(csv_path, index=False, float_format="%.5f")
+
+    rare = result.rare_class
+    panels = [("macro_f1", "macro-F1 (test)"), (f"f1_{rare}", f"F1 of rare class '{rare}'"),
+              (f"labeled_{rare}", f"'{rare}' items labeled")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    n_seeds = result.curves["seed"].nunique()
+    for ax, (column, title) in zip(axes, panels, strict=True):
+        summary = curve_summary(result.curves, column)
+        for strategy, part in summary.groupby("strategy", sort=False):
+            line, = ax.plot(part["n_labels"], part["mean"], label=strategy, lw=1.6)
+            sd = part["std"].fillna(0.0)
+            ax.fill_between(part["n_labels"], part["mean"] - sd, part["mean"] + sd, color=line.get_color(),
+                            alpha=0.15, lw=0)
+        ax.set_title(title)
+        ax.set_xlabel("labels")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result.dataset}: active learning, mean ± sd over {n_seeds} seed(s)")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return csv_path, png_path

@@ -1,0 +1,139 @@
+"""Fast mode for active-learning rounds: frozen encoder embeddings, cached on disk, plus a
+scikit-learn logistic-regression head.
+
+Embedding is the only slow step (~160 texts/s on two cores, ~2 minutes for a 20k pool), and a text's
+embedding never changes for a given encoder, so each text is embedded once, ever; after that a round
+(refit the head on a few thousand labels, score the whole pool) takes well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+
+from labelloop.taxonomy import Taxonomy
+from training.classifier import EmbeddingHeadClassifier, Encoder
+
+#: Default inverse regularisation of the head. On L2-normalised MiniLM embeddings C=1 underfits:
+#: bench/train_davidson.py's sweep on Davidson *validation* picked this value (see its results).
+DEFAULT_C = 4.0
+
+_DIGEST_BYTES = 20  # sha1
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha1(text.encode("utf-8")).digest()
+
+
+class EmbeddingCache:
+    """Embeddings of one encoder, persisted under ``directory``, keyed by (encoder name, max_length,
+    sha1(text)).
+
+    Storage is append-only: each batch of newly embedded texts becomes one ``.npz`` shard (keys +
+    float32 vectors) written to a temporary name and renamed into place, so readers — other threads or
+    other processes — never see half a shard and a crash loses at most the batch in flight. Shards
+    written by other processes are picked up on the next :meth:`get`.
+    """
+
+    def __init__(self, directory: Path, encoder: Encoder):
+        self.encoder = encoder
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", encoder.name).strip("-")[-48:]
+        name_hash = hashlib.sha1(encoder.name.encode()).hexdigest()[:8]
+        self.directory = Path(directory) / f"{slug}-{name_hash}-len{encoder.max_length}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._loaded: set[str] = set()
+        self._row: dict[bytes, int] = {}
+        self._blocks: list[np.ndarray] = []
+        self._matrix = np.zeros((0, encoder.dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._row)
+
+    def get(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Embeddings for ``texts``, in order; only texts never embedded before are run through the
+        encoder (``progress`` counts those)."""
+        keys = [_digest(t) for t in texts]
+        with self._lock:
+            self._refresh()
+            missing: dict[bytes, str] = {}
+            for key, text in zip(keys, texts, strict=True):
+                if key not in self._row and key not in missing:
+                    missing[key] = text
+            if missing:
+                vectors = self.encoder.embed(list(missing.values()), progress=progress)
+                keys_array = np.frombuffer(b"".join(missing), dtype=np.uint8).reshape(-1, _DIGEST_BYTES)
+                self._write_shard(keys_array, vectors)
+            matrix = self._consolidated()
+            rows = np.fromiter((self._row[k] for k in keys), dtype=np.int64, count=len(keys))
+        return matrix[rows]
+
+    def _refresh(self) -> None:
+        """Load shards that appeared on disk since the last call (written by us or anyone else)."""
+        for path in sorted(self.directory.glob("*.npz")):
+            if path.name not in self._loaded:
+                with np.load(path) as shard:
+                    self._add(shard["keys"], shard["vectors"])
+                self._loaded.add(path.name)
+
+    def _add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        base = len(self._matrix) + sum(len(b) for b in self._blocks)
+        fresh = []
+        for i, key in enumerate(k.tobytes() for k in keys):
+            if key not in self._row:
+                self._row[key] = base + len(fresh)
+                fresh.append(i)
+        if fresh:
+            self._blocks.append(vectors[fresh].astype(np.float32, copy=False))
+
+    def _consolidated(self) -> np.ndarray:
+        if self._blocks:
+            self._matrix = np.concatenate([self._matrix, *self._blocks])
+            self._blocks = []
+        return self._matrix
+
+    def _write_shard(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        name = f"{uuid.uuid4().hex}.npz"
+        tmp = self.directory / f".{name}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=keys, vectors=vectors.astype(np.float32, copy=False))
+        os.replace(tmp, self.directory / name)
+        self._add(keys, vectors)
+        self._loaded.add(name)
+
+
+def fit_head(embeddings: np.ndarray, y: np.ndarray, *, seed: int, C: float = DEFAULT_C,
+             class_weight: str | dict | None = "balanced") -> LogisticRegression:
+    """Fit the logistic-regression head on integer label ids. Classes absent from ``y`` are simply not
+    in ``head.classes_``; :class:`EmbeddingHeadClassifier` gives them probability 0."""
+    y = np.asarray(y, dtype=int)
+    if len(embeddings) != len(y):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(y)} labels")
+    if len(np.unique(y)) < 2:
+        raise ValueError("the training set needs examples of at least two classes")
+    head = LogisticRegression(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)
+    return head.fit(embeddings, y)
+
+
+def train_fast(train: pd.DataFrame, taxonomy: Taxonomy, *, encoder: Encoder,
+               cache: EmbeddingCache | None = None, seed: int = 13,
+               C: float = DEFAULT_C) -> EmbeddingHeadClassifier:
+    """Train the fast-mode classifier on ``train`` (columns ``text``, ``label`` by name)."""
+    if cache is not None and cache.encoder is not encoder:
+        raise ValueError("the embedding cache belongs to a different encoder")
+    y = np.array([taxonomy.index(label) for label in train["label"]], dtype=int)
+    texts = train["text"].tolist()
+    embeddings = cache.get(texts) if cache is not None else encoder.embed(texts)
+    head = fit_head(embeddings, y, seed=seed, C=C)
+    return EmbeddingHeadClassifier(encoder, head, taxonomy.labels)

@@ -1,0 +1,265 @@
+"""Fine-tune a transformer classifier on CPU with a plain torch loop.
+
+A plain loop rather than the HF ``Trainer`` keeps the two things that matter on two CPU cores under
+our control: texts are tokenised once and batched by similar length (tweets average ~27 tokens, so
+padding every batch to ``max_length`` would waste over half the compute), and validation macro-F1 —
+not loss — decides early stopping, because the rare harmful class is what we care about and loss is
+dominated by the common ones. The best weights seen are restored at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+)
+from transformers.utils import logging as hf_logging
+
+from labelloop.config import DEFAULT_BASE_MODEL
+from labelloop.taxonomy import Taxonomy
+from training.classifier import FineTunedClassifier, resolve_model_path
+from training.evaluate import evaluate_proba
+
+Progress = Callable[[str, int, int], None]
+ClassWeighting = Literal["balanced", "sqrt", "none"]
+
+#: how many batches' worth of shuffled examples are length-sorted together: large enough that batches
+#: are nearly uniform in length, small enough that each epoch still sees a different mix.
+_BUCKET_BATCHES = 50
+
+
+@dataclass
+class FineTuneConfig:
+    base_model: str = DEFAULT_BASE_MODEL
+    max_length: int = 64
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    patience: int = 1  # evaluations without a new best before stopping
+    class_weighting: ClassWeighting = "sqrt"
+    seed: int = 13
+    eval_every: int | None = None  # also evaluate every this many optimiser steps
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8 or self.patience < 1:
+            raise ValueError("epochs, batch_size and patience must be >= 1 and max_length >= 8")
+        if self.class_weighting not in ("balanced", "sqrt", "none"):
+            raise ValueError("class_weighting must be 'balanced', 'sqrt' or 'none', "
+                             f"not {self.class_weighting!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError("eval_every must be a positive number of steps or None")
+
+
+@dataclass
+class FineTuneResult:
+    classifier: FineTunedClassifier
+    best_epoch: float  # fractional when the best evaluation fell mid-epoch (eval_every)
+    best_val_macro_f1: float  # NaN when trained without a validation set
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def class_weights(y: np.ndarray, n_classes: int, scheme: ClassWeighting) -> np.ndarray:
+    """Per-class loss weights, scaled so the average weight over training examples is 1 (the learning
+    rate then means the same thing under every scheme).
+
+    ``balanced`` weights by inverse frequency, which on Davidson makes one hate example count as much
+    as ~13 offensive ones and costs precision on the big classes; ``sqrt`` (the default) is the
+    geometric middle ground. A class absent from ``y`` gets weight 0: it contributes no examples anyway.
+    """
+    counts = np.bincount(np.asarray(y, dtype=int), minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    if scheme == "none":
+        weights[present] = 1.0
+    elif scheme in ("balanced", "sqrt"):
+        inverse = counts.sum() / (present.sum() * counts[present])
+        weights[present] = inverse if scheme == "balanced" else np.sqrt(inverse)
+    else:
+        raise ValueError(f"unknown class weighting {scheme!r}")
+    return weights * counts.sum() / (weights * counts).sum()
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
+                            ) -> list[np.ndarray]:
+    """Index batches of similar-length examples, in random order: shuffle, sort within pools of
+    ``_BUCKET_BATCHES`` batches by length, cut, then shuffle the batches."""
+    order = rng.permutation(len(lengths))
+    pool = batch_size * _BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the load report that lists the new classification head as "missing weights" (it is new by
+    design) and the per-tensor progress bar, then restore the caller's logging settings."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _label_ids(frame: pd.DataFrame, taxonomy: Taxonomy) -> np.ndarray:
+    return np.array([taxonomy.index(label) for label in frame["label"]], dtype=np.int64)
+
+
+def _score_validation(classifier: FineTunedClassifier, texts: list[str], y: np.ndarray, batch_size: int,
+                      progress: Progress | None) -> float:
+    """Validation macro-F1 of the model as it stands (the early-stopping criterion)."""
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("validate", done, len(texts))
+
+    proba = classifier.predict_proba(texts, batch_size=max(64, batch_size), progress=step)
+    return evaluate_proba(proba, y, classifier.labels).macro_f1
+
+
+def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases and LayerNorm weights (decaying those only hurts)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _load_model(config: FineTuneConfig, taxonomy: Taxonomy
+                ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    path = resolve_model_path(config.base_model)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(taxonomy.labels),
+            id2label=dict(enumerate(taxonomy.labels)),
+            label2id={label: i for i, label in enumerate(taxonomy.labels)},
+        )
+    return model, tokenizer
+
+
+def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Taxonomy, config: FineTuneConfig,
+             progress: Progress | None = None) -> FineTuneResult:
+    """Fine-tune ``config.base_model`` on ``train`` (columns ``text``, ``label`` by name).
+
+    With a non-empty ``validation`` frame the model is scored after each epoch (and every
+    ``config.eval_every`` steps), training stops after ``config.patience`` evaluations without a new
+    best macro-F1, and the best weights are restored. Without one it trains all epochs and keeps the last.
+    """
+    started = time.perf_counter()
+    if train.empty:
+        raise ValueError("cannot fine-tune on an empty training set")
+    _seed_everything(config.seed)
+    rng = np.random.default_rng(config.seed)
+    y_train = _label_ids(train, taxonomy)
+    has_validation = validation is not None and not validation.empty
+    val_texts = validation["text"].tolist() if has_validation else []
+    y_val = _label_ids(validation, taxonomy) if has_validation else np.zeros(0, dtype=np.int64)
+
+    model, tokenizer = _load_model(config, taxonomy)
+    classifier = FineTunedClassifier(model, tokenizer, taxonomy.labels, config.max_length)
+    input_ids = tokenizer(train["text"].tolist(), truncation=True, max_length=config.max_length)["input_ids"]
+    lengths = np.array([len(ids) for ids in input_ids])
+
+    steps_per_epoch = math.ceil(len(input_ids) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = _optimizer(model, config.lr, config.weight_decay)
+    warmup_steps = round(config.warmup_ratio * total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    weights = torch.tensor(class_weights(y_train, len(taxonomy.labels), config.class_weighting),
+                           dtype=torch.float32)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    labels_t = torch.from_numpy(y_train)
+
+    history: list[dict] = []
+    best_f1, best_epoch, best_state = -math.inf, float(config.epochs), None
+    evals_without_gain = 0
+    step, loss_sum, loss_n = 0, 0.0, 0
+
+    def checkpoint() -> bool:
+        """Record train loss (and validation F1); return True when early stopping says stop."""
+        nonlocal best_f1, best_epoch, best_state, evals_without_gain, loss_sum, loss_n
+        entry = {"epoch": round(step / steps_per_epoch, 4), "step": step,
+                 "train_loss": loss_sum / max(loss_n, 1), "seconds": round(time.perf_counter() - started, 2)}
+        loss_sum, loss_n = 0.0, 0
+        if not has_validation:
+            history.append(entry)
+            return False
+        f1 = _score_validation(classifier, val_texts, y_val, config.batch_size, progress)
+        model.train()
+        entry["val_macro_f1"] = f1
+        history.append(entry)
+        if f1 > best_f1:
+            best_f1, best_epoch, evals_without_gain = f1, entry["epoch"], 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        evals_without_gain += 1
+        return evals_without_gain >= config.patience
+
+    model.train()
+    stop = False
+    for _ in range(config.epochs):
+        for batch_idx in length_bucketed_batches(lengths, config.batch_size, rng):
+            batch = tokenizer.pad({"input_ids": [input_ids[i] for i in batch_idx]}, return_tensors="pt")
+            loss = loss_fn(model(**batch).logits, labels_t[batch_idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+            if progress:
+                progress("train", step, total_steps)
+            if config.eval_every and step % config.eval_every == 0 and step % steps_per_epoch:
+                stop = checkpoint()
+                if stop:
+                    break
+        if stop or checkpoint():
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return FineTuneResult(
+        classifier=classifier,
+        best_epoch=best_epoch if has_validation else history[-1]["epoch"],
+        best_val_macro_f1=best_f1 if has_validation else float("nan"),
+        history=history,
+        seconds=time.perf_counter() - started,
+    )
