@@ -203,7 +203,10 @@ class LabelStudioClient:
                 raise
 
     # --- tasks --------------------------------------------------------------------------------
-    def _tasks(self, project_id: int, *, fields: str = "task_only", query: dict[str, Any] | None = None):
+    def _tasks(
+        self, project_id: int, *, fields: str = "task_only", query: dict[str, Any] | None = None
+    ) -> Iterator[Any]:
+        """The project's tasks as SDK objects, page by page (``query``: Data Manager filters/ordering)."""
         kwargs: dict[str, Any] = {"project": project_id, "fields": fields, "page_size": PAGE_SIZE}
         if query is not None:
             kwargs["query"] = json.dumps(query)
@@ -291,9 +294,11 @@ class LabelStudioClient:
         """Store predictions, in chunks; returns how many were created.
 
         All predictions are checked against the project first (the server silently drops predictions whose
-        label is not in the config), so a bad one means nothing is written. A task that already holds a
-        prediction of the same ``model_version`` keeps it and is skipped, so a repeated run adds no
-        duplicates; to re-rank, push under a new model_version.
+        label is not in the config), so a bad one means nothing is written. Task ids are checked against the
+        tasks this client has seen, listing them again only for ids it has not; a task deleted in Label Studio
+        since then is refused by the server, for its chunk only. A task that already holds a prediction of
+        the same ``model_version`` keeps it and is skipped, so a repeated run adds no duplicates; to re-rank,
+        push under a new model_version.
         """
         if not predictions:
             return 0
@@ -343,6 +348,8 @@ class LabelStudioClient:
 
         Label Studio calls the backend's ``/health`` and ``/setup`` right away, so it must be running.
         Afterwards exactly one project webhook points at ``<url>/webhook``, carrying the basic-auth header.
+        A project without a model_version gets the backend's *title* as one (Label Studio does that), which
+        no prediction carries: call :meth:`set_model_version` after pushing predictions.
         """
         url = url.rstrip("/")
         auth: dict[str, Any] = {"auth_method": "NONE"}

@@ -162,7 +162,8 @@ class ActiveLearningLoop:
         """The first ``k`` items to label when no model exists: spread over the encoder's embedding space."""
         unlabeled = self.unlabeled()
         ctx = PoolContext(n_classes=len(self.taxonomy.labels), embeddings=self.cache.get(unlabeled["text"].tolist()))
-        picked = get_strategy("cold_start").select(ctx, min(k, len(unlabeled)), np.random.default_rng(self.settings.seed))
+        rng = np.random.default_rng(self.settings.seed)
+        picked = get_strategy("cold_start").select(ctx, min(k, len(unlabeled)), rng)
         return unlabeled.iloc[picked].reset_index(drop=True)
 
     def push_queue(self, loaded: LoadedModel, progress: ReportProgress | None = None) -> QueueResult:

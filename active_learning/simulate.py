@@ -28,7 +28,7 @@ from active_learning.stopping import StoppingMonitor
 from active_learning.strategies import PoolContext, QueryStrategy, get_strategy
 from labelloop import data
 from labelloop.config import Settings, get_settings
-from training.classifier import EmbeddingHeadClassifier, load_encoder
+from training.classifier import EmbeddingHeadClassifier, Encoder, load_encoder
 from training.evaluate import evaluate_proba
 from training.fast import DEFAULT_C, EmbeddingCache, fit_head
 
@@ -161,7 +161,7 @@ class _World:
     test_x: np.ndarray
     test_y: np.ndarray
     labels: tuple[str, ...]
-    encoder: object
+    encoder: Encoder
 
 
 def _reviewer_answers(gold: np.ndarray, n_classes: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -192,7 +192,7 @@ def _replay(world: _World, strategy: QueryStrategy, seed: int, start_set: np.nda
     explore = get_strategy("random")
     rng = np.random.default_rng([seed, 2])
     monitor = StoppingMonitor()
-    stop_at = None
+    stop_at = np.nan
     round_no = 0
     while True:
         t0 = time.perf_counter()
@@ -209,15 +209,15 @@ def _replay(world: _World, strategy: QueryStrategy, seed: int, start_set: np.nda
         seconds = time.perf_counter() - t0
         report = evaluate_proba(model.proba_from_embeddings(world.test_x), world.test_y, world.labels)
         signal = monitor.update(round_no, pool_proba.argmax(1), None)
-        if signal.stop and stop_at is None:
-            stop_at = len(labeled_idx)
+        if signal.stop and np.isnan(stop_at):
+            stop_at = float(len(labeled_idx))
         counts = np.bincount(world.pool_y[labeled_idx], minlength=n_classes)
         row = {"round": round_no, "n_labels": len(labeled_idx), "macro_f1": report.macro_f1,
                "accuracy": report.accuracy,
                **{f"f1_{label}": report.per_class[label]["f1"] for label in world.labels},
                **{f"labeled_{label}": int(c) for label, c in zip(world.labels, counts, strict=True)},
                "noisy_labels": int((y_obs != world.pool_y[labeled_idx]).sum()),
-               "kappa": signal.kappa, "kappa_stop_at": stop_at}
+               "kappa": np.nan if signal.kappa is None else signal.kappa, "kappa_stop_at": stop_at}
         done = len(labeled_idx) >= budget or is_labeled.all()
         if not done:
             t1 = time.perf_counter()
@@ -259,8 +259,11 @@ class _Tracker:
         self.client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
         name = f"{settings.experiment}-al-simulation"
         experiment = self.client.get_experiment_by_name(name)
-        self.experiment_id = (experiment.experiment_id if experiment is not None else
-                              self.client.create_experiment(name, artifact_location=settings.resolved_artifact_location))
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                name, artifact_location=settings.resolved_artifact_location)
+        else:
+            self.experiment_id = experiment.experiment_id
         run = self.client.create_run(self.experiment_id, run_name=f"simulate-{config['dataset']}",
                                      tags={"labelloop.kind": "al-simulation"})
         self.parent_id = run.info.run_id
@@ -278,7 +281,7 @@ class _Tracker:
         now = int(time.time() * 1000)
         keys = ["macro_f1", "accuracy", "round_seconds", "noisy_labels",
                 *(f"f1_{label}" for label in labels), *(f"labeled_{label}" for label in labels)]
-        if row["kappa"] is not None:
+        if not np.isnan(row["kappa"]):
             keys.append("kappa")
         metrics = [Metric(key, float(row[key]), now, int(row["n_labels"])) for key in keys]
         self.client.log_batch(run_id, metrics=metrics)

@@ -51,6 +51,18 @@ class PoolContext:
             return self.mc_proba.shape[1]
         raise ValueError("PoolContext holds neither proba, embeddings nor mc_proba: pool size unknown")
 
+    def subset(self, indices: np.ndarray) -> PoolContext:
+        """The same context restricted to the pool items ``indices`` (labeled set unchanged)."""
+        return PoolContext(
+            n_classes=self.n_classes,
+            proba=None if self.proba is None else self.proba[indices],
+            embeddings=None if self.embeddings is None else self.embeddings[indices],
+            mc_proba=None if self.mc_proba is None else self.mc_proba[:, indices],
+            labeled_embeddings=self.labeled_embeddings,
+            labeled_y=self.labeled_y,
+            size=len(indices),
+        )
+
     def require(self, needs: frozenset[str], strategy: str) -> None:
         missing = sorted(n for n in needs if getattr(self, n) is None)
         if missing:
@@ -203,19 +215,18 @@ class ClassBalanced(QueryStrategy):
 
     def select(self, ctx: PoolContext, k: int, rng: np.random.Generator) -> np.ndarray:
         ctx.require(self.needs, self.name)
-        n = ctx.n_items
-        k = max(0, min(int(k), n))
+        k = max(0, min(int(k), ctx.n_items))
         predicted = ctx.proba.argmax(axis=1)
-        available = np.bincount(predicted, minlength=ctx.n_classes)
-        quota = _water_fill(available, k)
-        scores = self.scores(ctx)
-        # Rank every item within its predicted class (by score, random tie-break), keep rank < quota.
-        order = np.lexsort((rng.random(n), -scores, predicted))
-        sorted_classes = predicted[order]
-        starts = np.searchsorted(sorted_classes, np.arange(ctx.n_classes))
-        rank_in_class = np.arange(n) - starts[sorted_classes]
-        chosen = order[rank_in_class < quota[sorted_classes]]
-        return chosen[np.lexsort((rng.random(len(chosen)), -scores[chosen]))]
+        quota = _water_fill(np.bincount(predicted, minlength=ctx.n_classes), k)
+        # Within each predicted class the base strategy chooses (loops over classes, not items), so
+        # class_balanced:margin_kmeans also spreads each class's share over clusters.
+        parts = []
+        for c in np.flatnonzero(quota):
+            members = np.flatnonzero(predicted == c)
+            parts.append(members[self.base.select(ctx.subset(members), int(quota[c]), rng)])
+        chosen = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        scores = self.scores(ctx)[chosen]
+        return chosen[np.lexsort((rng.random(len(chosen)), -scores))]
 
 
 def _water_fill(available: np.ndarray, k: int) -> np.ndarray:

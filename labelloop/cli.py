@@ -76,7 +76,8 @@ TaxonomyOpt = Annotated[str | None, typer.Option(help="label taxonomy (default: 
 @friendly_errors
 def train(
     dataset: DatasetOpt = "davidson",
-    mode: Annotated[str, typer.Option(help="finetune (best quality) or fast (frozen encoder + linear head)")] = "finetune",
+    mode: Annotated[str, typer.Option(help="finetune (best quality) or fast (frozen encoder + linear head)")] = (
+        "finetune"),
     limit: Annotated[int | None, typer.Option(help="train on a stratified sample of N rows (quick runs)")] = None,
     epochs: Annotated[int, typer.Option(help="fine-tuning epochs (early stopping may stop sooner)")] = 3,
     taxonomy: TaxonomyOpt = None,
@@ -310,15 +311,20 @@ def demo(
     mlflow_ui: Annotated[bool, typer.Option(help="start the MLflow UI")] = True,
     label_studio_url: Annotated[str | None, typer.Option(help="use this running Label Studio")] = None,
     label_studio_token: Annotated[str | None, typer.Option(envvar="LABELLOOP_LS_API_KEY")] = None,
+    ls_port: int = 8080,
+    mlflow_port: int = 5000,
+    backend_port: int = 9090,
 ) -> None:
     """Bring the whole loop up on 127.0.0.1 and turn it with simulated reviewers."""
     from labelloop.demo import DemoOptions, run
 
     options = DemoOptions(dataset=dataset, pool_size=pool_size, rounds=rounds, batch=batch, seed_labels=seed_labels,
                           noise=noise, wait=wait, mlflow_ui=mlflow_ui, label_studio_url=label_studio_url,
-                          label_studio_token=label_studio_token)
+                          label_studio_token=label_studio_token, ls_port=ls_port, mlflow_port=mlflow_port,
+                          backend_port=backend_port)
     if short:
         options.pool_size, options.rounds, options.batch, options.seed_labels = 300, 1, 30, 30
+        options.eval_size = 600
         options.wait, options.mlflow_ui = False, False
     summary = run(get_settings(), options)
     console.print_json(data=summary)

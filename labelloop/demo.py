@@ -45,6 +45,7 @@ PROJECT_TITLE = "labelloop integrity review (demo)"
 class DemoOptions:
     dataset: str = "davidson"
     pool_size: int = 3000
+    eval_size: int | None = None  # None: the whole test split
     seed_labels: int = 100
     rounds: int = 3
     batch: int = 100
@@ -184,7 +185,7 @@ def run(settings: Settings, options: DemoOptions) -> dict:
         else:
             with console.status(f"starting Label Studio on {ls_url} (first start runs migrations, ~1 min)"):
                 ls_server.start(timeout=420)
-            pids["label-studio"] = ls_server._process.pid
+            pids["label-studio"] = ls_server.pid
     client = LabelStudioClient(ls_url, token)
 
     # 2. MLflow UI --------------------------------------------------------------------------------
@@ -199,7 +200,9 @@ def run(settings: Settings, options: DemoOptions) -> dict:
         settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
         splits = data.split(labeled, seed=settings.seed)
     registry = Registry(settings)
-    eval_id, eval_frame = registry.freeze_eval_set(splits.test, labeled.source)
+    test = splits.test if options.eval_size is None else data.stratified_sample(splits.test, options.eval_size,
+                                                                                  seed=settings.seed)
+    eval_id, eval_frame = registry.freeze_eval_set(test, labeled.source)
     pool = splits.train[~splits.train["text"].isin(set(eval_frame["text"]))]
     pool = data.stratified_sample(pool, options.pool_size, seed=settings.seed)
     gold = dict(zip(pool["id"].astype(str), pool["label"], strict=True))

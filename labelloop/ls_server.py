@@ -113,6 +113,13 @@ class LabelStudioServer:
         return self.credentials().token
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while this object runs it (``None`` when it is not running)."""
+        if self._process is None or self._process.poll() is not None:
+            return None
+        return self._process.pid
+
+    @property
     def executable(self) -> Path:
         return self.venv / "bin" / "label-studio"
 

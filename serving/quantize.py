@@ -12,6 +12,7 @@ fp32 on real texts, which decides the default.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Literal
 
 import torch
@@ -21,7 +22,10 @@ from training.registry import LoadedModel
 
 
 def _int8(module: torch.nn.Module) -> torch.nn.Module:
-    return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()
+    with warnings.catch_warnings():
+        # torch 2.13 announces the end of quantised tensor constructors; torch is pinned to 2.13 here
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*deprecated", category=UserWarning)
+        return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8).eval()
 
 
 def quantize_classifier(classifier: TextClassifier) -> TextClassifier:

@@ -153,7 +153,8 @@ def test_unsupported_suffix(tmp_path, shared_settings):
 
 
 def test_empty_after_dedup_is_an_error(tmp_path, shared_settings):
-    rows = [{"text": "same text", "label": "hate"}, {"text": "same text", "label": "neither"}, {"text": "  ", "label": "hate"}]
+    rows = [{"text": "same text", "label": "hate"}, {"text": "same text", "label": "neither"},
+            {"text": "  ", "label": "hate"}]
     path = tmp_path / "conflict.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match="no rows left"):

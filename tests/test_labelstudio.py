@@ -22,12 +22,13 @@ from pydantic import ValidationError
 
 from active_learning.labelstudio import (
     InvalidPredictionError,
+    LabelStudioClient,
     LabelStudioError,
     PredictionIn,
     choice_result,
 )
 from labelloop.data import LabeledData
-from labelloop.ls_server import CREDENTIALS_FILE, LabelStudioServer, LabelStudioServerError
+from labelloop.ls_server import CREDENTIALS_FILE, LabelStudioServer, LabelStudioServerError, free_port
 from labelloop.taxonomy import FROM_NAME, TO_NAME, LabelConfigError, get_taxonomy, parse_label_config
 from tests.label_studio_fixtures import RunningLabelStudio
 
@@ -72,7 +73,7 @@ def test_start_without_label_studio_installed_says_how_to_install(tmp_path: Path
     server = LabelStudioServer(base_dir=tmp_path, venv=tmp_path / "no-venv")
     with pytest.raises(LabelStudioServerError, match="make install"):
         server.start(timeout=5)
-    assert not server.is_up()
+    assert server.pid is None
 
 
 def test_prediction_input_is_validated() -> None:
@@ -87,6 +88,12 @@ def test_prediction_input_is_validated() -> None:
     ):
         with pytest.raises(ValidationError):
             PredictionIn(**bad)
+
+
+def test_unreachable_server_is_a_clear_error() -> None:
+    client = LabelStudioClient(f"http://127.0.0.1:{free_port()}", "not-a-real-token")
+    with pytest.raises(LabelStudioError, match="cannot reach Label Studio"):
+        client.ensure_project("x", HATE_OFFENSIVE)
 
 
 # --- against the real server ------------------------------------------------------------------------
@@ -104,6 +111,15 @@ def _predictions(task_ids: list[int], scores: list[float], version: str) -> list
 
 def _task_count(ls: RunningLabelStudio, project_id: int) -> int:
     return len(list(ls.sdk.tasks.list(project=project_id, fields="task_only")))
+
+
+@pytest.mark.integration
+def test_the_session_server_is_healthy_and_runs_as_its_own_process(label_studio: RunningLabelStudio) -> None:
+    assert label_studio.server.is_up()
+    assert label_studio.server.pid is not None
+    assert label_studio.url == label_studio.client.url
+    whoami = label_studio.sdk.users.whoami()
+    assert whoami.email == label_studio.server.username
 
 
 @pytest.mark.integration
@@ -192,9 +208,7 @@ def test_bad_predictions_are_refused_and_nothing_is_written(
     good = _predictions(task_ids, [0.1, 0.2, 0.3], "v1")
     unknown_label = PredictionIn(task_id=task_ids[0], label="spam", score=0.5, model_version="v1")
     unknown_task = PredictionIn(task_id=max(task_ids) + 10_000, label="hate", score=0.5, model_version="v1")
-    wrong_control = PredictionIn(
-        task_id=task_ids[0], label="hate", score=0.5, model_version="v1", from_name="x"
-    )
+    wrong_control = PredictionIn(task_id=task_ids[0], label="hate", score=0.5, model_version="v1", from_name="x")
     with pytest.raises(InvalidPredictionError, match="'spam'"):
         client.import_predictions(ls_project, [*good, unknown_label], chunk_size=1)
     with pytest.raises(InvalidPredictionError, match="not in project"):
@@ -266,9 +280,7 @@ def test_next_task_is_none_when_everything_is_labelled(
 
 
 @pytest.mark.integration
-def test_annotations_round_trip(
-    label_studio: RunningLabelStudio, ls_project: int, davidson_small: LabeledData
-) -> None:
+def test_annotations_round_trip(label_studio: RunningLabelStudio, ls_project: int, davidson_small: LabeledData) -> None:
     client = label_studio.client
     rows = _rows(davidson_small, 4)
     mapping = client.import_tasks(ls_project, rows)

@@ -9,11 +9,12 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from labelloop.config import DEFAULT_BASE_MODEL
 from labelloop.data import LabeledData
 from training import finetune as finetune_module
-from training.classifier import TextClassifier, load_encoder
+from training.classifier import TextClassifier, load_encoder, resolve_model_path
 from training.evaluate import (
     EvalReport,
     evaluate,
@@ -38,6 +39,22 @@ def parts(davidson_small: LabeledData) -> dict[str, pd.DataFrame]:
     """Disjoint train (360) / validation (60) / held-out (180) rows of the 600-row slice."""
     frame = davidson_small.frame
     return {"train": frame.iloc[:360], "validation": frame.iloc[360:420], "heldout": frame.iloc[420:]}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer and no classification head: the
+    same loading path as the real base model, at a fraction of the cost, for tests of the loop itself."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_BASE_MODEL))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +114,10 @@ def _scripted_validation(monkeypatch, scores: list[float]) -> list[np.ndarray]:
     return seen
 
 
-def test_early_stopping_stops_and_restores_best_epoch(monkeypatch, parts, davidson_small):
+def test_early_stopping_stops_and_restores_best_epoch(monkeypatch, parts, davidson_small, tiny_bert):
     seen = _scripted_validation(monkeypatch, [0.50, 0.70, 0.60, 0.90, 0.95])
-    config = FineTuneConfig(max_length=16, epochs=5, batch_size=16, lr=1e-3, patience=1, seed=1)
+    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=5, batch_size=16, lr=1e-3, patience=1,
+                            seed=1)
     result = finetune(parts["train"].iloc[:48], parts["validation"], davidson_small.taxonomy, config)
 
     assert [h["epoch"] for h in result.history] == [1.0, 2.0, 3.0]  # stopped after the first drop
@@ -109,9 +127,10 @@ def test_early_stopping_stops_and_restores_best_epoch(monkeypatch, parts, davids
     assert not np.array_equal(restored, seen[2])
 
 
-def test_patience_and_mid_epoch_evaluation(monkeypatch, parts, davidson_small):
+def test_patience_and_mid_epoch_evaluation(monkeypatch, parts, davidson_small, tiny_bert):
     seen = _scripted_validation(monkeypatch, [0.40, 0.80, 0.70, 0.60, 0.99])
-    config = FineTuneConfig(max_length=16, epochs=3, batch_size=16, lr=1e-3, patience=2, eval_every=2, seed=1)
+    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=3, batch_size=16, lr=1e-3, patience=2,
+                            eval_every=2, seed=1)
     # 64 rows / 16 = 4 steps per epoch: evaluations at epochs 0.5, 1.0, 1.5, 2.0, ...
     result = finetune(parts["train"].iloc[:64], parts["validation"], davidson_small.taxonomy, config)
 
@@ -120,8 +139,8 @@ def test_patience_and_mid_epoch_evaluation(monkeypatch, parts, davidson_small):
     np.testing.assert_array_equal(result.classifier.model.classifier.weight.detach().numpy(), seen[1])
 
 
-def test_finetune_without_validation_trains_all_epochs(parts, davidson_small):
-    config = FineTuneConfig(max_length=16, epochs=2, batch_size=16, seed=1)
+def test_finetune_without_validation_trains_all_epochs(parts, davidson_small, tiny_bert):
+    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=2, batch_size=16, seed=1)
     result = finetune(parts["train"].iloc[:32], None, davidson_small.taxonomy, config)
     assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     assert result.best_epoch == 2.0 and np.isnan(result.best_val_macro_f1)

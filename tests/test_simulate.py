@@ -1,0 +1,166 @@
+"""The stopping monitor, simulation summaries, and a small real simulation logged to a real MLflow store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from active_learning.simulate import (
+    _reviewer_answers,
+    labels_to_reach,
+    paired_gain,
+    parse_strategy,
+    simulate,
+)
+from active_learning.stopping import StoppingMonitor, agreement_kappa
+from active_learning.strategies import ClassBalanced, MarginKMeans
+from labelloop import data
+
+# --- stopping ---------------------------------------------------------------------------------------
+
+
+def test_kappa_of_identical_predictions_is_one_even_for_a_single_class():
+    assert agreement_kappa(np.zeros(10), np.zeros(10)) == 1.0
+    assert agreement_kappa(np.array([0, 1, 0, 1]), np.array([1, 0, 1, 0])) < 0
+
+
+def test_kappa_aligns_series_on_item_ids():
+    previous = pd.Series([0, 1, 2, 1], index=["a", "b", "c", "d"])
+    current = pd.Series([1, 2, 0, 5], index=["b", "c", "a", "new"])  # same answers, reordered, "d" labeled
+    assert agreement_kappa(previous, current) == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        agreement_kappa(np.zeros(3), np.zeros(4))
+
+
+def test_monitor_stops_once_predictions_stay_stable_for_patience_rounds():
+    g = np.random.default_rng(0)
+    base = g.integers(0, 3, 1000)
+    monitor = StoppingMonitor(kappa_threshold=0.99, patience=2)
+    changing = [base.copy() for _ in range(3)]
+    for i, preds in enumerate(changing):
+        preds[g.choice(1000, 200, replace=False)] = i % 3  # big changes: keep going
+    signals = [monitor.update(r, p, None) for r, p in enumerate(changing)]
+    assert not any(s.stop for s in signals)
+    assert signals[0].kappa is None and signals[1].kappa < 0.9
+    stable = changing[-1]
+    first = monitor.update(3, stable, None)
+    second = monitor.update(4, stable, None)
+    assert not first.stop and first.stable_rounds == 1
+    assert second.stop and second.kappa == 1.0 and "stable" in second.reason
+
+
+def test_monitor_estimates_gain_per_100_labels_and_stops_on_a_flat_curve():
+    monitor = StoppingMonitor(kappa_threshold=0.999, patience=2, window=3, min_gain_per_100=0.002)
+    g = np.random.default_rng(1)
+    rising = [(100, 0.50), (200, 0.55), (300, 0.60)]
+    for r, (n, f1) in enumerate(rising):
+        signal = monitor.update(r, g.integers(0, 3, 500), f1, n_labels=n)
+    assert signal.est_gain_per_100 == pytest.approx(0.05)
+    assert not signal.stop
+    for r, n in enumerate((400, 500, 600), start=3):
+        signal = monitor.update(r, g.integers(0, 3, 500), 0.60, n_labels=n)
+    assert signal.est_gain_per_100 == pytest.approx(0.0, abs=1e-9)
+    assert signal.stop and "flat" in signal.reason
+
+
+def test_monitor_without_label_counts_estimates_no_gain():
+    monitor = StoppingMonitor()
+    assert monitor.update(0, np.zeros(5), 0.5).est_gain_per_100 is None
+
+
+# --- simulation pieces ------------------------------------------------------------------------------
+
+
+def test_reviewer_flips_exactly_the_noise_share_to_wrong_labels():
+    gold = np.arange(1000) % 3
+    answers = _reviewer_answers(gold, 3, 0.1, np.random.default_rng(0))
+    wrong = answers != gold
+    assert wrong.sum() == 100
+    assert set(answers[wrong]) <= {0, 1, 2}
+    assert np.array_equal(_reviewer_answers(gold, 3, 0.0, np.random.default_rng(0)), gold)
+
+
+def test_strategy_specs_name_composite_bases():
+    balanced = parse_strategy("class_balanced:margin_kmeans")
+    assert isinstance(balanced, ClassBalanced) and isinstance(balanced.base, MarginKMeans)
+    with pytest.raises(ValueError, match="unknown query strategy"):
+        parse_strategy("margn")
+
+
+def curves_frame() -> pd.DataFrame:
+    rows = []
+    for seed, (r, m) in enumerate([((0.60, 0.62), (0.61, 0.66)), ((0.58, 0.60), (0.60, 0.65))]):
+        for strategy, (f100, f200) in (("random", r), ("margin", m)):
+            rows += [{"strategy": strategy, "seed": seed, "n_labels": 100, "macro_f1": f100},
+                     {"strategy": strategy, "seed": seed, "n_labels": 200, "macro_f1": f200}]
+    return pd.DataFrame(rows)
+
+
+def test_paired_gain_and_labels_to_reach():
+    mean, sd, n = paired_gain(curves_frame(), "margin", at=200)
+    assert (mean, n) == (pytest.approx(0.045), 2)
+    assert sd == pytest.approx(np.std([0.04, 0.05], ddof=1))
+    reach = labels_to_reach(curves_frame(), 0.61)
+    assert reach.loc["margin", "mean_labels"] == 150
+    assert reach.loc["random", "seeds_reached"] == 1
+    with pytest.raises(ValueError, match="no rows"):
+        paired_gain(curves_frame(), "entropy", at=200)
+
+
+def test_simulate_rejects_bad_arguments(settings):
+    with pytest.raises(ValueError, match="initial"):
+        simulate("davidson", ["random"], seeds=1, budget=50, initial=100, settings=settings, log_to_mlflow=False)
+    with pytest.raises(ValueError, match="noise"):
+        simulate("davidson", ["random"], seeds=1, noise=1.5, settings=settings, log_to_mlflow=False)
+    with pytest.raises(ValueError, match="unknown query strategy"):
+        simulate("davidson", ["best"], seeds=1, settings=settings, log_to_mlflow=False)
+
+
+# --- a real (small) simulation -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_small_davidson_simulation_writes_curves_and_logs_to_mlflow(davidson, settings, tmp_path):
+    small = data.LabeledData(data.stratified_sample(davidson.frame, 1500, seed=0), davidson.taxonomy, "davidson")
+    strategies = ["random", "margin", "margin_kmeans"]
+    seen = []
+    result = simulate(small, strategies, seeds=2, budget=300, step=100, initial=100, noise=0.05,
+                      settings=settings, cold_start="kmeans", out_dir=tmp_path / "out", progress=seen.append)
+
+    curves = result.curves
+    assert len(curves) == len(seen) == 3 * 2 * 3
+    assert sorted(curves["n_labels"].unique()) == [100, 200, 300]
+    assert result.rare_class == "hate"
+    assert curves["macro_f1"].between(0.2, 1.0).all()
+    assert (curves.groupby(["strategy", "seed"])["labeled_hate"].diff().dropna() >= 0).all()
+    labeled_total = curves[[f"labeled_{label}" for label in result.labels]].sum(axis=1)
+    assert (labeled_total == curves["n_labels"]).all()
+    # paired by seed: every strategy starts from the same initial labels, hence the same first model
+    first = curves[curves["n_labels"] == 100].pivot_table(index="seed", columns="strategy", values="macro_f1")
+    assert np.allclose(first.to_numpy(), first[["random"]].to_numpy())
+
+    csv, png = (tmp_path / "out" / "al_curves_davidson.csv", tmp_path / "out" / "al_curves_davidson.png")
+    assert csv.exists() and png.stat().st_size > 10_000
+    assert len(pd.read_csv(csv)) == 18
+
+    client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
+    experiment = client.get_experiment_by_name(f"{settings.experiment}-al-simulation")
+    assert experiment.artifact_location == settings.resolved_artifact_location
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["budget"] == "300" and parent.data.params["noise"] == "0.05"
+    assert {a.path for a in client.list_artifacts(result.parent_run_id)} == {csv.name, png.name}
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(f"{s}-seed{i}" for s in strategies for i in (0, 1))
+    for run in children:
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "macro_f1")
+        assert sorted(m.step for m in history) == [100, 200, 300]
+        logged = {m.step: m.value for m in history}
+        row = curves[(curves["strategy"] == run.data.params["strategy"]) &
+                     (curves["seed"] == int(run.data.params["seed"]))].set_index("n_labels")
+        assert logged == pytest.approx(row["macro_f1"].to_dict())
+        assert "labeled_hate" in run.data.metrics and "kappa" in run.data.metrics

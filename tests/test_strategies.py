@@ -1,0 +1,362 @@
+"""Query strategies on hand-built probability matrices and synthetic blobs, and pool scoring caches."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from active_learning.pool import ProbaCache, ScoredPool, mc_dropout_proba
+from active_learning.strategies import (
+    BALD,
+    STRATEGIES,
+    ClassBalanced,
+    ColdStartKMeans,
+    Entropy,
+    LeastConfidence,
+    Margin,
+    MarginKMeans,
+    Mixed,
+    PoolContext,
+    get_strategy,
+)
+from training.classifier import EmbeddingHeadClassifier, FineTunedClassifier, TextClassifier, resolve_model_path
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def ctx_of(proba) -> PoolContext:
+    proba = np.asarray(proba, dtype=float)
+    return PoolContext(n_classes=proba.shape[1], proba=proba)
+
+
+def blobs(n_blobs: int, per_blob: int, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Tight, well separated clusters: centres far apart on distinct axes."""
+    g = np.random.default_rng(seed)
+    centres = np.eye(n_blobs, dim) * 10.0
+    membership = np.repeat(np.arange(n_blobs), per_blob)
+    return centres[membership] + g.normal(0, 0.1, (len(membership), dim)), membership
+
+
+# --- uncertainty scores ---------------------------------------------------------------------------
+
+def test_margin_ranks_the_even_split_first():
+    proba = [[0.9, 0.1], [0.5, 0.5], [0.7, 0.3], [0.55, 0.45]]
+    scores = Margin().scores(ctx_of(proba))
+    assert np.argsort(-scores).tolist() == [1, 3, 2, 0]
+    assert scores[1] == pytest.approx(1.0)
+    assert Margin().select(ctx_of(proba), 2, rng()).tolist() == [1, 3]
+
+
+def test_margin_uses_the_top_two_of_many_classes():
+    proba = [[0.4, 0.4, 0.2], [0.6, 0.2, 0.2], [0.34, 0.33, 0.33]]
+    scores = Margin().scores(ctx_of(proba))
+    assert scores[0] == pytest.approx(1.0)
+    assert scores[2] == pytest.approx(0.99)
+    assert scores[1] == pytest.approx(0.6)
+
+
+def test_margin_ties_are_broken_by_the_seed():
+    tied = ctx_of(np.full((50, 2), 0.5))
+    first = Margin().select(tied, 5, rng(1))
+    assert np.array_equal(first, Margin().select(tied, 5, rng(1)))
+    assert not np.array_equal(first, Margin().select(tied, 5, rng(2)))
+
+
+def test_entropy_is_highest_on_the_uniform_row():
+    proba = [[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0], [0.8, 0.1, 0.1]]
+    scores = Entropy().scores(ctx_of(proba))
+    assert int(np.argmax(scores)) == 1
+    assert scores[1] == pytest.approx(np.log(3))
+    assert scores[0] == pytest.approx(0.0)
+    assert scores[2] > scores[3]
+
+
+def test_least_confidence_is_one_minus_the_top_probability():
+    scores = LeastConfidence().scores(ctx_of([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]]))
+    assert scores == pytest.approx([0.1, 0.4, 0.5])
+
+
+def test_bald_is_high_where_samples_disagree_and_zero_where_they_agree():
+    agree_confident = [[0.9, 0.1]] * 4
+    agree_uncertain = [[0.5, 0.5]] * 4  # ambiguous, but every sample says so: no model uncertainty
+    disagree = [[0.95, 0.05], [0.05, 0.95], [0.95, 0.05], [0.05, 0.95]]
+    mc = np.stack([agree_confident, agree_uncertain, disagree], axis=1)  # T x N x K
+    scores = BALD().scores(PoolContext(n_classes=2, mc_proba=mc))
+    assert scores[0] == pytest.approx(0.0, abs=1e-9)
+    assert scores[1] == pytest.approx(0.0, abs=1e-9)
+    assert scores[2] > 0.4
+    assert BALD().select(PoolContext(n_classes=2, mc_proba=mc), 1, rng()).tolist() == [2]
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+def full_context(n: int = 200, k: int = 3, seed: int = 0) -> PoolContext:
+    g = np.random.default_rng(seed)
+    proba = g.dirichlet(np.ones(k), n)
+    emb, _ = blobs(10, n // 10, seed=seed)
+    return PoolContext(n_classes=k, proba=proba, embeddings=emb, mc_proba=g.dirichlet(np.ones(k), (5, n)),
+                       labeled_embeddings=emb[:5] + 0.5, labeled_y=np.arange(5) % k)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_returns_k_unique_pool_indices(name):
+    ctx = full_context()
+    strategy = get_strategy(name)
+    chosen = strategy.select(ctx, 25, rng(3))
+    assert len(chosen) == 25
+    assert len(set(chosen.tolist())) == 25
+    assert chosen.min() >= 0 and chosen.max() < 200
+    assert strategy.scores(ctx).shape == (200,)
+    assert len(strategy.select(ctx, 0, rng())) == 0
+    assert sorted(strategy.select(ctx, 500, rng()).tolist()) == list(range(200))
+
+
+def test_missing_context_fields_are_named():
+    with pytest.raises(ValueError, match="needs \\['mc_proba'\\]"):
+        BALD().scores(ctx_of([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match="embeddings"):
+        MarginKMeans().select(ctx_of([[0.5, 0.5]] * 3), 2, rng())
+
+
+def test_unknown_strategy_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown query strategy 'nope'.*margin"):
+        get_strategy("nope")
+
+
+def test_margin_kmeans_spreads_the_batch_over_clusters_where_margin_does_not():
+    emb, membership = blobs(5, 10)
+    margin_scores = np.where(membership == 0, 0.99, 0.9) + np.random.default_rng(0).uniform(0, 0.001, 50)
+    p1 = (1 + (1 - margin_scores)) / 2  # margin score = 1 - (p1 - p2) with p2 = 1 - p1
+    ctx = PoolContext(n_classes=2, proba=np.c_[p1, 1 - p1], embeddings=emb)
+    by_margin = Margin().select(ctx, 5, rng())
+    assert set(membership[by_margin]) == {0}  # plain margin spends the whole batch in one cluster
+    by_diversity = MarginKMeans(candidates_per_item=10).select(ctx, 5, rng())
+    assert sorted(membership[by_diversity]) == [0, 1, 2, 3, 4]
+    # within each cluster it keeps the most uncertain member
+    for i in by_diversity:
+        assert margin_scores[i] == margin_scores[membership == membership[i]].max()
+
+
+def test_cold_start_picks_one_representative_per_cluster():
+    emb, membership = blobs(6, 30, seed=4)
+    chosen = ColdStartKMeans().select(PoolContext(n_classes=2, embeddings=emb), 6, rng())
+    assert sorted(membership[chosen]) == list(range(6))
+
+
+def test_cold_start_scores_novelty_against_the_labeled_set():
+    emb, membership = blobs(3, 10)
+    ctx = PoolContext(n_classes=2, embeddings=emb, labeled_embeddings=emb[membership == 0][:2])
+    scores = ColdStartKMeans().scores(ctx)
+    assert scores[membership == 0].max() < scores[membership != 0].min()
+
+
+def test_class_balanced_gives_the_rare_predicted_class_its_share():
+    uncertain_common = np.tile([0.5, 0.45, 0.05], (80, 1))  # predicted class 0, very uncertain
+    middle = np.tile([0.2, 0.7, 0.1], (15, 1))  # predicted class 1
+    rare_confident = np.tile([0.02, 0.03, 0.95], (5, 1))  # predicted class 2, confident
+    ctx = ctx_of(np.vstack([uncertain_common, middle, rare_confident]))
+    assert set(Margin().select(ctx, 12, rng()).tolist()) <= set(range(80))  # margin ignores the rare class
+    chosen = ClassBalanced().select(ctx, 12, rng())
+    predicted = ctx.proba[chosen].argmax(1)
+    assert np.bincount(predicted, minlength=3).tolist() == [4, 4, 4]
+    assert len(set(chosen.tolist())) == 12
+
+
+def test_class_balanced_passes_on_the_share_a_small_class_cannot_fill():
+    proba = np.vstack([np.tile([0.6, 0.3, 0.1], (50, 1)), np.tile([0.3, 0.6, 0.1], (50, 1)),
+                       np.tile([0.1, 0.1, 0.8], (2, 1))])
+    predicted = ClassBalanced().select(ctx_of(proba), 30, rng()).tolist()
+    counts = np.bincount(ctx_of(proba).proba[predicted].argmax(1), minlength=3)
+    assert counts.tolist() == [14, 14, 2]
+
+
+def test_mixed_holds_the_base_batch_plus_a_random_slice():
+    g = np.random.default_rng(5)
+    ctx = ctx_of(g.dirichlet([1, 1], 300))
+    strategy = Mixed("margin", random_fraction=0.2)
+    top8 = set(Margin().select(ctx, 8, rng()).tolist())
+    slices = []
+    for seed in range(3):
+        chosen = strategy.select(ctx, 10, rng(seed))
+        assert set(chosen[:8].tolist()) == top8
+        random_part = set(chosen[8:].tolist())
+        assert len(random_part) == 2 and not random_part & top8
+        slices.append(random_part)
+    assert len({frozenset(s) for s in slices}) > 1
+
+
+def test_mixed_rejects_a_fraction_outside_zero_one():
+    with pytest.raises(ValueError):
+        Mixed("margin", random_fraction=1.5)
+
+
+# --- pool scoring and caches ----------------------------------------------------------------------
+
+class FakeEncoder:
+    """Deterministic 4-d embeddings from a text hash; counts the texts it had to embed."""
+
+    name = "fake-encoder"
+    max_length = 16
+    dim = 4
+
+    def __init__(self):
+        self.embedded: list[str] = []
+
+    def embed(self, texts, batch_size=64, progress=None):
+        self.embedded.extend(texts)
+        seeds = [zlib.crc32(t.encode()) for t in texts]
+        return np.array([np.random.default_rng(s).normal(size=4) for s in seeds], dtype=np.float32)
+
+
+class CountingClassifier(TextClassifier):
+    """A stand-in for a fine-tuned model: probabilities from text length, counting every text scored."""
+
+    kind = "counting"
+    labels = ("a", "b")
+    max_length = 16
+
+    def __init__(self):
+        self.scored: list[str] = []
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        self.scored.extend(texts)
+        p = np.array([(len(t) % 10) / 10 for t in texts], dtype=np.float32)
+        return np.c_[p, 1 - p]
+
+    def embed(self, texts, batch_size=64, progress=None):
+        raise AssertionError("pool diversity must use the frozen encoder, not the model")
+
+    def _save_weights(self, path: Path) -> dict:
+        return {}
+
+
+def pool_items(n: int, prefix: str = "t") -> pd.DataFrame:
+    texts = [f"{prefix} text {'x' * i}" for i in range(n)]
+    return pd.DataFrame({"id": [f"{prefix}{i}" for i in range(n)], "text": texts})
+
+
+def test_same_model_version_is_not_rescored(tmp_path):
+    items = pool_items(30)
+    first = CountingClassifier()
+    proba = ScoredPool(items, first, "m:v1", tmp_path, encoder=FakeEncoder()).context({"proba"}).proba
+    assert len(first.scored) == 30
+
+    again = CountingClassifier()
+    cached = ScoredPool(items, again, "m:v1", tmp_path, encoder=FakeEncoder()).context({"proba"}).proba
+    assert again.scored == []
+    assert np.allclose(cached, proba)
+
+    grown = pd.concat([items, pool_items(2, prefix="new")], ignore_index=True)
+    third = CountingClassifier()
+    ScoredPool(grown.iloc[::-1], third, "m:v1", tmp_path, encoder=FakeEncoder()).context({"proba"})
+    assert sorted(third.scored) == sorted(pool_items(2, prefix="new")["text"])
+
+    newer = CountingClassifier()
+    ScoredPool(items, newer, "m:v2", tmp_path, encoder=FakeEncoder()).context({"proba"})
+    assert len(newer.scored) == 30
+
+
+def test_proba_cache_returns_rows_in_the_asked_order(tmp_path):
+    cache = ProbaCache(tmp_path)
+    compute = lambda texts: np.array([[len(t)] for t in texts], dtype=np.float32)  # noqa: E731
+    cache.get("v", ["aa", "b"], compute)
+    assert cache.get("v", ["b", "aaa", "aa", "b"], compute)[:, 0].tolist() == [1, 3, 2, 1]
+
+
+def test_embeddings_are_computed_once_across_rounds(tmp_path):
+    items = pool_items(20)
+    encoder = FakeEncoder()
+    ScoredPool(items, CountingClassifier(), "v1", tmp_path, encoder=encoder).context({"embeddings"})
+    ScoredPool(items, CountingClassifier(), "v2", tmp_path, encoder=encoder).context({"embeddings"})
+    assert len(encoder.embedded) == 20
+
+
+def fast_model(encoder: FakeEncoder) -> EmbeddingHeadClassifier:
+    train = [f"train {i}" for i in range(40)]
+    head = LogisticRegression().fit(encoder.embed(train), np.arange(40) % 3)
+    return EmbeddingHeadClassifier(encoder, head, ("x", "y", "z"))
+
+
+def test_fast_model_scores_from_cached_embeddings_and_ranks_a_batch(tmp_path):
+    encoder = FakeEncoder()
+    model = fast_model(encoder)
+    encoder.embedded.clear()
+    items = pool_items(60)
+    pool = ScoredPool(items, model, "fast:v1", tmp_path)
+    batch = pool.rank("margin", 10, seed=0)
+    assert len(encoder.embedded) == 60
+    assert list(batch.columns) == ["id", "text", "score", "predicted", "confidence"]
+    assert len(batch) == 10 and batch["id"].is_unique
+    assert batch["score"].is_monotonic_decreasing
+    all_scores = Margin().scores(pool.context({"proba"}))
+    assert batch["score"].min() >= np.sort(all_scores)[-10] - 1e-9
+    assert set(batch["predicted"]) <= {"x", "y", "z"}
+
+    ScoredPool(items, model, "fast:v1", tmp_path).rank("entropy", 5)
+    assert len(encoder.embedded) == 60  # second round: nothing re-embedded
+
+
+def test_fast_model_bald_uses_a_bootstrap_committee(tmp_path):
+    encoder = FakeEncoder()
+    model = fast_model(encoder)
+    labeled = pd.DataFrame({"id": [f"l{i}" for i in range(40)], "text": [f"train {i}" for i in range(40)],
+                            "label": [("x", "y", "z")[i % 3] for i in range(40)]})
+    pool = ScoredPool(pool_items(30), model, "fast:v1", tmp_path, labeled=labeled, mc_samples=4)
+    mc = pool.context({"mc_proba"}).mc_proba
+    assert mc.shape == (4, 30, 3)
+    assert np.allclose(mc.sum(-1), 1.0, atol=1e-5)
+    assert not np.allclose(mc[0], mc[1])  # members differ: they were fit on different resamples
+    assert len(pool.rank("bald", 5)) == 5
+    with pytest.raises(ValueError, match="labeled set"):
+        ScoredPool(pool_items(5), model, "fast:v1", tmp_path).context({"mc_proba"})
+
+
+def tiny_finetuned() -> FineTunedClassifier:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.5,
+                        attention_probs_dropout_prob=0.1)
+    torch.manual_seed(0)
+    return FineTunedClassifier(BertForSequenceClassification(config), tokenizer, ("x", "y", "z"), 16)
+
+
+def test_mc_dropout_samples_differ_and_leave_the_model_in_eval_mode(tmp_path):
+    model = tiny_finetuned()
+    texts = ["you are great", "some words here", "a b c d e f"]
+    before = model.predict_proba(texts)
+    mc = mc_dropout_proba(model, texts, 6, seed=1)
+    assert mc.shape == (6, 3, 3)
+    assert np.allclose(mc.sum(-1), 1.0, atol=1e-5)
+    assert mc.std(axis=0).max() > 1e-3
+    assert not model.model.training
+    assert np.allclose(model.predict_proba(texts), before)
+    assert np.allclose(mc_dropout_proba(model, texts, 6, seed=1), mc)
+
+    items = pd.DataFrame({"id": ["1", "2", "3"], "text": texts})
+    first = ScoredPool(items, model, "ft:v1", tmp_path, encoder=FakeEncoder(), mc_samples=6, seed=1)
+    sampled = first.context({"mc_proba"}).mc_proba
+    assert sampled.shape == (6, 3, 3)
+    model.model.forward = None  # a second round of the same version must not run the model at all
+    again = ScoredPool(items, model, "ft:v1", tmp_path, encoder=FakeEncoder(), mc_samples=6, seed=1)
+    assert np.allclose(again.context({"mc_proba"}).mc_proba, sampled)
+
+
+def test_scored_pool_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="columns id and text"):
+        ScoredPool(pd.DataFrame({"text": ["a"]}), CountingClassifier(), "v", tmp_path, encoder=FakeEncoder())
+    pool = ScoredPool(pool_items(3), CountingClassifier(), "v", tmp_path, encoder=FakeEncoder())
+    with pytest.raises(ValueError, match="unknown context field"):
+        pool.context({"gradients"})
+    labeled = pd.DataFrame({"id": ["l"], "text": ["t"], "label": ["not-a-label"]})
+    with pytest.raises(ValueError, match="unknown to the model"):
+        ScoredPool(pool_items(3), CountingClassifier(), "v", tmp_path, labeled=labeled,
+                   encoder=FakeEncoder()).context({"embeddings"})
