@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-ls test test-unit lint format train serve label-configs bench clean
+.PHONY: install test test-unit lint format train serve demo stop label-configs simulate bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,8 +38,26 @@ label-configs: $(VENV)/.installed  ## regenerate label_studio_config/*.xml from 
 	$(VENV)/bin/labelloop label-configs
 
 train: $(VENV)/.installed  ## fine-tune on Davidson, register, promote through the gate
-	$(VENV)/bin/labelloop train --dataset davidson
-	$(VENV)/bin/labelloop promote
+	$(VENV)/bin/labelloop train --dataset davidson --promote
+
+serve: $(VENV)/.installed  ## the ML backend + webhooks + retrain jobs (settings from LABELLOOP_* / labelloop.toml)
+	$(VENV)/bin/labelloop serve
+
+demo: install  ## Label Studio + MLflow UI + backend on 127.0.0.1, a few simulated rounds; Ctrl-C or `make stop`
+	$(VENV)/bin/labelloop demo
+
+stop:  ## stop what `make demo` started
+	@if [ -x $(VENV)/bin/labelloop ]; then $(VENV)/bin/labelloop stop; else echo "nothing installed, nothing to stop"; fi
+
+simulate: $(VENV)/.installed  ## offline learning curves, random vs uncertainty vs diversity
+	$(VENV)/bin/labelloop simulate --dataset davidson --strategies random,entropy,margin,margin_kmeans --seeds 3 \
+		--budget 2000 --step 100
+
+bench: install  ## benchmarks: each writes its results under bench/results/
+	$(PY) bench/serve_throughput.py
+	$(PY) bench/al_round.py
+	$(PY) bench/al_curves.py
+	$(PY) bench/train_davidson.py
 
 clean:
 	rm -rf .pytest_cache .ruff_cache
