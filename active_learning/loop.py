@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 
 from active_learning.labelstudio import LabelStudioClient, PredictionIn
+from active_learning.pool import ScoredPool
+from active_learning.stopping import StoppingMonitor
 from active_learning.strategies import PoolContext, get_strategy
 from labelloop.config import Settings
 from labelloop.journal import Journal
 from labelloop.taxonomy import FROM_NAME, TO_NAME, get_taxonomy
-from training.classifier import EmbeddingHeadClassifier
 from training.fast import EmbeddingCache
 from training.registry import CHAMPION, LoadedModel, Registry
 from training.train import embedding_cache, train_and_register
@@ -63,16 +64,6 @@ class RoundResult:
         return asdict(self)
 
 
-def score_pool(loaded: LoadedModel, texts: list[str], cache: EmbeddingCache) -> tuple[np.ndarray, np.ndarray]:
-    """Champion probabilities and encoder embeddings for the pool. A fast-mode champion scores from
-    the cached embeddings (milliseconds for 20k texts); a fine-tuned one runs its own forward pass."""
-    embeddings = cache.get(texts)
-    classifier = loaded.classifier
-    if isinstance(classifier, EmbeddingHeadClassifier) and classifier.encoder.name == cache.encoder.name:
-        return classifier.proba_from_embeddings(embeddings), embeddings
-    return classifier.predict_proba(texts), embeddings
-
-
 def priorities(count: int, pool_size: int) -> np.ndarray:
     """Unique review priorities in [0, 1): rank / pool size. Label Studio does not break score ties."""
     return np.arange(count, dtype=np.float64) / max(pool_size, 1)
@@ -103,7 +94,9 @@ class ActiveLearningLoop:
         self._on_promoted = on_promoted
         self._loaded: LoadedModel | None = None
         self._cache: EmbeddingCache | None = None
-        self.last_pool_predictions: np.ndarray | None = None
+        self.pool_predictions: pd.Series | None = None  # champion's labels on the pool, by task id
+        self.stopping = StoppingMonitor()
+        self.rounds = 0
 
     @property
     def steers_queue(self) -> bool:
@@ -117,6 +110,7 @@ class ActiveLearningLoop:
 
     @property
     def cache(self) -> EmbeddingCache:
+        """The encoder's embedding cache (cold start and pre-embedding the pool)."""
         if self._cache is None:
             self._cache = embedding_cache(self.settings)
         return self._cache
@@ -167,17 +161,23 @@ class ActiveLearningLoop:
         return unlabeled.iloc[picked].reset_index(drop=True)
 
     def push_queue(self, loaded: LoadedModel, progress: ReportProgress | None = None) -> QueueResult:
-        """Rank the unlabeled pool with the champion and push the top items' priorities to Label Studio."""
+        """Rank the unlabeled pool with the champion and push the top items' priorities to Label Studio.
+
+        Items past the pushed top ``queue_size`` get pre-labels from the ML backend when Label Studio
+        asks (``score`` = confidence there, ≥ 1/K, so they queue behind every pushed priority < 1)."""
         started = time.perf_counter()
         unlabeled = self.unlabeled()
-        proba, embeddings = score_pool(loaded, unlabeled["text"].tolist(), self.cache)
+        labels = self.journal.labels(self.project_id)
         strategy = get_strategy(self.strategy_name)
-        ctx = PoolContext(n_classes=len(self.taxonomy.labels), proba=proba, embeddings=embeddings)
+        pool = ScoredPool(unlabeled.rename(columns={"item_id": "id"}), loaded.classifier, loaded.ref.label,
+                          self.settings.cache_dir, labeled=labels[["id", "text", "label"]],
+                          seed=self.settings.seed)
+        ctx = pool.context(strategy.needs | {"proba"})
         k = min(self.settings.query_batch, len(unlabeled))
         batch = strategy.select(ctx, k, np.random.default_rng(self.settings.seed)) if k else np.zeros(0, int)
         ranked = np.argsort(-strategy.scores(ctx), kind="stable")
         order = np.concatenate([batch, ranked[~np.isin(ranked, batch)]])[: max(self.queue_size, k)]
-        label_idx = proba.argmax(1)
+        label_idx = ctx.proba.argmax(1)
         predictions = [
             PredictionIn(task_id=int(unlabeled["task_id"].iat[i]), label=self.taxonomy.labels[label_idx[i]],
                          score=float(score), model_version=loaded.ref.label, from_name=FROM_NAME, to_name=TO_NAME)
@@ -188,7 +188,7 @@ class ActiveLearningLoop:
         pushed = self.client.import_predictions(self.project_id, predictions)
         if predictions:
             self.client.set_model_version(self.project_id, loaded.ref.label)
-        self.last_pool_predictions = label_idx
+        self.pool_predictions = pd.Series(label_idx, index=unlabeled["task_id"].to_numpy())
         return QueueResult(loaded.ref.label, strategy.name, len(unlabeled),
                            [int(unlabeled["task_id"].iat[i]) for i in batch], pushed, time.perf_counter() - started)
 
@@ -229,5 +229,9 @@ class ActiveLearningLoop:
             queue = self.push_queue(loaded, progress)
             timings["queue"] = time.perf_counter() - t_push
         timings["total"] = time.perf_counter() - started
+        self.rounds += 1
+        signal = None
+        if self.pool_predictions is not None:
+            signal = asdict(self.stopping.update(self.rounds, self.pool_predictions, macro_f1, len(labels)))
         return RoundResult(len(labels), trained, macro_f1, promoted, reason,
-                           loaded.ref.label if loaded else None, queue, None, timings)
+                           loaded.ref.label if loaded else None, queue, signal, timings)

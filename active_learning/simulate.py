@@ -81,7 +81,7 @@ def simulate(
     noise: float = 0.0,
     settings: Settings | None = None,
     *,
-    cold_start: ColdStart = "random",
+    cold_start: ColdStart = "kmeans",
     C: float = DEFAULT_C,
     split_seed: int = 0,
     cache_dir: Path | None = None,
@@ -90,9 +90,10 @@ def simulate(
     progress: Progress | None = None,
 ) -> SimulationResult:
     """Replay active learning on ``dataset`` (a shared dataset name or loaded data) for every strategy
-    spec and seed: ``initial`` labels chosen by ``cold_start`` (k-means over embeddings, or random),
-    then batches of ``step`` chosen by the strategy until ``budget`` labels. ``noise``: the share of
-    reviewer answers replaced by a wrong label. ``cache_dir``: embedding cache (default: the settings'
+    spec and seed: ``initial`` labels chosen by ``cold_start`` (k-means over embeddings as the product
+    does, or ``"random"`` to reproduce the classic random-seed-set protocol), then batches of ``step``
+    chosen by the strategy until ``budget`` labels. ``noise``: the share of reviewer answers replaced
+    by a wrong label. ``cache_dir``: embedding cache (default: the settings'
     cache). ``out_dir``: also write the curves CSV/PNG there (and attach them to the MLflow run).
     ``progress`` receives each round's row as it is recorded."""
     settings = settings or get_settings()
@@ -360,8 +361,10 @@ def write_curves(result: SimulationResult, out_dir: Path, stem: str | None = Non
     n_seeds = result.curves["seed"].nunique()
     for ax, (column, title) in zip(axes, panels, strict=True):
         summary = curve_summary(result.curves, column)
-        for strategy, part in summary.groupby("strategy", sort=False):
-            line, = ax.plot(part["n_labels"], part["mean"], label=strategy, lw=1.6)
+        for strategy in dict.fromkeys(result.curves["strategy"]):  # legend in run order, baseline dashed
+            part = summary[summary["strategy"] == strategy]
+            style = {"color": "black", "ls": "--"} if strategy == "random" else {}
+            line, = ax.plot(part["n_labels"], part["mean"], label=strategy, lw=1.6, **style)
             sd = part["std"].fillna(0.0)
             ax.fill_between(part["n_labels"], part["mean"] - sd, part["mean"] + sd, color=line.get_color(),
                             alpha=0.15, lw=0)

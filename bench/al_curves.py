@@ -61,6 +61,11 @@ FINETUNED_REFERENCE = {
     "davidson": (0.699, "MiniLM fine-tuned on 4,000 random labels, 1 epoch, class-weighted (al-baselines note, "
                         "3 seeds); the note's published DistilBERT full-data figure is 0.78"),
 }
+#: the simplest-loop numbers of the al-baselines note (10 seeds, C=1, its own 80/20 split): @500, @1000
+NOTE_BASELINES = {
+    "davidson": {"random": (0.644, 0.656), "margin": (0.669, 0.684), "margin top-1000 → k-means(100)": (0.667, 0.682)},
+    "tweeteval_offensive": {"random": (0.681, 0.704), "margin": (0.675, 0.706)},
+}
 TIMED_STRATEGIES = ("random", "margin", "entropy", "margin_kmeans", "class_balanced:margin_kmeans", "bald")
 
 
@@ -69,6 +74,32 @@ def log(message: str) -> None:
 
 
 def run_dataset(name: str, args: argparse.Namespace, settings: Settings) -> dict:
+    result = reuse_curves(name, args, settings) if args.reuse_curves else simulate_arms(name, args, settings)
+    full = full_data_reference(name, settings, args)
+    timing = time_round(name, settings, args)
+    md = dataset_markdown(result, full, timing, args)
+    md_path = args.out / f"al_curves_{name}.md"
+    md_path.write_text(md)
+    log(f"{name}: wrote {md_path.name}")
+    return {"name": name, "result": result, "full": full, "timing": timing}
+
+
+def reuse_curves(name: str, args: argparse.Namespace, settings: Settings) -> SimulationResult:
+    """Re-render the reports from an earlier run's CSV (after changing the report code) without
+    re-simulating; the CSV must come from the same budget, step and seeds."""
+    curves = pd.read_csv(args.out / f"al_curves_{name}.csv")
+    if curves["seed"].nunique() != args.seeds or curves["n_labels"].max() != args.budget:
+        raise SystemExit(f"{name}: the saved curves are for {curves['seed'].nunique()} seeds and budget "
+                         f"{curves['n_labels'].max()}, not {args.seeds} / {args.budget}")
+    labeled = data.load(name, settings=settings)
+    pool, test = pool_and_test(labeled)
+    labels = labeled.taxonomy.labels
+    rare = labels[int(np.argmin(np.bincount(labeled.label_ids(pool), minlength=len(labels))))]
+    log(f"{name}: reusing {len(curves)} rounds from al_curves_{name}.csv")
+    return SimulationResult(name, labels, rare, curves, {"pool_size": len(pool), "test_size": len(test)})
+
+
+def simulate_arms(name: str, args: argparse.Namespace, settings: Settings) -> SimulationResult:
     seeds = list(range(args.seeds))
     common = dict(seeds=seeds, budget=args.budget, step=args.step, initial=args.initial, settings=settings,
                   C=args.C, cache_dir=args.cache_dir, log_to_mlflow=args.mlflow)
@@ -83,13 +114,8 @@ def run_dataset(name: str, args: argparse.Namespace, settings: Settings) -> dict
                               classic.config | {"strategies": ",".join(CLASSIC) + ";" + ",".join(
                                   s + "+coldstart" for s in COLD_START_ARMS)})
     csv_path, png_path = write_curves(result, args.out)
-    full = full_data_reference(name, settings, args)
-    timing = time_round(name, settings, args)
-    md = dataset_markdown(result, full, timing, args)
-    md_path = args.out / f"al_curves_{name}.md"
-    md_path.write_text(md)
-    log(f"{name}: wrote {csv_path.name}, {png_path.name}, {md_path.name}")
-    return {"name": name, "result": result, "full": full, "timing": timing}
+    log(f"{name}: wrote {csv_path.name}, {png_path.name}")
+    return result
 
 
 def _progress(name: str):
@@ -252,6 +278,11 @@ def summary_markdown(runs: list[dict], args: argparse.Namespace, seconds: float)
         for s, g500, sd500, g1000, sd1000 in gains:
             lines.append(f"| {s} | {f500[s]:.3f} | {100 * g500:+.1f} ± {100 * sd500:.1f} | {f1000[s]:.3f} | "
                          f"{100 * g1000:+.1f} ± {100 * sd1000:.1f} |")
+        if result.dataset in NOTE_BASELINES:
+            lines += ["", "The al-baselines note measured (same protocol, its own split, so compare shapes and paired "
+                      "gains rather than third decimals): " + "; ".join(
+                          f"{k} {a:.3f} @500 / {b:.3f} @1000" for k, (a, b) in NOTE_BASELINES[result.dataset].items())
+                      + "."]
         round_s = run["timing"].set_index("strategy")["round_s"]
         lines += ["", f"Best arm by Δ@500 + Δ@1000: **{best[0]}** ({100 * best[1]:+.1f} @500, "
                   f"{100 * best[3]:+.1f} @1000). One round at 2,000 labels on the {result.config['pool_size']:,} "
@@ -267,10 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--step", type=int, default=100)
     parser.add_argument("--initial", type=int, default=100)
-    parser.add_argument("--C", type=float, default=1.0, help=f"head regularisation (product fast-mode default {DEFAULT_C})")
+    parser.add_argument("--C", type=float, default=1.0,
+                        help=f"head regularisation (product fast-mode default {DEFAULT_C})")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default: settings cache)")
     parser.add_argument("--mlflow", action="store_true", help="also log every round to the settings' MLflow store")
+    parser.add_argument("--reuse-curves", action="store_true",
+                        help="re-render the reports from the CSVs already in --out instead of simulating")
     args = parser.parse_args(argv)
     if args.budget < 1000:
         parser.error("--budget must be >= 1000: the summary compares strategies at 500 and 1,000 labels")

@@ -206,6 +206,7 @@ def agreement(classifier: FineTunedClassifier, texts: list[str]) -> dict[str, fl
 
 
 def run(args: argparse.Namespace) -> dict:
+    load_start = [round(x, 2) for x in os.getloadavg()]
     davidson = data.load("davidson", settings=Settings())
     model_version, finetune_seconds = ensure_champion(args.store, davidson)
     registry = Registry(bench_settings(args.store))
@@ -244,21 +245,18 @@ def run(args: argparse.Namespace) -> dict:
         names = list(systems)
         for round_ in range(args.rounds):
             for n in SIZES:
-                batches = []
-                for _ in range(requests_per_round[n]):
-                    batches.append(pool[cursor : cursor + n])
+                for i in range(requests_per_round[n]):
+                    texts = pool[cursor : cursor + n]
                     cursor = (cursor + n) % (len(pool) - 100)
-                order = names[round_ % 3:] + names[: round_ % 3]  # rotate who goes first
-                for name in order:
-                    for texts in batches:
+                    shift = (round_ + i) % len(names)  # every system goes first equally often
+                    for name in names[shift:] + names[:shift]:
                         elapsed, results = timed_predict(clients[name], texts)
                         latencies[name][n].append(elapsed)
-                        if name != fp32_name:
-                            continue
-                        label_agreement[name].extend(
-                            r["result"][0]["value"]["choices"][0] == label
-                            for r, label in zip(results, classifier.predict(texts), strict=True))
-            print(f"round {round_ + 1}/{args.rounds} done")
+                        if name == fp32_name:
+                            label_agreement[name].extend(
+                                r["result"][0]["value"]["choices"][0] == label
+                                for r, label in zip(results, classifier.predict(texts), strict=True))
+            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
 
         concurrent = {}
         texts_c = pool[cursor : cursor + args.concurrent_requests]
@@ -302,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
                   "tokens_p95": int(np.percentile(lengths, 95))},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__,
+                    "load_average_start": load_start,
                     "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "rounds": args.rounds,
         "sequential": sequential,
@@ -321,8 +320,9 @@ def markdown(result: dict) -> str:
         f"{result['model']['max_length']}. Texts: {result['texts']['source']} "
         f"(mean {result['texts']['tokens_mean']} tokens, p95 {result['texts']['tokens_p95']}).",
         f"Machine: {result['machine']['cpus']} CPUs, torch {result['machine']['torch']} with "
-        f"{result['machine']['torch_threads']} threads; load average at the end "
-        f"{result['machine']['load_average_end']} (other work was running: systems were interleaved, "
+        f"{result['machine']['torch_threads']} threads; load average (1/5/15 min) at the start "
+        f"{result['machine']['load_average_start']}, at the end {result['machine']['load_average_end']} "
+        "(other work was running: systems were interleaved request by request, "
         f"{result['rounds']} rounds, so contention hits all alike).",
         "",
         "## Sequential `/predict` requests over HTTP",
@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests-1", type=int, default=40)
     parser.add_argument("--requests-10", type=int, default=12)
-    parser.add_argument("--requests-100", type=int, default=3)
+    parser.add_argument("--requests-100", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--concurrent-requests", type=int, default=200)
     parser.add_argument("--agreement-texts", type=int, default=2000)

@@ -11,6 +11,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import functools  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
@@ -286,6 +287,38 @@ def loop_round(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None
     console.print_json(data=result.to_dict())
 
 
+@loop_app.command("status")
+@friendly_errors
+def loop_status(taxonomy: TaxonomyOpt = None) -> None:
+    """Labels collected, labels waiting for the next retrain, recent jobs and the stopping signal."""
+    from active_learning.jobs import JobRunner, RetrainTrigger
+    from labelloop.journal import Journal
+    from labelloop.taxonomy import get_taxonomy
+
+    settings = settings_for(taxonomy)
+    journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
+    runner = JobRunner(settings.state_dir / "jobs.sqlite", lambda progress: {})
+    try:
+        trigger = RetrainTrigger(journal, runner, settings.retrain_every)
+        console.print(f"labels: {len(journal.labels())}; waiting for the next retrain: {trigger.pending_labels()} "
+                      f"(retrain every {settings.retrain_every}); journal: {journal.stats()}")
+        table = Table(title="recent retrain jobs")
+        for col in ("created", "state", "reason", "labels", "macro-F1", "gate", "stopping signal"):
+            table.add_column(col)
+        for job in runner.list(limit=10):
+            r = job.result or {}
+            f1 = r.get("macro_f1")
+            stopping = r.get("stopping") or {}
+            table.add_row(job.created_at[:19], job.state, job.reason, str(r.get("labels", "-")),
+                          f"{f1:.4f}" if f1 is not None else "-",
+                          ("promoted" if r.get("promoted") else "refused") if r else (job.error or "-"),
+                          ("STOP: " if stopping.get("stop") else "") + stopping.get("reason", "-"))
+        console.print(table)
+    finally:
+        runner.close()
+        journal.close()
+
+
 @loop_app.command("reconcile")
 @friendly_errors
 def loop_reconcile(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None:
@@ -295,6 +328,58 @@ def loop_reconcile(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> 
     loop = _loop(settings_for(taxonomy), project)
     report = reconcile(loop.client, loop.project_id, loop.journal)
     console.print_json(data=dict(vars(report)))
+
+
+@app.command()
+@friendly_errors
+def simulate(
+    dataset: DatasetOpt = "davidson",
+    strategies: Annotated[str, typer.Option(help="comma-separated: random, least_confidence, margin, entropy, "
+                                            "bald, margin_kmeans, class_balanced[:base], mixed[:base]")] =
+        "random,entropy,margin,margin_kmeans",
+    seeds: Annotated[int, typer.Option(help="repetitions per strategy (paired by seed)")] = 3,
+    budget: Annotated[int, typer.Option(help="labels at the end of each run")] = 2000,
+    step: Annotated[int, typer.Option(help="labels per round")] = 100,
+    initial: Annotated[int, typer.Option(help="labels before the first model (cold start)")] = 100,
+    noise: Annotated[float, typer.Option(help="share of simulated answers flipped to a wrong label")] = 0.0,
+    out: Annotated[Path, typer.Option(help="where the curves CSV and PNG go")] = Path("var/simulations"),
+) -> None:
+    """Replay the loop offline with simulated reviewers; write learning curves (CSV + PNG), log to MLflow."""
+    from active_learning.simulate import labels_to_reach, paired_gain
+    from active_learning.simulate import simulate as run_simulation
+
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    if not 0 <= noise < 1:
+        raise CliError("--noise must be in [0, 1)")
+    with progress_bars() as progress:
+        rounds_per_run = (budget - initial) // step + 1
+
+        def on_round(row: dict) -> None:
+            key = f"{row['strategy']} seed {row['seed']}"
+            progress(key, int((row["n_labels"] - initial) // step + 1), rounds_per_run)
+
+        result = run_simulation(dataset, names, seeds, budget, step, initial, noise, get_settings(),
+                                out_dir=out, progress=on_round)
+    table = Table(title=f"{result.dataset}: macro-F1 gain over random (paired by seed, mean ± sd)")
+    for col in ("strategy", *(f"@{n}" for n in (500, 1000, budget) if n <= budget)):
+        table.add_column(col)
+    for name in names:
+        if name == "random" or "random" not in names:
+            continue
+        cells = []
+        for n in (500, 1000, budget):
+            if n > budget:
+                continue
+            try:
+                mean, sd, _ = paired_gain(result.curves, name, n)
+                cells.append(f"{mean * 100:+.1f} ± {sd * 100:.1f}")
+            except ValueError:
+                cells.append("-")
+        table.add_row(name, *cells)
+    console.print(table)
+    best = result.curves["macro_f1"].max()
+    console.print(labels_to_reach(result.curves, 0.95 * best).to_string())
+    console.print(f"curves: {out / f'al_curves_{result.dataset}.csv'}, {out / f'al_curves_{result.dataset}.png'}")
 
 
 @app.command()
