@@ -163,11 +163,12 @@ def markdown(results: dict) -> str:
     if "fast" in results:
         fast = results["fast"]
         header += ["", "## Fast mode", "",
-                   f"Embedding cache: {fast['cache_rows']} texts; this run embedded {fast['new_texts_embedded_this_run']} "
-                   f"new texts in {fast['embed_seconds_this_run']:.1f} s; reopening the cache and loading "
-                   f"all splits took {fast['cache_load_seconds']:.3f} s.", "",
+                   f"Embedding cache: {fast['cache_rows']} texts; this run embedded "
+                   f"{fast['new_texts_embedded_this_run']} new texts in {fast['embed_seconds_this_run']:.1f} s; "
+                   f"reopening the cache and loading all splits took {fast['cache_load_seconds']:.3f} s.", "",
                    "| C | validation macro-F1 | head fit s |", "|---|---|---|"]
-        header += [f"| {s['C']} | {s['val_macro_f1']:.4f} | {s['fit_seconds']:.2f} |" for s in fast["C_sweep_validation"]]
+        header += [f"| {s['C']} | {s['val_macro_f1']:.4f} | {s['fit_seconds']:.2f} |"
+                   for s in fast["C_sweep_validation"]]
     return "\n".join(header) + "\n"
 
 
@@ -182,6 +183,10 @@ def main() -> int:
     parser.add_argument("--patience", type=int, default=defaults.patience)
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for fine-tuning")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads; default: 1 while other work keeps every core busy (two threads "
+                             "sharing a loaded machine ran a training step 6x slower than one), else all cores")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--skip-fast", action="store_true")
     parser.add_argument("--pilot-rows", type=int, default=None,
@@ -194,7 +199,11 @@ def main() -> int:
     taxonomy = dataset.taxonomy
     config = FineTuneConfig(max_length=args.max_length, epochs=args.epochs, batch_size=args.batch_size,
                             lr=args.lr, class_weighting=args.class_weighting, patience=args.patience,
-                            eval_every=args.eval_every, seed=args.seed)
+                            eval_every=args.eval_every, seed=args.seed,
+                            max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    cpus = os.cpu_count() or 1
+    torch.set_num_threads(args.threads or (1 if os.getloadavg()[0] >= cpus else cpus))
+    log(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
 
     if args.pilot_rows:
         train = data.stratified_sample(splits.train, args.pilot_rows, seed=args.seed)

@@ -57,7 +57,7 @@ from serving.protocol import (
     WebhookResult,
     bind_config,
 )
-from serving.quantize import prepare_for_serving
+from serving.quantize import precision, prepare_for_serving
 from training.registry import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 EventHandler = Callable[[dict, RecordResult], None]
 _PROJECT_CONFIGS_KEPT = 256
 _MERGE_BATCHES = 16  # a merged model call holds at most this many batch_size batches
+_QUANTIZE_CHECK_TEXTS = 500  # an int8 copy must keep the top label on >= 99 % of these (see quantize.py)
 _MISMATCH: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "the config's choices do not match the model's labels"}}
 
@@ -95,8 +96,12 @@ def create_app(
     source = model_source or RegistryModelSource(settings)
     journal = journal or Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
     metrics = ServingMetrics()
-    champion = Champion(source, prepare=lambda m: prepare_for_serving(m, settings.quantize),
-                        on_swap=lambda m: metrics.observe_swap(m.ref.label))
+
+    def prepare(loaded: LoadedModel) -> LoadedModel:
+        texts = source.check_texts(_QUANTIZE_CHECK_TEXTS) if settings.quantize != "none" else []
+        return prepare_for_serving(loaded, settings.quantize, texts)
+
+    champion = Champion(source, prepare=prepare, on_swap=lambda m: metrics.observe_swap(m.ref.label))
     batcher = MicroBatcher(settings.batch_size, settings.batch_size * _MERGE_BATCHES, metrics.observe_batch)
     project_configs: OrderedDict[str, str] = OrderedDict()
 
@@ -149,7 +154,8 @@ def create_app(
         detail = None if model else (
             champion.last_error or "no champion in the registry yet: predictions are empty")
         return HealthResponse(model_class=type(model.classifier).__name__ if model else "none",
-                              model_version=champion.label, model_loaded=model is not None, detail=detail)
+                              model_version=champion.label, model_loaded=model is not None,
+                              precision=precision(model.classifier) if model else None, detail=detail)
 
     app.get("/", response_model=HealthResponse, tags=["label-studio"])(health)
     app.get("/health", response_model=HealthResponse, tags=["label-studio"])(health)

@@ -122,10 +122,10 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.cancel()
         self._pending.clear()
-        if self._worker is not None:
-            self._worker.cancel()
+        worker, self._worker = self._worker, None
+        if worker is not None and self._loop is asyncio.get_running_loop():  # else its loop is gone already
+            worker.cancel()
             try:
-                await self._worker
-            except (asyncio.CancelledError, RuntimeError):
+                await worker
+            except asyncio.CancelledError:
                 pass
-            self._worker = None

@@ -41,6 +41,9 @@ class ModelSource(Protocol):
     def versions(self) -> list[int]:
         """Every registered version number, ascending."""
 
+    def check_texts(self, limit: int) -> list[str]:
+        """Up to ``limit`` real texts to verify a quantised copy against (may be empty)."""
+
 
 class RegistryModelSource:
     """:class:`ModelSource` over :class:`training.registry.Registry`."""
@@ -63,6 +66,14 @@ class RegistryModelSource:
 
     def versions(self) -> list[int]:
         return [v.version for v in self.registry.versions()]
+
+    def check_texts(self, limit: int) -> list[str]:
+        """A fixed sample of the registered model's frozen evaluation set."""
+        frozen = self.registry.eval_set()
+        if frozen is None:
+            return []
+        frame = frozen[1]
+        return frame["text"].sample(min(limit, len(frame)), random_state=0).tolist()
 
 
 @dataclass(frozen=True)

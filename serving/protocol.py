@@ -101,6 +101,7 @@ class HealthResponse(_Strict):
     model_class: str
     model_version: str | None
     model_loaded: bool
+    precision: Literal["fp32", "int8"] | None = Field(None, description="int8 when settings.quantize applied")
     detail: str | None = None
 
 

@@ -395,33 +395,40 @@ def test_threads_recording_overlapping_events_apply_each_version_at_most_once(jo
     assert journal.new_label_count(0) == 40
 
 
-def _reconcile_in_another_process(path: str, n_annotations: int, ready: Any, out: Any) -> None:
-    """Reports its statuses, or the error that stopped it (so a failure shows at once)."""
+def _reconcile_in_another_process(path: str, n_annotations: int, started: Any, go: Any, out: Any) -> None:
+    """Reports its statuses, or the error that stopped it (so a failure shows at once).
+
+    It applies its first annotation, then waits until the other writer has applied one too, so each
+    side is known to win at least once; after that the two race freely.
+    """
     with Journal(Path(path), TAXONOMY) as journal:
-        ready.set()
         try:
-            out.put([
-                journal.apply_annotation(annotation(i, 100 + i, "offensive"), task(100 + i)).status
-                for i in range(1, n_annotations + 1)
-            ])
+            statuses = [journal.apply_annotation(annotation(1, 101, "offensive"), task(101)).status]
+            started.set()
+            go.wait(timeout=120)
+            for i in range(2, n_annotations + 1):
+                statuses.append(journal.apply_annotation(annotation(i, 100 + i, "offensive"), task(100 + i)).status)
+            out.put(statuses)
         except sqlite3.Error as e:
+            started.set()
             out.put(f"{type(e).__name__}: {e}")
 
 
 def test_a_second_process_writing_at_the_same_time_never_double_applies(journal: Journal, path: Path) -> None:
     n = 150
     ctx = multiprocessing.get_context("spawn")
-    ready, out = ctx.Event(), ctx.Queue()
-    other = ctx.Process(target=_reconcile_in_another_process, args=(str(path), n, ready, out))
+    started, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    other = ctx.Process(target=_reconcile_in_another_process, args=(str(path), n, started, go, out))
     other.start()
     try:
-        assert ready.wait(timeout=120)
+        assert started.wait(timeout=120)
         # The two writers walk the same annotations from opposite ends, so they meet in the middle.
         # SQLite's lock is not fair: a writer that never pauses starves the other one's busy-wait, so
         # this one pauses between events the way webhooks do.
         mine = []
         for i in range(n, 0, -1):
             mine.append(journal.record(event(ann=annotation(i, 100 + i, "offensive"), tsk=task(100 + i))).status)
+            go.set()
             time.sleep(0.002)
         theirs = out.get(timeout=120)
     finally:

@@ -88,9 +88,11 @@ class FakeSource:
 
     model_name = NAME
 
-    def __init__(self, classifiers: dict[int, TextClassifier], champion: int | None = 1):
+    def __init__(self, classifiers: dict[int, TextClassifier], champion: int | None = 1,
+                 check_texts: list[str] | None = None):
         self.classifiers = classifiers
         self.champion = champion
+        self.texts = check_texts or []
         self.loads: list[int] = []
 
     def current_version(self) -> int | None:
@@ -107,6 +109,9 @@ class FakeSource:
 
     def versions(self) -> list[int]:
         return sorted(self.classifiers)
+
+    def check_texts(self, limit: int) -> list[str]:
+        return self.texts[:limit]
 
 
 @pytest.fixture
@@ -172,7 +177,8 @@ def test_health_and_root_report_the_served_champion(client: TestClient):
         r = client.get(path)
         assert r.status_code == 200
         assert r.json() == {"status": "UP", "model_class": "KeywordClassifier",
-                            "model_version": f"{NAME}:v1", "model_loaded": True, "detail": None}
+                            "model_version": f"{NAME}:v1", "model_loaded": True, "precision": "fp32",
+                            "detail": None}
 
 
 def test_setup_returns_the_champion_version(client: TestClient):
@@ -727,17 +733,58 @@ def real_classifier(davidson_small):
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_real_classifier_served_end_to_end(make_client, real_classifier, davidson_small, quantize):
+def test_real_embedding_head_served_end_to_end_in_fp32(make_client, real_classifier, davidson_small, quantize):
+    """Fast-mode models stay fp32 even with quantize=int8 (int8 changes too many of their labels)."""
     texts = davidson_small.frame["text"].tail(12).tolist()
-    client = make_client(FakeSource({4: real_classifier}, champion=4), quantize=quantize)
+    source = FakeSource({4: real_classifier}, champion=4, check_texts=texts)
+    client = make_client(source, quantize=quantize)
+    assert client.get("/health").json()["precision"] == "fp32"
     ls = client.post("/predict", json=predict_body(texts)).json()["results"]
     v1 = client.post("/v1/predict", json={"texts": texts}).json()
     proba = np.array([[p["probabilities"][label] for label in LABELS] for p in v1["predictions"]])
-    assert proba.sum(1) == pytest.approx(np.ones(len(texts)), abs=1e-5)
+    np.testing.assert_allclose(proba, real_classifier.predict_proba(texts), atol=1e-6)
     assert [choice(p) for p in ls] == [LABELS[i] for i in proba.argmax(1)]
     assert [p["score"] for p in ls] == pytest.approx(proba.max(1).tolist(), abs=1e-6)
-    if quantize == "none":
-        np.testing.assert_allclose(proba, real_classifier.predict_proba(texts), atol=1e-6)
-    else:
-        # the int8 copy never touches the shared fp32 encoder used by training
-        assert type(real_classifier.encoder.model.encoder.layer[0].attention.self.query).__name__ == "Linear"
+
+
+@pytest.fixture(scope="module")
+def decisive_finetuned():
+    """A real MiniLM sequence classifier whose head always says "hate" (zero weights, bias 5): fp32 and
+    int8 must agree on every text, so the int8 path is taken deterministically."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from training.classifier import FineTunedClassifier, resolve_model_path
+
+    path = resolve_model_path("all-MiniLM-L6-v2")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    return FineTunedClassifier(model, AutoTokenizer.from_pretrained(path), LABELS, 64)
+
+
+def test_finetuned_champion_is_served_int8_when_it_agrees_with_fp32(make_client, decisive_finetuned,
+                                                                     davidson_small):
+    texts = davidson_small.frame["text"].head(20).tolist()
+    client = make_client(FakeSource({5: decisive_finetuned}, champion=5, check_texts=texts), quantize="int8")
+    assert client.get("/health").json()["precision"] == "int8"
+    body = client.post("/v1/predict", json={"texts": texts[:3]}).json()
+    assert [p["label"] for p in body["predictions"]] == ["hate"] * 3
+    assert body["predictions"][0]["score"] == pytest.approx(np.exp(5) / (np.exp(5) + 2), abs=1e-3)
+    assert type(decisive_finetuned.model.bert.encoder.layer[0].attention.self.query).__name__ == "Linear"
+    fp32 = make_client(FakeSource({5: decisive_finetuned}, champion=5, check_texts=texts), quantize="none")
+    assert fp32.get("/health").json()["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("check_texts", [pytest.param([], id="nothing-to-check-against"),
+                                         pytest.param(["some text"] * 4, id="disagrees")])
+def test_int8_copy_that_cannot_be_verified_is_not_served(make_client, decisive_finetuned, monkeypatch,
+                                                         check_texts):
+    import serving.quantize
+
+    monkeypatch.setattr(serving.quantize, "top_label_agreement", lambda a, b, texts: 0.98)
+    client = make_client(FakeSource({5: decisive_finetuned}, champion=5, check_texts=check_texts),
+                         quantize="int8")
+    health = client.get("/health").json()
+    assert health["model_version"] == f"{NAME}:v5" and health["precision"] == "fp32"

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from labelloop import data
@@ -143,3 +144,12 @@ def test_label_studio_pre_labels_from_the_champion_and_follows_promotions(
     label_studio.client.create_annotation(task_id, "offensive")
     wait_for(lambda: not journal.labels().empty, "the annotation webhook")
     assert journal.labels()[["task_id", "label"]].values.tolist() == [[task_id, "offensive"]]
+
+    # everything Label Studio sent was answered without a server error
+    metrics = httpx.get(f"{server.url}/metrics/prometheus", auth=auth).text
+    calls = [s for f in text_string_to_metric_families(metrics) if f.name == "labelloop_http_requests"
+             for s in f.samples if s.name == "labelloop_http_requests_total"]
+    by_route = {(s.labels["route"], s.labels["status"]): s.value for s in calls}
+    assert not [k for k in by_route if k[1].startswith("5")], by_route
+    for route in ("/health", "/setup", "/predict", "/webhook"):
+        assert by_route.get((route, "200" if route != "/webhook" else "201"), 0) > 0, by_route

@@ -123,7 +123,7 @@ def test_simulate_rejects_bad_arguments(settings):
 
 @pytest.mark.integration
 def test_small_davidson_simulation_writes_curves_and_logs_to_mlflow(davidson, settings, tmp_path):
-    small = data.LabeledData(data.stratified_sample(davidson.frame, 1500, seed=0), davidson.taxonomy, "davidson")
+    small = data.LabeledData(data.stratified_sample(davidson.frame, 1200, seed=0), davidson.taxonomy, "davidson")
     strategies = ["random", "margin", "margin_kmeans"]
     seen = []
     result = simulate(small, strategies, seeds=2, budget=300, step=100, initial=100, noise=0.05,

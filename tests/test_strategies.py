@@ -146,6 +146,21 @@ def test_margin_kmeans_spreads_the_batch_over_clusters_where_margin_does_not():
         assert margin_scores[i] == margin_scores[membership == membership[i]].max()
 
 
+def test_badge_scores_gradient_length_and_spreads_its_batch_over_clusters():
+    emb, membership = blobs(4, 10)
+    g = np.random.default_rng(2)
+    p1 = g.uniform(0.5, 0.6, 40)
+    proba = np.c_[p1, 1 - p1]
+    proba[5] = [1.0, 0.0]  # confident: zero gradient embedding
+    proba[17] = [0.5, 0.5]  # the most uncertain item
+    ctx = PoolContext(n_classes=2, proba=proba, embeddings=emb)
+    scores = get_strategy("badge").scores(ctx)
+    assert scores[5] == 0.0 and int(np.argmax(scores)) == 17
+    chosen = get_strategy("badge").select(ctx, 4, rng())
+    assert chosen[0] == 17
+    assert sorted(membership[chosen]) == [0, 1, 2, 3]  # D² sampling never stays in one tight blob
+
+
 def test_cold_start_picks_one_representative_per_cluster():
     emb, membership = blobs(6, 30, seed=4)
     chosen = ColdStartKMeans().select(PoolContext(n_classes=2, embeddings=emb), 6, rng())

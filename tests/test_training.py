@@ -36,7 +36,7 @@ def majority_macro_f1(train: pd.DataFrame, test: pd.DataFrame, labels: tuple[str
 
 @pytest.fixture(scope="module")
 def parts(davidson_small: LabeledData) -> dict[str, pd.DataFrame]:
-    """Disjoint train (360) / validation (60) / held-out (180) rows of the 600-row slice."""
+    """Disjoint train (360) / validation (60) / held-out (the remaining ~180) rows of the 600-row slice."""
     frame = davidson_small.frame
     return {"train": frame.iloc[:360], "validation": frame.iloc[360:420], "heldout": frame.iloc[420:]}
 
@@ -137,6 +137,14 @@ def test_patience_and_mid_epoch_evaluation(monkeypatch, parts, davidson_small, t
     assert [h["epoch"] for h in result.history] == [0.5, 1.0, 1.5, 2.0]
     assert result.best_epoch == 1.0 and result.best_val_macro_f1 == 0.80
     np.testing.assert_array_equal(result.classifier.model.classifier.weight.detach().numpy(), seen[1])
+
+
+def test_time_budget_ends_training_after_a_final_evaluation(monkeypatch, parts, davidson_small, tiny_bert):
+    _scripted_validation(monkeypatch, [0.30, 0.20])
+    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=3, batch_size=16, max_seconds=0, seed=1)
+    result = finetune(parts["train"].iloc[:64], parts["validation"], davidson_small.taxonomy, config)
+    assert [(h["step"], h["epoch"]) for h in result.history] == [(1, 0.25)]
+    assert result.best_epoch == 0.25 and result.best_val_macro_f1 == 0.30
 
 
 def test_finetune_without_validation_trains_all_epochs(parts, davidson_small, tiny_bert):

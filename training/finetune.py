@@ -54,6 +54,7 @@ class FineTuneConfig:
     class_weighting: ClassWeighting = "sqrt"
     seed: int = 13
     eval_every: int | None = None  # also evaluate every this many optimiser steps
+    max_seconds: float | None = None  # wall-time budget: stop (after a final evaluation) once spent
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8 or self.patience < 1:
@@ -63,6 +64,8 @@ class FineTuneConfig:
                              f"not {self.class_weighting!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError("eval_every must be a positive number of steps or None")
+        if self.max_seconds is not None and self.max_seconds < 0:
+            raise ValueError("max_seconds must be >= 0 or None")
 
 
 @dataclass
@@ -180,6 +183,9 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     With a non-empty ``validation`` frame the model is scored after each epoch (and every
     ``config.eval_every`` steps), training stops after ``config.patience`` evaluations without a new
     best macro-F1, and the best weights are restored. Without one it trains all epochs and keeps the last.
+    ``config.max_seconds`` bounds the wall time: once spent, the model is evaluated one last time and
+    training ends (the learning-rate schedule still assumes all epochs, so prefer fewer epochs to a
+    budget that cuts deep).
     """
     started = time.perf_counter()
     if train.empty:
@@ -231,6 +237,9 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
         evals_without_gain += 1
         return evals_without_gain >= config.patience
 
+    def out_of_time() -> bool:
+        return config.max_seconds is not None and time.perf_counter() - started > config.max_seconds
+
     model.train()
     stop = False
     for _ in range(config.epochs):
@@ -246,11 +255,13 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
             loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
             if progress:
                 progress("train", step, total_steps)
-            if config.eval_every and step % config.eval_every == 0 and step % steps_per_epoch:
-                stop = checkpoint()
+            end_of_epoch = step % steps_per_epoch == 0  # evaluated after the loop
+            eval_due = bool(config.eval_every) and step % config.eval_every == 0
+            if not end_of_epoch and (eval_due or out_of_time()):
+                stop = checkpoint() or out_of_time()
                 if stop:
                     break
-        if stop or checkpoint():
+        if stop or checkpoint() or out_of_time():
             break
 
     if best_state is not None:

@@ -1,0 +1,146 @@
+"""The ``labelloop`` command line against a real MLflow SQLite store in a temp dir: train, promote through
+the gate, refuse a worse model, roll back, list models, evaluate, and refuse bad input with exit code 2
+and one clear line, registering nothing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from labelloop import cli
+from labelloop.config import Settings, get_settings
+from labelloop.taxonomy import get_taxonomy
+from training.registry import CHALLENGER, CHAMPION, Registry
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+MODEL = "labelloop-hate-offensive"
+LABELS = get_taxonomy("hate_offensive").labels
+
+
+@pytest.fixture
+def cli_settings(tmp_path: Path, embedding_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
+    """Point the CLI's process-wide settings at this test's temp dirs (through the environment, as a user
+    would) and give its consoles a fixed wide width, so tables and error lines are not wrapped."""
+    monkeypatch.setenv("LABELLOOP_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("LABELLOOP_STATE_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("LABELLOOP_CACHE_DIR", str(embedding_cache_dir))
+    monkeypatch.setenv("LABELLOOP_TAXONOMY", "hate_offensive")
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "no-such-labelloop.toml"))
+    monkeypatch.setattr(cli, "console", Console(width=220))
+    monkeypatch.setattr(cli, "err", Console(stderr=True, soft_wrap=True))
+    get_settings.cache_clear()
+    settings = get_settings()
+    assert settings.mlruns_dir == (tmp_path / "mlruns").resolve()
+    yield settings
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def dataset_csv(tmp_path: Path, davidson_small) -> Path:
+    path = tmp_path / "davidson_small.csv"
+    davidson_small.frame[["id", "text", "label"]].to_csv(path, index=False)
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(cli.app, list(args))
+
+
+def macro_f1_in(output: str) -> float:
+    match = re.search(r"macro-F1 (\d\.\d{4})", output)
+    assert match, output
+    return float(match.group(1))
+
+
+def test_train_promote_refuse_rollback_models_evaluate(cli_settings: Settings, dataset_csv: Path):
+    registry = Registry(cli_settings)
+
+    trained = invoke("train", "--dataset", str(dataset_csv), "--mode", "fast", "--taxonomy", "hate_offensive")
+    assert trained.exit_code == 0, trained.output
+    assert f"registered {MODEL}:v1 as challenger" in trained.stdout
+    assert registry.alias_version(CHALLENGER) == 1 and registry.alias_version(CHAMPION) is None
+    eval_id, frozen = registry.eval_set()
+    v1_f1 = registry.versions()[0].metric(eval_id, "macro_f1")
+    assert macro_f1_in(trained.stdout) == pytest.approx(v1_f1, abs=1e-4)
+
+    promoted = invoke("promote")
+    assert promoted.exit_code == 0, promoted.output
+    assert "promoted" in promoted.stdout and "champion is now v1" in promoted.stdout
+    assert registry.alias_version(CHAMPION) == 1
+
+    worse = invoke("train", "--dataset", str(dataset_csv), "--mode", "fast", "--taxonomy", "hate_offensive",
+                   "--limit", "20")
+    assert worse.exit_code == 0, worse.output
+    assert f"registered {MODEL}:v2 as challenger" in worse.stdout
+    assert macro_f1_in(worse.stdout) < v1_f1
+
+    refused = invoke("promote")
+    assert refused.exit_code == 1, refused.output
+    assert "refused" in refused.stdout and "champion is now v1" in refused.stdout
+    assert registry.alias_version(CHAMPION) == 1 and registry.alias_version(CHALLENGER) == 2
+
+    rollback = invoke("promote", "--rollback")
+    assert rollback.exit_code == 2, rollback.output
+    assert rollback.stderr.strip().splitlines() == ["error: no earlier champion to roll back to"]
+    assert registry.alias_version(CHAMPION) == 1
+
+    listed = invoke("models")
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split("│")[1].strip(): line for line in listed.stdout.splitlines() if re.match(r"│ v\d ", line)}
+    assert set(rows) == {"v1", "v2"}
+    assert "champion" in rows["v1"] and "challenger" in rows["v2"] and "champion" not in rows["v2"]
+    assert f"{v1_f1:.4f}" in rows["v1"] and eval_id in listed.stdout
+    history = [line for line in listed.stdout.splitlines() if re.search(r"^│ \S+ +│ promote ", line)]
+    assert len(history) == 2
+    assert "yes" in history[0] and "no champion yet" in history[0]
+    assert "refused" in history[1] and "v2" in history[1]
+
+    evaluated = invoke("evaluate")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"{MODEL}:v1 on frozen:{eval_id}" in evaluated.stdout
+    assert macro_f1_in(evaluated.stdout) == pytest.approx(v1_f1, abs=1e-3)
+    support = {cells[1].strip(): int(cells[-2]) for line in evaluated.stdout.splitlines()
+               if len(cells := line.split("│")) == 7 and cells[1].strip() in LABELS}
+    assert support == frozen["label"].value_counts().to_dict()
+
+
+def _csv(tmp_path: Path, frame: pd.DataFrame) -> list[str]:
+    path = tmp_path / "bad.csv"
+    frame.to_csv(path, index=False)
+    return ["--dataset", str(path)]
+
+
+BAD_INPUT = {
+    # case: (arguments to `labelloop train` given the tmp dir and 60 good rows, what the error must say)
+    "missing file": (lambda tmp, rows: ["--dataset", str(tmp / "nowhere.csv"), "--mode", "fast"], "file not found"),
+    "missing column": (lambda tmp, rows: [*_csv(tmp, rows.rename(columns={"text": "body"})), "--mode", "fast"],
+                       "missing column(s) ['text']"),
+    "unknown label": (lambda tmp, rows: [*_csv(tmp, rows.assign(label=["spam", *rows["label"][1:]])), "--mode", "fast"],
+                      "labels outside taxonomy 'hate_offensive'"),
+    "unknown mode": (lambda tmp, rows: [*_csv(tmp, rows), "--mode", "turbo"], "--mode must be finetune or fast"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_training_input_exits_2_with_one_line_and_registers_nothing(
+        case: str, cli_settings: Settings, tmp_path: Path, davidson_small):
+    make_args, expected = BAD_INPUT[case]
+    args = make_args(tmp_path, davidson_small.frame[["id", "text", "label"]].head(60))
+
+    result = invoke("train", *args, "--taxonomy", "hate_offensive")
+
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert "Traceback" not in result.output and "registered" not in result.stdout
+    if case == "unknown label":
+        assert "'spam'" in lines[0]
+    registry = Registry(cli_settings)
+    assert registry.versions() == [] and registry.eval_set() is None
