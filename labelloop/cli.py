@@ -80,7 +80,7 @@ def train(
     mode: Annotated[str, typer.Option(help="finetune (best quality) or fast (frozen encoder + linear head)")] = (
         "finetune"),
     limit: Annotated[int | None, typer.Option(help="train on a stratified sample of N rows (quick runs)")] = None,
-    epochs: Annotated[int, typer.Option(help="fine-tuning epochs (early stopping may stop sooner)")] = 3,
+    epochs: Annotated[int, typer.Option(help="fine-tuning epochs (early stopping may stop sooner)")] = 2,
     taxonomy: TaxonomyOpt = None,
     text_column: str = "text",
     label_column: str = "label",

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 EventHandler = Callable[[dict, RecordResult], None]
 _PROJECT_CONFIGS_KEPT = 256
-_MERGE_BATCHES = 16  # a merged model call holds at most this many batch_size batches
+_MERGE_BATCHES = 64  # a merged model call holds at most this many batch_size batches
 _QUANTIZE_CHECK_TEXTS = 500  # an int8 copy must keep the top label on >= 99 % of these (see quantize.py)
 _MISMATCH: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "the config's choices do not match the model's labels"}}

@@ -9,10 +9,9 @@ from __future__ import annotations
 import base64
 import json
 import stat
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from labelloop.data import LabeledData
 from labelloop.ls_server import CREDENTIALS_FILE, LabelStudioServer, LabelStudioServerError, free_port
 from labelloop.taxonomy import FROM_NAME, TO_NAME, LabelConfigError, get_taxonomy, parse_label_config
 from tests.label_studio_fixtures import RunningLabelStudio
+from tests.local_http import LocalHTTPServer
 
 HATE_OFFENSIVE = get_taxonomy("hate_offensive")
 
@@ -352,15 +352,11 @@ class FakeBackend:
                 else:
                     self._reply(404, {"error": self.path})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._server = LocalHTTPServer(Handler)
+        self.url = self._server.base_url
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self._server.close()
 
 
 @pytest.fixture

@@ -5,9 +5,8 @@ label twice."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from labelloop.data import LabeledData
 from labelloop.journal import Journal
 from labelloop.taxonomy import get_taxonomy
 from tests.label_studio_fixtures import RunningLabelStudio
+from tests.local_http import LocalHTTPServer
 
 TAXONOMY = get_taxonomy("hate_offensive")
 
@@ -63,15 +63,11 @@ class WebhookReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/webhook"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._server = LocalHTTPServer(Handler)
+        self.url = f"{self._server.base_url}/webhook"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        self._server.close()
 
 
 @pytest.fixture
