@@ -319,6 +319,37 @@ def loop_status(taxonomy: TaxonomyOpt = None) -> None:
         journal.close()
 
 
+@loop_app.command("export")
+@friendly_errors
+def loop_export(
+    out: Annotated[Path, typer.Argument(help="file to write: .csv, .jsonl or .parquet")],
+    project: Annotated[int | None, typer.Option("--project", help="only this Label Studio project")] = None,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """Write the reviewers' labels (one per task, majority vote) to a file that `labelloop train --dataset`
+    reads: how an ML engineer fine-tunes on what the loop collected."""
+    from labelloop.journal import Journal
+    from labelloop.taxonomy import get_taxonomy
+
+    writers = {".csv": lambda f, p: f.to_csv(p, index=False),
+               ".jsonl": lambda f, p: f.to_json(p, orient="records", lines=True, force_ascii=False),
+               ".parquet": lambda f, p: f.to_parquet(p, index=False)}
+    if out.suffix not in writers:
+        raise CliError(f"{out}: unsupported format {out.suffix!r}; use one of {sorted(writers)}")
+    settings = settings_for(taxonomy)
+    with Journal(settings.journal_path, get_taxonomy(settings.taxonomy)) as journal:
+        labels = journal.labels(project)
+    if labels.empty:
+        raise CliError(f"no labels in the journal {settings.journal_path}"
+                       + (f" for project {project}" if project else ""))
+    frame = labels[["id", "text", "label", "annotator", "updated_at", "n_annotations", "project_id", "task_id"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    writers[out.suffix](frame, tmp)
+    tmp.replace(out)  # a reader never sees half a file
+    console.print(f"{len(frame)} labels → {out} ({frame['label'].value_counts().to_dict()})")
+
+
 @loop_app.command("reconcile")
 @friendly_errors
 def loop_reconcile(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None:

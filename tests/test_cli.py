@@ -144,3 +144,44 @@ def test_bad_training_input_exits_2_with_one_line_and_registers_nothing(
         assert "'spam'" in lines[0]
     registry = Registry(cli_settings)
     assert registry.versions() == [] and registry.eval_set() is None
+
+
+def _annotation_event(ann_id: int, task_id: int, text: str, label: str, annotator: int) -> dict:
+    """A Label Studio 1.23 ANNOTATION_CREATED webhook body, reduced to what the journal reads."""
+    result = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
+    stamp = f"2026-11-22T08:00:{ann_id:02d}.000000Z"
+    return {"action": "ANNOTATION_CREATED",
+            "annotation": {"id": ann_id, "task": task_id, "project": 7, "result": result, "completed_by": annotator,
+                           "was_cancelled": False, "ground_truth": False, "created_at": stamp, "updated_at": stamp},
+            "task": {"id": task_id, "project": 7, "data": {"text": text, "item_id": f"item-{task_id}"}},
+            "project": {"id": 7}}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_loop_export_writes_majority_labels_that_train_reads(cli_settings, tmp_path, suffix):
+    from labelloop import data
+    from labelloop.journal import Journal
+
+    with Journal(cli_settings.journal_path, get_taxonomy("hate_offensive")) as journal:
+        for ann_id, (task_id, text, label, annotator) in enumerate([
+            (1, "first text, two say hate", "hate", 1), (1, "first text, two say hate", "offensive", 2),
+            (1, "first text, two say hate", "hate", 3), (2, "second text, « quoted », one line", "neither", 1),
+        ], start=1):
+            assert journal.record(_annotation_event(ann_id, task_id, text, label, annotator)).status == "accepted"
+
+    out = tmp_path / "exports" / f"labels{suffix}"
+    result = invoke("loop", "export", str(out))
+    assert result.exit_code == 0, result.output
+
+    loaded = data.load(str(out), taxonomy="hate_offensive", dedupe=False).frame.sort_values("id")
+    assert loaded[["id", "text", "label"]].values.tolist() == [
+        ["item-1", "first text, two say hate", "hate"], ["item-2", "second text, « quoted », one line", "neither"]]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+
+
+def test_loop_export_refuses_an_empty_journal_and_unknown_formats(cli_settings, tmp_path):
+    empty = invoke("loop", "export", str(tmp_path / "labels.csv"))
+    assert empty.exit_code == 2 and empty.stderr.startswith("error: no labels in the journal"), empty.output
+    assert not (tmp_path / "labels.csv").exists()
+    bad = invoke("loop", "export", str(tmp_path / "labels.xlsx"))
+    assert bad.exit_code == 2 and "unsupported format '.xlsx'" in bad.stderr, bad.output
