@@ -4,7 +4,6 @@ PYTHON ?= python3.11
 VENV := .venv
 VENV_LS := .venv-ls
 PY := $(VENV)/bin/python
-export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install test test-unit lint format train serve demo stop label-configs simulate bench clean

@@ -35,8 +35,23 @@ KNOWN_DATASETS: dict[str, str] = {
 }
 
 
+#: the same datasets on the Hugging Face hub, with the taxonomy's label order as integer labels: the
+#: fallback for machines without ../shared/data (and with internet). name → (id, config, text column)
+HUB_SOURCES: dict[str, tuple[str, str | None, str]] = {
+    "davidson": ("tdavidson/hate_speech_offensive", None, "tweet"),
+    "tweeteval_hate": ("cardiffnlp/tweet_eval", "hate", "text"),
+    "tweeteval_offensive": ("cardiffnlp/tweet_eval", "offensive", "text"),
+    "ethos": ("iamollas/ethos", "binary", "text"),
+    "sms_spam": ("ucirvine/sms_spam", None, "sms"),
+}
+
+
 class DataError(ValueError):
     """Input data that cannot be used; the message says what is wrong and where."""
+
+
+class SharedDataMissing(DataError):
+    """A shared dataset's files are not on this machine."""
 
 
 @dataclass
@@ -82,8 +97,7 @@ def load(
     settings = settings or get_settings()
     if source in KNOWN_DATASETS:
         tax = get_taxonomy(taxonomy or KNOWN_DATASETS[source])
-        frame = _SHARED_ADAPTERS[source](settings.data_dir)
-        frame = _normalise_labels(frame, tax, source)
+        frame = _normalise_labels(_shared(source, settings.data_dir), tax, source)
     else:
         tax = get_taxonomy(taxonomy or settings.taxonomy)
         raw = _read_source(source)
@@ -100,7 +114,7 @@ def load_unlabeled(source: str, *, text_column: str = "text", settings: Settings
     """A pool of texts (``id``, ``text``) to label; labels, if present, are dropped."""
     settings = settings or get_settings()
     if source in KNOWN_DATASETS:
-        frame = _SHARED_ADAPTERS[source](settings.data_dir)
+        frame = _shared(source, settings.data_dir)
     else:
         frame = _read_source(source)
         if text_column not in frame.columns:
@@ -119,7 +133,11 @@ def _read_source(source: str) -> pd.DataFrame:
         return _read_file(path, suffixes)
     if looks_like_file:
         raise DataError(f"file not found: {path}")
-    return _read_hf_dataset(source)
+    try:
+        return _read_hf_dataset(source)
+    except DataError as e:
+        raise DataError(f"{source!r} is neither a known dataset ({', '.join(KNOWN_DATASETS)}), an existing file, "
+                        f"nor a loadable Hugging Face dataset: {e}") from None
 
 
 def _read_file(path: Path, suffixes: list[str]) -> pd.DataFrame:
@@ -150,22 +168,21 @@ def _read_json(path: Path, compression: str | None, lines: bool) -> pd.DataFrame
         return pd.read_json(path, lines=True, compression=compression, dtype=False)
 
 
-def _read_hf_dataset(dataset_id: str) -> pd.DataFrame:
+def _read_hf_dataset(dataset_id: str, config: str | None = None) -> pd.DataFrame:
     import datasets  # heavy import, only for hub datasets
 
     try:
-        dsd = datasets.load_dataset(dataset_id)
+        dsd = datasets.load_dataset(dataset_id, config) if config else datasets.load_dataset(dataset_id)
     except Exception as e:  # offline, unknown id, gated: all surface as one clear error
-        raise DataError(f"{dataset_id!r} is neither a known dataset ({', '.join(KNOWN_DATASETS)}), "
-                        f"an existing file, nor a loadable Hugging Face dataset: {e}") from None
+        raise DataError(str(e)) from None
     frames = []
     for split_name, split in dsd.items():
         frame = split.to_pandas()
         frame["split"] = _SPLIT_ALIASES.get(split_name, split_name)
         frames.append(frame)
     frame = pd.concat(frames, ignore_index=True)
-    if not set(frame["split"]) <= set(SPLITS) or "train" not in set(frame["split"]):
-        frame = frame.drop(columns="split")
+    if not set(frame["split"]) <= set(SPLITS) or not {"train", "test"} <= set(frame["split"]):
+        frame = frame.drop(columns="split")  # a train-only dataset is split by us, like a local file
     return frame
 
 
@@ -228,8 +245,30 @@ def _normalise_labels(frame: pd.DataFrame, tax: Taxonomy, source: str) -> pd.Dat
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        raise DataError(f"shared dataset file not found: {path} (set LABELLOOP_DATA_DIR)")
+        raise SharedDataMissing(f"shared dataset file not found: {path} (set LABELLOOP_DATA_DIR)")
     return path
+
+
+def _shared(name: str, data_dir: Path) -> pd.DataFrame:
+    """A shared dataset from ``data_dir``, else the same dataset from the Hugging Face hub."""
+    try:
+        return _SHARED_ADAPTERS[name](data_dir)
+    except SharedDataMissing as missing:
+        hub_id, config, text_column = HUB_SOURCES[name]
+        try:
+            raw = _read_hf_dataset(hub_id, config)
+        except DataError as e:
+            raise DataError(f"{missing}; its Hugging Face hub copy {hub_id}{' (' + config + ')' if config else ''} "
+                            f"could not be loaded either: {e}") from None
+    label_column = "class" if "class" in raw.columns else "label"  # Davidson's hub copy keeps its CSV header
+    missing_columns = [c for c in (text_column, label_column) if c not in raw.columns]
+    if missing_columns:
+        raise DataError(f"{hub_id}: no column(s) {missing_columns} (columns: {list(raw.columns)})")
+    frame = pd.DataFrame({"id": [f"{name}-hub-{i}" for i in range(len(raw))],
+                          "text": raw[text_column].astype(str), "label": raw[label_column]})
+    if "split" in raw.columns:
+        frame["split"] = raw["split"].to_numpy()
+    return frame
 
 
 def _davidson(data_dir: Path) -> pd.DataFrame:

@@ -166,9 +166,42 @@ def test_unknown_hub_id_offline_is_a_clear_error(shared_settings):
         data.load("no-such-org/no-such-dataset", settings=shared_settings)
 
 
-def test_missing_shared_data_dir_named(tmp_path):
-    with pytest.raises(DataError, match="LABELLOOP_DATA_DIR"):
+def test_missing_shared_data_without_the_hub_names_both_places(tmp_path):
+    with pytest.raises(DataError, match="LABELLOOP_DATA_DIR.*tdavidson/hate_speech_offensive"):
         data.load("davidson", settings=Settings(data_dir=tmp_path))
+
+
+def test_missing_shared_data_falls_back_to_the_same_dataset_on_the_hub(tmp_path, monkeypatch):
+    """The hub is out of reach here, so ``datasets.load_dataset`` answers with small frames shaped like
+    the hub copies (Davidson keeps its CSV header; TweetEval has three splits and integer labels)."""
+    import datasets
+
+    hub = {
+        ("tdavidson/hate_speech_offensive", None): {"train": pd.DataFrame({
+            "count": [3, 3, 3], "hate_speech_count": [2, 0, 0], "offensive_language_count": [1, 3, 0],
+            "neither_count": [0, 0, 3], "class": [0, 1, 2], "tweet": ["h a t e", "o f f", "n e i t h e r"]})},
+        ("cardiffnlp/tweet_eval", "hate"): {
+            split: pd.DataFrame({"text": [f"{split} one", f"{split} two"], "label": [0, 1]})
+            for split in ("train", "validation", "test")},
+    }
+    calls = []
+
+    def load_dataset(path, name=None):
+        calls.append((path, name))
+        return datasets.DatasetDict({k: datasets.Dataset.from_pandas(v) for k, v in hub[(path, name)].items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    settings = Settings(data_dir=tmp_path)
+
+    davidson = data.load("davidson", settings=settings)
+    assert davidson.frame[["text", "label"]].values.tolist() == [
+        ["h a t e", "hate"], ["o f f", "offensive"], ["n e i t h e r", "neither"]]
+    assert not davidson.has_official_splits
+
+    hate = data.load("tweeteval_hate", settings=settings)
+    assert hate.has_official_splits and sorted(hate.frame["split"].unique()) == ["test", "train", "validation"]
+    assert hate.frame.set_index("text").loc["test two", "label"] == "hate"
+    assert calls == [("tdavidson/hate_speech_offensive", None), ("cardiffnlp/tweet_eval", "hate")]
 
 
 def test_load_unlabeled_drops_labels_and_empty_texts(tmp_path, shared_settings):
