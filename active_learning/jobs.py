@@ -60,7 +60,16 @@ def _now() -> str:
 
 
 class JobRunner:
-    def __init__(self, db_path: Path, work: JobWork):
+    """Retrain jobs in SQLite, run one at a time by a worker thread.
+
+    Exactly one process (the service) may run jobs on a database: it recovers jobs that a crash left
+    ``running``. Other processes that only read or submit (``labelloop loop status``) pass
+    ``run_jobs=False``, so they neither recover nor claim anything.
+    """
+
+    def __init__(self, db_path: Path, work: JobWork | None = None, *, run_jobs: bool = True):
+        if run_jobs and work is None:
+            raise ValueError("a runner that runs jobs needs the work to run")
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -70,6 +79,9 @@ class JobRunner:
         self._wake = threading.Condition(self._lock)
         self._work = work
         self._stopped = False
+        self._thread: threading.Thread | None = None
+        if not run_jobs:
+            return
         for job in self.list(state="running"):
             self._save(job.model_copy(update={"state": "failed", "finished_at": _now(),
                                               "error": "interrupted: the service stopped while it ran"}))
@@ -132,7 +144,10 @@ class JobRunner:
         with self._lock:
             self._stopped = True
             self._wake.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._thread is None or not self._thread.is_alive():
+            self._db.close()
 
     def _loop(self) -> None:
         while True:

@@ -4,7 +4,7 @@ A round: snapshot the journal's labels → retrain in fast mode → run the prom
 unlabeled pool with the champion → push the most informative items to the front of the annotators'
 queue. Label Studio's open-source "Uncertainty sampling" serves the task whose prediction of the
 project's current ``model_version`` has the lowest ``score`` (see ``active_learning/labelstudio.py``),
-so the pushed ``score`` is the item's *review priority*: ``rank / pool size``, lowest first. For least
+so the pushed ``score`` is the item's *review priority*: rank-ordered in [0, 1/K), lowest first. For least
 confidence that order is the model's confidence order; for every strategy the Data Manager's
 "Prediction score" column, sorted ascending, shows the queue.
 
@@ -14,9 +14,11 @@ rest are pre-labeled on demand by the ML backend when an annotator opens them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from active_learning.strategies import PoolContext, get_strategy
 from labelloop.config import Settings
 from labelloop.journal import Journal
 from labelloop.taxonomy import FROM_NAME, TO_NAME, get_taxonomy
+from serving.quantize import precision
 from training.fast import EmbeddingCache
 from training.registry import CHAMPION, LoadedModel, Registry
 from training.train import embedding_cache, train_and_register
@@ -64,9 +67,23 @@ class RoundResult:
         return asdict(self)
 
 
-def priorities(count: int, pool_size: int) -> np.ndarray:
-    """Unique review priorities in [0, 1): rank / pool size. Label Studio does not break score ties."""
-    return np.arange(count, dtype=np.float64) / max(pool_size, 1)
+def priorities(count: int, n_classes: int) -> np.ndarray:
+    """Unique review priorities in [0, 1/K), rising with rank: below any backend pre-label's ``score``
+    (the top class's probability is at least 1/K), so every pushed item is served before the rest of
+    the pool. Unique, because Label Studio does not break score ties."""
+    return np.arange(count, dtype=np.float64) / max(count, 1) / max(n_classes, 1)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock_path``, held by this process until the block ends."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class ActiveLearningLoop:
@@ -95,7 +112,8 @@ class ActiveLearningLoop:
         self._loaded: LoadedModel | None = None
         self._cache: EmbeddingCache | None = None
         self.pool_predictions: pd.Series | None = None  # champion's labels on the pool, by task id
-        self.stopping = StoppingMonitor()
+        self.stopping = StoppingMonitor()  # fed only when a new champion's predictions exist
+        self.last_signal: dict | None = None
         self.rounds = 0
 
     @property
@@ -164,24 +182,28 @@ class ActiveLearningLoop:
         """Rank the unlabeled pool with the champion and push the top items' priorities to Label Studio.
 
         Items past the pushed top ``queue_size`` get pre-labels from the ML backend when Label Studio
-        asks (``score`` = confidence there, ≥ 1/K, so they queue behind every pushed priority < 1)."""
+        asks (``score`` = confidence there, ≥ 1/K, so they queue behind every pushed priority < 1/K).
+        The strategy's batch leads, most informative first, then the rest by score."""
         started = time.perf_counter()
         unlabeled = self.unlabeled()
         labels = self.journal.labels(self.project_id)
         strategy = get_strategy(self.strategy_name)
-        pool = ScoredPool(unlabeled.rename(columns={"item_id": "id"}), loaded.classifier, loaded.ref.label,
+        cache_key = f"{loaded.ref.cache_key}#{precision(loaded.classifier)}"  # served int8 ≠ registry fp32
+        pool = ScoredPool(unlabeled.rename(columns={"item_id": "id"}), loaded.classifier, cache_key,
                           self.settings.cache_dir, labeled=labels[["id", "text", "label"]],
                           seed=self.settings.seed)
         ctx = pool.context(strategy.needs | {"proba"})
         k = min(self.settings.query_batch, len(unlabeled))
         batch = strategy.select(ctx, k, np.random.default_rng(self.settings.seed)) if k else np.zeros(0, int)
-        ranked = np.argsort(-strategy.scores(ctx), kind="stable")
+        scores = strategy.scores(ctx)
+        batch = batch[np.argsort(-scores[batch], kind="stable")]  # cluster-based batches come in cluster order
+        ranked = np.argsort(-scores, kind="stable")
         order = np.concatenate([batch, ranked[~np.isin(ranked, batch)]])[: max(self.queue_size, k)]
         label_idx = ctx.proba.argmax(1)
         predictions = [
             PredictionIn(task_id=int(unlabeled["task_id"].iat[i]), label=self.taxonomy.labels[label_idx[i]],
                          score=float(score), model_version=loaded.ref.label, from_name=FROM_NAME, to_name=TO_NAME)
-            for i, score in zip(order, priorities(len(order), len(unlabeled)), strict=True)
+            for i, score in zip(order, priorities(len(order), len(self.taxonomy.labels)), strict=True)
         ]
         if progress:
             progress(0.8, f"pushing {len(predictions)} priorities to Label Studio")
@@ -199,13 +221,19 @@ class ActiveLearningLoop:
                   ) -> RoundResult:
         """Retrain on every label in the journal, gate, and refresh the queue when the champion changed.
 
-        ``on_snapshot`` runs right after the labels are read (the retrain trigger moves its mark there,
-        so labels arriving during the round count towards the next one)."""
+        ``on_snapshot`` runs right before the labels are read (the retrain trigger moves its mark there):
+        a label that arrives in between is trained on now and also counts towards the next round, so
+        none is ever skipped. Rounds on one state dir never overlap, across processes too (the service's
+        retrain job and `labelloop loop round`)."""
+        with _exclusive(self.settings.state_dir / "round.lock"):
+            return self._run_round(progress, on_snapshot)
+
+    def _run_round(self, progress: ReportProgress | None, on_snapshot: Callable[[], object] | None) -> RoundResult:
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        labels = self.journal.labels(self.project_id)
         if on_snapshot:
             on_snapshot()
+        labels = self.journal.labels(self.project_id)
         trained, macro_f1, promoted, reason = None, None, False, "not enough labels: need two classes"
         if len(labels) and labels["label"].nunique() >= 2:
             if progress:
@@ -230,8 +258,8 @@ class ActiveLearningLoop:
             timings["queue"] = time.perf_counter() - t_push
         timings["total"] = time.perf_counter() - started
         self.rounds += 1
-        signal = None
-        if self.pool_predictions is not None:
-            signal = asdict(self.stopping.update(self.rounds, self.pool_predictions, macro_f1, len(labels)))
+        if queue is not None:  # a new champion scored the pool: compare its predictions with the last one's
+            self.last_signal = asdict(self.stopping.update(self.rounds, self.pool_predictions, macro_f1, len(labels)))
+        signal = self.last_signal
         return RoundResult(len(labels), trained, macro_f1, promoted, reason,
                            loaded.ref.label if loaded else None, queue, signal, timings)

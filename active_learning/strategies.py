@@ -184,7 +184,11 @@ class MarginKMeans(QueryStrategy):
         seed = int(rng.integers(2**31 - 1))
         clusters = KMeans(n_clusters=k, n_init=1, max_iter=self.max_iter, random_state=seed).fit_predict(
             ctx.embeddings[candidates])
-        return _best_per_group(candidates, clusters, -scores[candidates])
+        chosen = _best_per_group(candidates, clusters, -scores[candidates])
+        if len(chosen) < k:  # duplicate texts (retweets) leave clusters empty: top up by margin
+            rest = candidates[~np.isin(candidates, chosen)]
+            chosen = np.concatenate([chosen, rest[np.argsort(-scores[rest], kind="stable")[: k - len(chosen)]]])
+        return chosen
 
 
 class Badge(QueryStrategy):

@@ -296,7 +296,7 @@ def loop_status(taxonomy: TaxonomyOpt = None) -> None:
 
     settings = settings_for(taxonomy)
     journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
-    runner = JobRunner(settings.state_dir / "jobs.sqlite", lambda progress: {})
+    runner = JobRunner(settings.state_dir / "jobs.sqlite", run_jobs=False)  # the service runs them
     try:
         trigger = RetrainTrigger(journal, runner, settings.retrain_every)
         console.print(f"labels: {len(journal.labels())}; waiting for the next retrain: {trigger.pending_labels()} "

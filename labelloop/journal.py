@@ -47,6 +47,7 @@ read-check-write.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -59,6 +60,8 @@ from typing import Any, Literal
 import pandas as pd
 
 from labelloop.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
 
 Status = Literal["accepted", "duplicate", "ignored", "quarantined"]
 Source = Literal["webhook", "reconcile"]
@@ -265,10 +268,13 @@ class Journal:
         project_id = _project_id_of(payload) if isinstance(payload, dict) else None
         annotation = payload.get("annotation") if isinstance(payload, dict) else None
         annotation_id = _optional_int(annotation.get("id")) if isinstance(annotation, dict) else None
-        with self._write() as conn:
-            event_id = _insert_event(conn, source, action, project_id, annotation_id, payload)
-            status, reason = self._dispatch(conn, event_id, source, payload)
-            _set_status(conn, event_id, status, reason)
+        try:
+            with self._write() as conn:
+                event_id = _insert_event(conn, source, action, project_id, annotation_id, payload)
+                status, reason = self._dispatch(conn, event_id, source, payload)
+                _set_status(conn, event_id, status, reason)
+        except _UNFORESEEN as e:
+            return self._quarantine_unusable(source, action, payload, e)
         return RecordResult(status, reason, event_id)
 
     def apply_annotation(self, annotation: dict, task: dict, source: Source = "reconcile") -> RecordResult:
@@ -280,6 +286,22 @@ class Journal:
         """
         _check_source(source)
         payload = {"action": "RECONCILE_APPLY", "annotation": annotation, "task": task}
+        try:
+            return self._apply(annotation, task, source, payload)
+        except _UNFORESEEN as e:
+            return self._quarantine_unusable(source, "RECONCILE_APPLY", payload, e)
+
+    def _quarantine_unusable(self, source: Source, action: Any, payload: Any, error: Exception) -> RecordResult:
+        """The safety net behind the payload checks: a value they did not foresee (a lone surrogate in
+        a text, a date SQLite cannot hold) rolled the transaction back; keep the payload, ASCII-escaped,
+        and quarantine it in a fresh one."""
+        reason = f"unusable payload: {type(error).__name__}: {error}"
+        log.warning("quarantined a %s event: %s", source, reason)
+        with self._write() as conn:
+            event_id = _insert_event(conn, source, action, None, None, payload, ascii_only=True)
+            return self._finish_quarantine(conn, event_id, None, None, reason)
+
+    def _apply(self, annotation: dict, task: dict, source: Source, payload: dict) -> RecordResult:
         project_id = _project_id_of(payload)
         with self._write() as conn:
             try:
@@ -604,13 +626,13 @@ def _check_source(source: str) -> None:
 
 
 def _insert_event(conn: sqlite3.Connection, source: str, action: Any, project_id: int | None,
-                  annotation_id: int | None, payload: Any) -> int:
+                  annotation_id: int | None, payload: Any, ascii_only: bool = False) -> int:
     """Store the payload first (provisionally 'ignored'); the caller sets the final status."""
     cursor = conn.execute(
         "INSERT INTO events (received_at, source, action, project_id, annotation_id, status, payload) "
         "VALUES (?, ?, ?, ?, ?, 'ignored', ?)",
-        (_now(), source, action if isinstance(action, str) else None, project_id, annotation_id,
-         json.dumps(payload, default=repr, ensure_ascii=False)),
+        (_now(), source, action if isinstance(action, str) and action.isascii() else None, project_id,
+         annotation_id, json.dumps(payload, default=repr, ensure_ascii=ascii_only)),
     )
     return cursor.lastrowid
 
@@ -697,14 +719,19 @@ def _project_id_of(payload: dict) -> int | None:
     return _optional_int(project)
 
 
+_SQLITE_INT_MAX = 2**63 - 1
+#: what a payload the checks did not foresee can raise inside a write (never an I/O failure)
+_UNFORESEEN = (ValueError, OverflowError, UnicodeError)
+
+
 def _optional_int(value: Any) -> int | None:
     """An id as Label Studio sends it (int, or a digit string); bools are not ids."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and -_SQLITE_INT_MAX - 1 <= value <= _SQLITE_INT_MAX:  # SQLite holds 64 bits
         return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
     return None
 
 
@@ -736,7 +763,10 @@ def _timestamp(value: Any) -> str | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except OverflowError:  # e.g. 9999-12-31T23:59-05:00 lies past datetime.max in UTC
+        return None
 
 
 def _now() -> str:

@@ -99,6 +99,7 @@ class Champion:
         self._on_swap = on_swap
         self._current: LoadedModel | None = None
         self._lock = asyncio.Lock()
+        self._failed_version: int | None = None  # polls skip it; /reload or a moved alias retries
         self.last_error: str | None = None
 
     @property
@@ -113,11 +114,12 @@ class Champion:
         loaded = self.source.load(version)
         return self._prepare(loaded) if self._prepare else loaded
 
-    async def refresh(self) -> SwapResult:
+    async def refresh(self, retry_failed: bool = True) -> SwapResult:
         """Load and swap in the registry's champion if it differs from the served one.
 
         Registry or load failures keep the served model and are reported in the result (and in
-        ``last_error``), so a broken new version never takes serving down.
+        ``last_error``), so a broken new version never takes serving down. With ``retry_failed=False``
+        (polling) a version that already failed to load is not loaded again on every tick.
         """
         async with self._lock:
             previous = self.label
@@ -131,11 +133,15 @@ class Champion:
                 return SwapResult(False, previous, previous, detail)
             if self._current is not None and self._current.ref.version == version:
                 return SwapResult(False, previous, previous, f"{previous} is already served")
+            if not retry_failed and version == self._failed_version:
+                return SwapResult(False, previous, previous, self.last_error or f"v{version} failed", failed=True)
             try:
                 loaded = await anyio.to_thread.run_sync(self._load, version)
             except Exception as e:
+                self._failed_version = version
                 return self._failed(previous, f"could not load champion v{version}: {e}")
             self._current = loaded
+            self._failed_version = None
             self.last_error = None
             if self._on_swap:
                 self._on_swap(loaded)
@@ -152,6 +158,6 @@ class Champion:
         while True:
             await asyncio.sleep(every_seconds)
             try:
-                await self.refresh()
+                await self.refresh(retry_failed=False)
             except Exception:  # never let one bad tick end polling for the life of the process
                 log.exception("champion poll failed")

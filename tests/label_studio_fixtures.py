@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +72,13 @@ def ls_project(label_studio: RunningLabelStudio) -> Iterator[int]:
         yield project.id
     finally:
         label_studio.sdk.projects.delete(project.id)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Poll until ``condition()``: Label Studio delivers webhooks on its own schedule, which under load
+    may end after the API call that caused them has returned."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)

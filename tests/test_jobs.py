@@ -59,8 +59,8 @@ def runner(tmp_path, gate):
 
 def test_jobs_run_one_at_a_time_and_triggers_coalesce(runner, gate):
     first = runner.submit("a")
-    until(lambda: runner.get(first.id).state == "running")
-    assert runner.get(first.id).message == "half way"
+    until(lambda: runner.get(first.id).message == "half way")  # progress is saved while it runs
+    assert runner.get(first.id).state == "running"
     second = runner.submit("b")
     third = runner.submit("c")  # joins the queued one instead of piling up
     assert third.id == second.id and third.reason == "b"
@@ -93,7 +93,10 @@ def test_failure_is_reported_and_worker_survives(tmp_path):
 def test_restart_marks_interrupted_job_failed_and_keeps_history(tmp_path, gate):
     crashed = JobRunner(tmp_path / "jobs.sqlite", gate)
     job = crashed.submit("a")
-    until(lambda: crashed.get(job.id).state == "running")
+    until(lambda: crashed.get(job.id).message == "half way")  # its last progress write is done
+    watcher = JobRunner(tmp_path / "jobs.sqlite", run_jobs=False)  # e.g. `labelloop loop status`
+    assert watcher.get(job.id).state == "running"  # a reader neither recovers nor claims jobs
+    watcher.close()
     restarted = JobRunner(tmp_path / "jobs.sqlite", lambda p: {})  # opens the store while the job "runs"
     try:
         after = restarted.get(job.id)
@@ -103,6 +106,18 @@ def test_restart_marks_interrupted_job_failed_and_keeps_history(tmp_path, gate):
         gate.release.release()
         crashed.close()
         restarted.close()
+
+
+def test_a_reader_does_not_run_queued_jobs(tmp_path):
+    reader = JobRunner(tmp_path / "jobs.sqlite", run_jobs=False)
+    try:
+        queued = reader.submit("from a reader")
+        time.sleep(0.2)
+        assert reader.get(queued.id).state == "queued"
+    finally:
+        reader.close()
+    with pytest.raises(ValueError, match="needs the work"):
+        JobRunner(tmp_path / "jobs.sqlite")
 
 
 def test_trigger_after_n_labels_and_on_start_training(tmp_path, runner, gate):

@@ -232,6 +232,10 @@ MALFORMED = [
     (event(tsk=task(text="   ")), "has no text"),
     (event(tsk=task(text=12345)), "has no text"),
     ({"action": "ANNOTATIONS_DELETED", "project": {"id": PROJECT}}, "without annotation ids"),
+    (event(ann=_with(annotation(), id="²")), "no valid 'id'"),  # a digit to str.isdigit, not to int()
+    (event(ann=_with(annotation(), id=2**70)), "no valid 'id'"),  # more than SQLite's 64 bits
+    (event(ann=_with(annotation(), updated_at="9999-12-31T23:59:59-05:00")), "updated_at"),  # past datetime.max
+    (event(tsk=task(text="lone \ud83d surrogate")), "unusable payload: UnicodeEncodeError"),
 ]
 
 
@@ -244,6 +248,13 @@ def test_malformed_payloads_are_stored_and_quarantined(journal: Journal, payload
     [entry] = journal.quarantined()
     assert entry["event_id"] == res.event_id and entry["reason"] == res.reason
     assert entry["payload"] == payload  # the raw payload is kept for audit and replay
+
+
+def test_reconcile_quarantines_an_annotation_it_cannot_store_and_goes_on(journal: Journal) -> None:
+    bad = journal.apply_annotation(annotation(1, 10), task(10, text="lone \udc00 surrogate"))
+    assert bad.status == "quarantined" and bad.reason.startswith("unusable payload")
+    assert journal.apply_annotation(annotation(2, 11), task(11)).status == "accepted"
+    assert label_map(journal) == {11: "hate"}
 
 
 def test_label_outside_taxonomy_is_ignored_only_when_another_control_holds_a_taxonomy_label(

@@ -29,7 +29,7 @@ from active_learning.labelstudio import (
 from labelloop.data import LabeledData
 from labelloop.ls_server import CREDENTIALS_FILE, LabelStudioServer, LabelStudioServerError, free_port
 from labelloop.taxonomy import FROM_NAME, TO_NAME, LabelConfigError, get_taxonomy, parse_label_config
-from tests.label_studio_fixtures import RunningLabelStudio
+from tests.label_studio_fixtures import RunningLabelStudio, wait_for
 from tests.local_http import LocalHTTPServer
 
 HATE_OFFENSIVE = get_taxonomy("hate_offensive")
@@ -390,8 +390,11 @@ def test_connect_backend_once_events_arrive_once_and_predictions_are_retrieved(
     assert [h.url for h in hooks] == [f"{fake_backend.url}/webhook"]
 
     annotation = client.create_annotation(mapping[rows["id"][0]], "hate")
-    created = [e for e in fake_backend.webhooks if e.get("action") == "ANNOTATION_CREATED"]
-    assert [e["annotation"]["id"] for e in created] == [annotation["id"]]
+
+    def created() -> list[int]:
+        return [e["annotation"]["id"] for e in fake_backend.webhooks if e.get("action") == "ANNOTATION_CREATED"]
+
+    wait_for(lambda: created() == [annotation["id"]], "the annotation webhook")
     assert fake_backend.refused == 0
 
     client.retrieve_predictions(ls_project, task_ids=[mapping[rows["id"][1]]])

@@ -11,8 +11,8 @@ from active_learning.service import Service
 from labelloop import data
 from labelloop.ls_server import free_port
 from labelloop.taxonomy import get_taxonomy
-from tests.label_studio_fixtures import RunningLabelStudio
-from tests.test_serving_integration import ServerThread, wait_for
+from tests.label_studio_fixtures import RunningLabelStudio, wait_for
+from tests.test_serving_integration import ServerThread
 from training.registry import CHAMPION, Registry
 from training.train import train_and_register
 
@@ -72,7 +72,7 @@ def test_the_loop_turns_against_real_label_studio(loop_settings, label_studio: R
             task = client.next_task(ls_project)
             client.create_annotation(task["id"], gold[task["data"]["item_id"]])
             labeled.append(task)
-        assert len(service.journal.labels(ls_project)) == 4
+        wait_for(lambda: len(service.journal.labels(ls_project)) == 4, "four annotation webhooks")
         service.close()
 
     # one more label while our service is down: its webhook fails, reconciliation after restart finds it

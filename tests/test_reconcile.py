@@ -19,7 +19,7 @@ from active_learning.reconcile import ReconcileReport, reconcile
 from labelloop.data import LabeledData
 from labelloop.journal import Journal
 from labelloop.taxonomy import get_taxonomy
-from tests.label_studio_fixtures import RunningLabelStudio
+from tests.label_studio_fixtures import RunningLabelStudio, wait_for
 from tests.local_http import LocalHTTPServer
 
 TAXONOMY = get_taxonomy("hate_offensive")
@@ -129,7 +129,7 @@ def test_webhooks_and_reconciliation_together_count_every_label_once(
     ids = list(items["id"])
 
     delivered = [client.create_annotation(tasks[ids[0]], "hate"), client.create_annotation(tasks[ids[1]], "offensive")]
-    assert _labels(journal, ls_project) == {ids[0]: "hate", ids[1]: "offensive"}
+    wait_for(lambda: _labels(journal, ls_project) == {ids[0]: "hate", ids[1]: "offensive"}, "two webhooks")
     stats = journal.stats()
     assert stats["accepted"] == 2 and stats["ignored"] >= 1  # TASKS_CREATED is journaled, not applied
 
@@ -138,9 +138,9 @@ def test_webhooks_and_reconciliation_together_count_every_label_once(
     client.create_annotation(tasks[ids[3]], "neither", was_cancelled=True)
     sdk.annotations.update(delivered[0]["id"], result=choice_result("neither"))
     sdk.annotations.delete(delivered[1]["id"])
+    wait_for(lambda: receiver.lost == ["ANNOTATION_CREATED", "ANNOTATION_CREATED", "ANNOTATION_UPDATED",
+                                       "ANNOTATIONS_DELETED"], "four refused webhooks")
     receiver.down = False
-    assert receiver.lost == ["ANNOTATION_CREATED", "ANNOTATION_CREATED", "ANNOTATION_UPDATED",
-                             "ANNOTATIONS_DELETED"]
     assert _labels(journal, ls_project) == {ids[0]: "hate", ids[1]: "offensive"}  # stale
 
     report = reconcile(client, ls_project, journal)

@@ -8,8 +8,7 @@ restart, and delivers annotation webhooks into the journal.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -24,7 +23,7 @@ from labelloop.journal import Journal
 from labelloop.ls_server import free_port
 from labelloop.taxonomy import get_taxonomy
 from serving.app import create_app
-from tests.label_studio_fixtures import RunningLabelStudio
+from tests.label_studio_fixtures import RunningLabelStudio, wait_for
 from training.registry import Registry
 from training.train import TrainResult, train_and_register
 
@@ -56,14 +55,6 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "the backend did not stop"
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
 
 
 @pytest.fixture

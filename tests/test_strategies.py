@@ -120,6 +120,15 @@ def test_every_strategy_returns_k_unique_pool_indices(name):
     assert sorted(strategy.select(ctx, 500, rng()).tolist()) == list(range(200))
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_fills_its_batch_when_the_pool_is_full_of_duplicates(name):
+    """Retweets: 200 items but only 4 distinct embeddings, so clustering finds fewer groups than k."""
+    ctx = full_context()
+    ctx.embeddings = ctx.embeddings[np.arange(200) % 4]
+    chosen = get_strategy(name).select(ctx, 25, rng(3))
+    assert len(chosen) == 25 and len(set(chosen.tolist())) == 25
+
+
 def test_missing_context_fields_are_named():
     with pytest.raises(ValueError, match="needs \\['mc_proba'\\]"):
         BALD().scores(ctx_of([[0.5, 0.5]]))

@@ -57,6 +57,12 @@ class RegistryError(RuntimeError):
 class ModelRef:
     name: str
     version: int
+    run_id: str | None = field(default=None, compare=False)  # tells apart "v1" of two registries
+
+    @property
+    def cache_key(self) -> str:
+        """Names this model's predictions in caches that outlive a registry (a reset restarts at v1)."""
+        return f"{self.label}@{self.run_id}" if self.run_id else self.label
 
     @property
     def label(self) -> str:
@@ -232,7 +238,7 @@ class Registry:
             tags={"data_snapshot": data_snapshot, "model_kind": classifier.kind, "eval_set": eval_id,
                   **{f"eval.{eval_id}.{k}": f"{v:.6f}" for k, v in report.metrics().items()}},
         )
-        ref = ModelRef(self.name, int(mv.version))
+        ref = ModelRef(self.name, int(mv.version), mv.run_id)
         self.client.set_registered_model_alias(self.name, CHALLENGER, str(ref.version))
         return ref, run.info.run_id
 
@@ -260,7 +266,7 @@ class Registry:
     def load(self, alias_or_version: str | int) -> LoadedModel:
         mv = self._resolve(alias_or_version)
         pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{mv.version}")
-        return LoadedModel(ModelRef(self.name, int(mv.version)), pyfunc.unwrap_python_model().classifier)
+        return LoadedModel(ModelRef(self.name, int(mv.version), mv.run_id), pyfunc.unwrap_python_model().classifier)
 
     def versions(self) -> list[VersionInfo]:
         aliases = self.aliases()
