@@ -204,14 +204,27 @@ def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default: settings, 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default: settings, 9090)")] = None,
     taxonomy: TaxonomyOpt = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="allow a non-loopback address without credentials "
+                                          "(only behind something that authenticates for you)")] = False,
 ) -> None:
     """Serve the champion as a Label Studio ML backend, with webhooks, retrain jobs and the queue loop."""
+    import ipaddress
+
     import uvicorn
 
     from active_learning.service import Service
 
     settings = settings_for(taxonomy)
     settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    credentials = settings.api_token or (settings.basic_user and settings.basic_password)
+    if not (loopback or credentials or no_auth):
+        raise CliError(f"refusing to serve on {settings.host} without credentials: anyone who can reach it could "
+                       "read predictions, post webhooks and reload models. Set LABELLOOP_BASIC_USER and "
+                       "LABELLOOP_BASIC_PASSWORD (what Label Studio sends) or LABELLOOP_API_TOKEN, or pass --no-auth")
     service = Service(settings)
     service.start_background()
     console.print(f"serving {settings.registered_model_name}@champion on http://{settings.host}:{settings.port} "

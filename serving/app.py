@@ -16,6 +16,7 @@ input was not classified as sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -23,7 +24,6 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-import uvicorn
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -94,6 +94,7 @@ def create_app(
     webhook payload after it is journaled (the active-learning loop schedules retraining there)."""
     credentials = Credentials(settings)
     source = model_source or RegistryModelSource(settings)
+    owns_journal = journal is None
     journal = journal or Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
     metrics = ServingMetrics()
 
@@ -117,7 +118,11 @@ def create_app(
         finally:
             if poller:
                 poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
             await batcher.aclose()
+            if owns_journal:
+                journal.close()
 
     app = FastAPI(
         title="labelloop ML backend",
@@ -150,11 +155,11 @@ def create_app(
 
     # -------------------------------------------------------------------------------- health
     def health() -> HealthResponse:
-        model = champion.current
+        model = champion.current  # read once: a swap meanwhile must not mix two versions in one answer
         detail = None if model else (
             champion.last_error or "no champion in the registry yet: predictions are empty")
         return HealthResponse(model_class=type(model.classifier).__name__ if model else "none",
-                              model_version=champion.label, model_loaded=model is not None,
+                              model_version=model.ref.label if model else None, model_loaded=model is not None,
                               precision=precision(model.classifier) if model else None, detail=detail)
 
     app.get("/", response_model=HealthResponse, tags=["label-studio"])(health)
@@ -287,17 +292,3 @@ def create_app(
         app.include_router(router)
     return app
 
-
-def serve(
-    settings: Settings,
-    *,
-    model_source: ModelSource | None = None,
-    journal: Journal | None = None,
-    on_event: EventHandler | None = None,
-    extra_routers: Sequence[APIRouter] = (),
-) -> None:
-    """Run the backend with uvicorn on ``settings.host:port``, one worker: the model lives in the
-    process, so more workers would mean more copies of it and swaps out of step."""
-    app = create_app(settings, model_source=model_source, journal=journal, on_event=on_event,
-                     extra_routers=extra_routers)
-    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_level="info")

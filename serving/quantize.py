@@ -4,7 +4,7 @@
 quantises activations on the fly: no calibration data, no export step, any CPU. It returns a *copy*.
 
 Measured by ``bench/serve_throughput.py`` on held-out Davidson texts (see bench/results/): a fine-tuned
-MiniLM keeps its top label on 99.25 % of 2,000 texts at 1.4-1.5x the fp32 speed, but a fast-mode model
+MiniLM keeps its top label on 99.25 % of 2,000 texts at 1.3-1.5x the fp32 speed, but a fast-mode model
 (frozen encoder + logistic head) keeps it on only 92.6 %: the head separates classes by small
 differences between normalised embeddings, which int8 noise blurs. Hence, with ``quantize="int8"``:
 

@@ -185,3 +185,9 @@ def test_loop_export_refuses_an_empty_journal_and_unknown_formats(cli_settings, 
     assert not (tmp_path / "labels.csv").exists()
     bad = invoke("loop", "export", str(tmp_path / "labels.xlsx"))
     assert bad.exit_code == 2 and "unsupported format '.xlsx'" in bad.stderr, bad.output
+
+
+def test_serve_refuses_a_public_address_without_credentials(cli_settings):
+    result = invoke("serve", "--host", "0.0.0.0", "--port", "1")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without credentials"), result.stderr

@@ -574,6 +574,23 @@ def test_background_poll_follows_the_alias(make_client, source: FakeSource):
     assert source.loads.count(3) == 1
 
 
+def test_poll_does_not_reload_a_broken_version_on_every_tick(make_client, source: FakeSource):
+    client = make_client(source, poll_seconds=0.02)
+    source.champion = 7  # registered but its artifact is gone
+    deadline = time.monotonic() + 20
+    while 7 not in source.loads:
+        assert time.monotonic() < deadline, "poll never tried v7"
+        time.sleep(0.02)
+    time.sleep(0.2)  # ~10 more ticks
+    assert source.loads.count(7) == 1
+    assert client.get("/health").json()["model_version"] == f"{NAME}:v1"
+    assert client.post("/reload").status_code == 503 and source.loads.count(7) == 2  # an explicit reload retries
+    source.champion = 2  # the alias moves on: the poll follows it
+    while client.get("/health").json()["model_version"] != f"{NAME}:v2":
+        assert time.monotonic() < deadline, "poll never swapped to v2"
+        time.sleep(0.02)
+
+
 async def _post(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
     return await client.post(path, json=body)
 
