@@ -30,16 +30,31 @@ class CliError(Exception):
     """An expected failure: printed as one clear line, exit code 2."""
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can act on (bad input, a server that is down or refuses, a port in use)."""
+    import httpx
+    from mlflow.exceptions import MlflowException
+
+    from active_learning.labelstudio import LabelStudioError
+    from labelloop.data import DataError
+    from labelloop.ls_server import LabelStudioServerError
+    from labelloop.taxonomy import LabelConfigError
+    from training.registry import RegistryError
+
+    return (CliError, DataError, RegistryError, LabelConfigError, LabelStudioError, LabelStudioServerError,
+            MlflowException, httpx.HTTPError, OSError, ValueError)
+
+
 def friendly_errors(fn: Callable) -> Callable:
+    """One clear ``error:`` line and exit code 2 for expected failures; a traceback only for bugs
+    (or for all failures with ``LABELLOOP_DEBUG=1``)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from labelloop.data import DataError
-        from labelloop.taxonomy import LabelConfigError
-        from training.registry import RegistryError
-
         try:
             return fn(*args, **kwargs)
-        except (CliError, DataError, RegistryError, LabelConfigError, ValueError, FileNotFoundError) as e:
+        except Exception as e:
+            if os.environ.get("LABELLOOP_DEBUG") or not isinstance(e, _expected_errors()):
+                raise
             err.print(f"[bold red]error:[/] {e}")
             raise typer.Exit(2) from None
 
@@ -115,8 +130,11 @@ def train(
     _print_report(result.report)
     console.print(f"registered [bold]{result.ref.label}[/] as challenger (run {result.run_id}, "
                   f"{result.seconds:.0f} s)")
-    if promote:
-        _print_decision(_registry(settings).promote())
+    if promote:  # this run's version, even if another process registered a challenger meanwhile
+        decision = _registry(settings).promote(result.ref.version)
+        _print_decision(decision)
+        if not decision.promoted:
+            raise typer.Exit(1)
 
 
 @app.command()

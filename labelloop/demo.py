@@ -41,6 +41,12 @@ console = Console()
 PROJECT_TITLE = "labelloop integrity review (demo)"
 
 
+def project_title(taxonomy: str) -> str:
+    """One demo project per taxonomy: a project's label config is fixed, so `--dataset ethos` after a
+    Davidson run gets a project of its own instead of a label-config clash."""
+    return PROJECT_TITLE if taxonomy == "hate_offensive" else f"{PROJECT_TITLE}: {taxonomy}"
+
+
 @dataclass
 class DemoOptions:
     dataset: str = "davidson"
@@ -205,8 +211,9 @@ def run(settings: Settings, options: DemoOptions) -> dict:
     eval_id, eval_frame = registry.freeze_eval_set(test, labeled.source)
     pool = splits.train[~splits.train["text"].isin(set(eval_frame["text"]))]
     pool = data.stratified_sample(pool, options.pool_size, seed=settings.seed)
-    gold = dict(zip(pool["id"].astype(str), pool["label"], strict=True))
-    project_id = client.ensure_project(PROJECT_TITLE, labeled.taxonomy,
+    # every labeled row, not just this run's sample: a re-run with another --pool-size serves older tasks too
+    gold = dict(zip(labeled.frame["id"].astype(str), labeled.frame["label"], strict=True))
+    project_id = client.ensure_project(project_title(labeled.taxonomy.name), labeled.taxonomy,
                                        description="Integrity review queue steered by labelloop active learning")
     client.use_uncertainty_sampling(project_id)
     settings = settings.model_copy(update={
@@ -245,7 +252,7 @@ def run(settings: Settings, options: DemoOptions) -> dict:
         _print_urls(settings, ls_url, options, project_id, ls_server, user, password)
         if options.wait:
             console.print("[bold]running until Ctrl-C[/] (or `make stop` from another terminal)")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            _wait_for_stop_signal()
         return summary
     finally:
         backend.should_exit = True
@@ -255,6 +262,16 @@ def run(settings: Settings, options: DemoOptions) -> dict:
         if ls_server:
             ls_server.stop()  # a server this run started (a reused one keeps running)
         (demo_dir(settings) / "pids.json").unlink(missing_ok=True)
+
+
+def _wait_for_stop_signal() -> None:
+    """Until Ctrl-C or `make stop` (SIGTERM). Python runs signal handlers in the main thread, so the
+    handler sets an event and the caller's ``finally`` stops everything this run started."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
 
 
 def _finish_round(service: Service, table: Table, name: str, since: str) -> None:

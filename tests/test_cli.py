@@ -191,3 +191,12 @@ def test_serve_refuses_a_public_address_without_credentials(cli_settings):
     result = invoke("serve", "--host", "0.0.0.0", "--port", "1")
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without credentials"), result.stderr
+
+
+def test_train_promote_gates_its_own_version_and_exits_1_when_refused(cli_settings: Settings, dataset_csv: Path):
+    base = ("train", "--dataset", str(dataset_csv), "--mode", "fast", "--taxonomy", "hate_offensive")
+    first = invoke(*base, "--promote")
+    assert first.exit_code == 0 and "champion is now v1" in first.stdout, first.output
+    worse = invoke(*base, "--limit", "20", "--promote")
+    assert worse.exit_code == 1 and "refused" in worse.stdout, worse.output
+    assert Registry(cli_settings).alias_version(CHAMPION) == 1

@@ -123,6 +123,46 @@ def test_bad_training_input_registers_nothing(settings, frames):
     with pytest.raises(DataError, match="taxonomy"):
         train_and_register(big, None, davidson_tax(), mode="fast", source="x", eval_frame=eval_frame,
                            settings=settings.model_copy(update={"taxonomy": "spam"}))
-    assert registry.versions() == []
+    assert registry.versions() == [] and registry.eval_set() is None  # not even the eval set was frozen
     with pytest.raises(RegistryError, match="no challenger"):
         registry.promote()
+
+
+def test_a_registry_failure_is_never_read_as_no_champion(settings, frames, monkeypatch):
+    """A locked SQLite database or an unreachable server must stop the gate, not wave the challenger through."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    eval_frame, big, _ = frames
+    registry = Registry(settings)
+    _train(settings, big, eval_frame)
+    registry.promote()
+    _train(settings, big.head(60), eval_frame)
+
+    def locked(*args, **kwargs):
+        raise MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
+
+    monkeypatch.setattr(registry.client, "get_model_version_by_alias", locked)
+    with pytest.raises(MlflowException, match="database is locked"):
+        registry.promote()
+    monkeypatch.undo()
+    assert registry.alias_version(CHAMPION) == 1
+
+
+def test_rollbacks_walk_back_through_champions_and_the_rolled_back_version_stays_out(settings, frames):
+    settings = settings.model_copy(update={"gate_min_gain": -1.0, "gate_max_recall_drop": 1.0})  # all promote
+    eval_frame, big, tiny = frames
+    registry = Registry(settings)
+    for i, train in enumerate([tiny, big, big.head(300)], start=1):
+        assert _train(settings, train, eval_frame, seed=i).ref.version == i
+        assert registry.promote().promoted
+    assert registry.alias_version(CHAMPION) == 3 and registry.alias_version(CHALLENGER) == 3
+
+    assert registry.rollback().reason == "rolled back from v3 to v2"
+    assert registry.alias_version(CHALLENGER) is None  # a plain `promote` must not bring v3 back
+    with pytest.raises(RegistryError, match="no challenger"):
+        registry.promote()
+    assert registry.rollback().reason == "rolled back from v2 to v1"
+    assert registry.alias_version(CHAMPION) == 1
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        registry.rollback()

@@ -226,6 +226,7 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
         if not has_validation:
             history.append(entry)
             return False
+        model.eval()  # dropout off: the score must be the one the saved model would get
         f1 = _score_validation(classifier, val_texts, y_val, config.batch_size, progress)
         model.train()
         entry["val_macro_f1"] = f1

@@ -53,6 +53,16 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot go ahead; the message says why."""
 
 
+def _raise_unless_absent(error: MlflowException) -> None:
+    """Let through only MLflow's "not there" (a model, version or alias that does not exist). Anything
+    else, such as a locked database or an unreachable server, must not read as "no champion": the gate
+    would then wave the next model through."""
+    absent = error.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message)
+    if not absent:
+        raise error
+
+
 @dataclass(frozen=True)
 class ModelRef:
     name: str
@@ -143,30 +153,34 @@ class Registry:
     def _ensure_registered_model(self) -> None:
         try:
             self.client.get_registered_model(self.name)
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             try:
                 self.client.create_registered_model(
                     self.name, description=f"labelloop classifier, taxonomy {self.settings.taxonomy}"
                 )
-            except MlflowException:
-                pass  # created concurrently
+            except MlflowException as e2:
+                if e2.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise  # else created concurrently
 
     # ------------------------------------------------------------------ the frozen evaluation set
     def eval_set(self) -> tuple[str, pd.DataFrame] | None:
         """``(id, frame)`` of the frozen evaluation set, or None before the first training run."""
         try:
             tags = self.client.get_registered_model(self.name).tags
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             return None
         if _EVAL_SET_TAG not in tags:
             return None
         eval_id = tags[_EVAL_SET_TAG]
         cached = self.settings.eval_sets_dir / f"{eval_id}.parquet"
         if not cached.exists():
-            local = self.client.download_artifacts(tags[_EVAL_SET_RUN_TAG], "eval_set.parquet",
-                                                   tempfile.mkdtemp(prefix="labelloop-eval-"))
             cached.parent.mkdir(parents=True, exist_ok=True)
-            Path(local).replace(cached)
+            # downloaded next to its final place, so the last step is an atomic rename on one filesystem
+            with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".download-") as tmp:
+                local = self.client.download_artifacts(tags[_EVAL_SET_RUN_TAG], "eval_set.parquet", tmp)
+                Path(local).replace(cached)
         return eval_id, pd.read_parquet(cached)
 
     def freeze_eval_set(self, frame: pd.DataFrame, source: str) -> tuple[str, pd.DataFrame]:
@@ -246,13 +260,15 @@ class Registry:
     def aliases(self) -> dict[str, int]:
         try:
             return {a: int(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             return {}
 
     def alias_version(self, alias: str) -> int | None:
         try:
             return int(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             return None
 
     def _resolve(self, alias_or_version: str | int) -> ModelVersion:
@@ -260,7 +276,8 @@ class Registry:
             if isinstance(alias_or_version, int) or str(alias_or_version).isdigit():
                 return self.client.get_model_version(self.name, str(alias_or_version))
             return self.client.get_model_version_by_alias(self.name, str(alias_or_version))
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             raise RegistryError(f"model {self.name!r} has no version or alias {alias_or_version!r}") from None
 
     def load(self, alias_or_version: str | int) -> LoadedModel:
@@ -275,7 +292,8 @@ class Registry:
             by_version.setdefault(version, []).append(alias)
         try:
             mvs = self.client.search_model_versions(f"name='{self.name}'")
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             return []
         return sorted(
             (VersionInfo(int(mv.version), sorted(by_version.get(int(mv.version), [])), mv.run_id,
@@ -287,7 +305,8 @@ class Registry:
     def history(self) -> list[GateDecision]:
         try:
             tags = self.client.get_registered_model(self.name).tags
-        except MlflowException:
+        except MlflowException as e:
+            _raise_unless_absent(e)
             return []
         events = [GateDecision(**json.loads(v)) for k, v in tags.items() if k.startswith(_HISTORY_PREFIX)]
         return sorted(events, key=lambda e: e.at)
@@ -371,6 +390,8 @@ class Registry:
                 raise RegistryError("no earlier champion to roll back to")
             target = stack[-2]
             self.client.set_registered_model_alias(self.name, CHAMPION, str(target))
+            if self.alias_version(CHALLENGER) == current:  # else the next plain `promote` would bring it back
+                self.client.delete_registered_model_alias(self.name, CHALLENGER)
             frozen = self.eval_set()
             return self._record(GateDecision("rollback", True, target, current, target,
                                              f"rolled back from v{current} to v{target}",

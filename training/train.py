@@ -63,18 +63,20 @@ def train_and_register(
                         f"{settings.taxonomy!r}; set LABELLOOP_TAXONOMY={taxonomy.name}")
     registry = Registry(settings)
     frozen = registry.eval_set()
-    if frozen is None:
-        if eval_frame is None or eval_frame.empty:
-            raise DataError(f"model {registry.name!r} has no frozen evaluation set yet; the first training "
-                            "run must supply one (labelloop train --dataset ... freezes its test split)")
-        frozen = registry.freeze_eval_set(eval_frame, source)
-    eval_id, frozen_frame = frozen
-    held_out = set(frozen_frame["text"])
+    if frozen is None and (eval_frame is None or eval_frame.empty):
+        raise DataError(f"model {registry.name!r} has no frozen evaluation set yet; the first training "
+                        "run must supply one (labelloop train --dataset ... freezes its test split)")
+    held_out = set((frozen[1] if frozen else eval_frame)["text"])
     train = train[~train["text"].isin(held_out)].reset_index(drop=True)
     if validation is not None:
         validation = validation[~validation["text"].isin(held_out)].reset_index(drop=True)
     if train["label"].nunique() < 2:
         raise DataError(f"{source}: training data needs at least two classes, got {train['label'].unique()}")
+    if mode == "finetune" and (validation is None or validation.empty):
+        raise DataError("fine-tuning needs a validation split for early stopping")
+    if frozen is None:  # only once the input is known to be usable: a failed first run freezes nothing
+        frozen = registry.freeze_eval_set(eval_frame, source)
+    eval_id, frozen_frame = frozen
 
     started = time.perf_counter()
     params: dict[str, object] = {"mode": mode, "source": source, "base_model": settings.base_model,
@@ -83,8 +85,6 @@ def train_and_register(
     extra_metrics: dict[str, float] = {}
     classifier: TextClassifier
     if mode == "finetune":
-        if validation is None or validation.empty:
-            raise DataError("fine-tuning needs a validation split for early stopping")
         config = finetune_config or FineTuneConfig(base_model=settings.base_model,
                                                    max_length=settings.max_length, seed=settings.seed)
         result = finetune(train, validation, taxonomy, config, progress)
