@@ -115,12 +115,20 @@ def train(
                             settings=settings)
         settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
         splits = data.split(labeled, seed=settings.seed)
-    train_frame, val_frame = splits.train, splits.validation
+    import pandas as pd
+
+    # Rows no split needs go to training: the test split once an evaluation set is frozen (the gate
+    # judges on that), the validation split in fast mode (no early stopping).
+    extra = ([splits.test] if _registry(settings).eval_set() is not None else []) + (
+        [splits.validation] if mode == "fast" else [])
+    train_frame = pd.concat([splits.train, *extra], ignore_index=True)
+    val_frame = splits.validation
     if limit:
         train_frame = data.stratified_sample(train_frame, limit, seed=settings.seed)
         val_frame = data.stratified_sample(val_frame, max(limit // 4, 50), seed=settings.seed)
-    console.print(f"{labeled.source}: {len(labeled)} rows after de-duplication; training on {len(train_frame)}, "
-                  f"validating on {len(val_frame)}, taxonomy {labeled.taxonomy.name} {list(labeled.taxonomy.labels)}")
+    validating = f", validating on {len(val_frame)}" if mode == "finetune" else ""
+    console.print(f"{labeled.source}: {len(labeled)} rows after de-duplication; training on {len(train_frame)}"
+                  f"{validating}, taxonomy {labeled.taxonomy.name} {list(labeled.taxonomy.labels)}")
     config = FineTuneConfig(base_model=settings.base_model, max_length=settings.max_length, epochs=epochs,
                             seed=settings.seed)
     with progress_bars() as progress:

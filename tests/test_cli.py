@@ -76,7 +76,7 @@ def test_train_promote_refuse_rollback_models_evaluate(cli_settings: Settings, d
     assert registry.alias_version(CHAMPION) == 1
 
     worse = invoke("train", "--dataset", str(dataset_csv), "--mode", "fast", "--taxonomy", "hate_offensive",
-                   "--limit", "20")
+                   "--limit", "10")
     assert worse.exit_code == 0, worse.output
     assert f"registered {MODEL}:v2 as challenger" in worse.stdout
     assert macro_f1_in(worse.stdout) < v1_f1
@@ -200,3 +200,20 @@ def test_train_promote_gates_its_own_version_and_exits_1_when_refused(cli_settin
     worse = invoke(*base, "--limit", "20", "--promote")
     assert worse.exit_code == 1 and "refused" in worse.stdout, worse.output
     assert Registry(cli_settings).alias_version(CHAMPION) == 1
+
+
+def test_once_the_eval_set_is_frozen_every_row_of_a_new_dataset_trains(cli_settings: Settings, tmp_path: Path,
+                                                                      davidson_small):
+    """The `loop export` → `train` workflow: the gate judges on the frozen set, so no reviewer label is
+    held back for a test split nobody uses."""
+    frame = davidson_small.frame[["id", "text", "label"]]
+    first_csv, second_csv = tmp_path / "first.csv", tmp_path / "reviewed.csv"
+    frame.iloc[:300].to_csv(first_csv, index=False)
+    frame.iloc[300:].to_csv(second_csv, index=False)
+    for path in (first_csv, second_csv):
+        result = invoke("train", "--dataset", str(path), "--mode", "fast", "--taxonomy", "hate_offensive")
+        assert result.exit_code == 0, result.output
+    registry = Registry(cli_settings)
+    first, second = (int(registry.client.get_run(v.run_id).data.params["train_rows"]) for v in registry.versions())
+    assert first == 300 - len(registry.eval_set()[1])  # its test split became the frozen eval set
+    assert second == len(frame) - 300
