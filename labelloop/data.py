@@ -356,6 +356,10 @@ def split(data: LabeledData, *, seed: int, val_frac: float = 0.1, test_frac: flo
         parts = {s: frame[frame["split"] == s].drop(columns="split").reset_index(drop=True) for s in SPLITS}
         if not parts["validation"].empty and not parts["test"].empty:
             return Splits(parts["train"], parts["validation"], parts["test"])
+        if not parts["test"].empty and len(parts["train"]) >= 10:  # keep the official test; carve validation
+            train, val = train_test_split(parts["train"], test_size=val_frac, random_state=seed,
+                                          stratify=_stratify_labels(parts["train"]))
+            return Splits(train.reset_index(drop=True), val.reset_index(drop=True), parts["test"])
         frame = frame.drop(columns="split")
     counts = frame["label"].value_counts()
     if len(frame) < 10 or counts.min() < 3:
@@ -365,6 +369,11 @@ def split(data: LabeledData, *, seed: int, val_frac: float = 0.1, test_frac: flo
     train, val = train_test_split(rest, test_size=val_frac / (1 - test_frac), random_state=seed,
                                   stratify=rest["label"])
     return Splits(*(f.reset_index(drop=True) for f in (train, val, test)))
+
+
+def _stratify_labels(frame: pd.DataFrame) -> pd.Series | None:
+    """Stratify by label when every class has at least two rows (else sklearn refuses)."""
+    return frame["label"] if frame["label"].value_counts().min() >= 2 else None
 
 
 def stratified_sample(frame: pd.DataFrame, n: int, *, seed: int) -> pd.DataFrame:

@@ -209,3 +209,14 @@ def test_load_unlabeled_drops_labels_and_empty_texts(tmp_path, shared_settings):
     pool = data.load_unlabeled(str(path), settings=shared_settings)
     assert pool["text"].tolist() == ["x", "y"]
     assert list(pool.columns) == ["id", "text"]
+
+
+def test_official_train_and_test_without_validation_keep_the_official_test(tmp_path, shared_settings):
+    rows = [{"text": f"train text {i}", "label": i % 3, "split": "train"} for i in range(30)]
+    rows += [{"text": f"test text {i}", "label": i % 3, "split": "test"} for i in range(9)]
+    path = _write(tmp_path, "official.csv", pd.DataFrame(rows))
+    loaded = data.load(str(path), taxonomy="hate_offensive", settings=shared_settings)
+    splits = data.split(loaded, seed=0)
+    assert sorted(splits.test["text"]) == sorted(f"test text {i}" for i in range(9))
+    assert len(splits.validation) == 3 and len(splits.train) == 27
+    assert not set(splits.validation["text"]) & set(splits.train["text"])
