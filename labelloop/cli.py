@@ -102,6 +102,8 @@ def train(
 ) -> None:
     """Train a classifier, evaluate it on the frozen evaluation set, log it to MLflow and register it
     as the challenger."""
+    import pandas as pd
+
     from labelloop import data
     from training.finetune import FineTuneConfig
     from training.train import train_and_register
@@ -115,8 +117,6 @@ def train(
                             settings=settings)
         settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
         splits = data.split(labeled, seed=settings.seed)
-    import pandas as pd
-
     # Rows no split needs go to training: the test split once an evaluation set is frozen (the gate
     # judges on that), the validation split in fast mode (no early stopping).
     extra = ([splits.test] if _registry(settings).eval_set() is not None else []) + (

@@ -307,6 +307,8 @@ class Journal:
             try:
                 version = self._parse_version(annotation, task, project_id)
             except _Malformed as e:
+                if _quarantined_before(conn, payload):  # the reconciler meets it on every pass
+                    return RecordResult("duplicate", f"already quarantined: {e}", None)
                 event_id = _insert_event(conn, source, "RECONCILE_APPLY", project_id, None, payload)
                 return self._finish_quarantine(conn, event_id, _dict_int(annotation, "id"),
                                                _dict_int(task, "id"), str(e))
@@ -635,6 +637,13 @@ def _insert_event(conn: sqlite3.Connection, source: str, action: Any, project_id
          annotation_id, json.dumps(payload, default=repr, ensure_ascii=ascii_only)),
     )
     return cursor.lastrowid
+
+
+def _quarantined_before(conn: sqlite3.Connection, payload: Any) -> bool:
+    """Whether this exact payload already sits in quarantine (the quarantine table stays small)."""
+    stored = json.dumps(payload, default=repr, ensure_ascii=False)
+    return conn.execute("SELECT 1 FROM quarantine q JOIN events e USING (event_id) WHERE e.payload = ? LIMIT 1",
+                        (stored,)).fetchone() is not None
 
 
 def _set_status(conn: sqlite3.Connection, event_id: int, status: Status, reason: str | None) -> None:

@@ -452,3 +452,14 @@ def test_a_second_process_writing_at_the_same_time_never_double_applies(journal:
     assert len(journal.labels()) == n and journal.new_label_count(0) == n
     sources = journal.annotations()["source"].value_counts().to_dict()
     assert sources == {"webhook": mine.count("accepted"), "reconcile": theirs.count("accepted")}
+
+
+def test_reconciling_the_same_malformed_annotation_again_does_not_grow_the_log(journal: Journal) -> None:
+    broken = _without(annotation(1, 10), "updated_at")  # cannot even be versioned
+    first = journal.apply_annotation(broken, task(10))
+    assert first.status == "quarantined"
+    events = journal.stats()["events"]
+    for _ in range(3):  # later reconcile passes meet it again
+        again = journal.apply_annotation(broken, task(10))
+        assert again.status == "duplicate" and again.event_id is None
+    assert journal.stats()["events"] == events and len(journal.quarantined()) == 1
