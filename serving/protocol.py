@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from labelloop.taxonomy import LabelConfigError, parse_label_config
 
+#: far above any real labeling config; caps what the per-project config caches can hold
+MAX_LABEL_CONFIG_CHARS = 256 * 1024
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -45,7 +48,8 @@ class LSTask(_Lenient):
 
 class SetupRequest(_Lenient):
     project: str | int | None = Field(None, description='"<project id>.<created epoch>"')
-    label_config: str | None = Field(None, alias="schema", description="the project's label config XML")
+    label_config: str | None = Field(None, alias="schema", max_length=MAX_LABEL_CONFIG_CHARS,
+                                     description="the project's label config XML")
     hostname: str | None = None
     access_token: str | None = None
     extra_params: dict[str, Any] | None = None
@@ -54,7 +58,7 @@ class SetupRequest(_Lenient):
 class PredictRequest(_Lenient):
     tasks: list[LSTask] | LSTask | None = Field(None, description="tasks to pre-label, answered in order")
     project: str | int | None = None
-    label_config: str | None = None
+    label_config: str | None = Field(None, max_length=MAX_LABEL_CONFIG_CHARS)
     params: dict[str, Any] | None = None
 
     def task_list(self) -> list[LSTask]:

@@ -188,6 +188,16 @@ def test_setup_returns_the_champion_version(client: TestClient):
     assert r.json() == {"model_version": f"{NAME}:v1"}
 
 
+def test_an_oversized_label_config_is_refused_not_cached(client: TestClient):
+    huge = CONFIG.replace("</View>", "<!--" + "x" * 300_000 + "--></View>")
+    for path, body in (("/setup", {"project": "3.1", "schema": huge}), ("/predict", {**predict_body(["x"]),
+                                                                                   "label_config": huge})):
+        r = client.post(path, json=body)
+        assert r.status_code == 422, (path, r.text[:300])
+        assert r.json()["detail"][0]["type"] == "string_too_long", (path, r.text[:300])
+    assert client.post("/setup", json={"project": "3.1", "schema": CONFIG}).status_code == 200
+
+
 def test_predict_answers_every_task_in_order_with_the_configs_names(client: TestClient):
     texts = ["nothing to see", "I hate you all", "damn this", "have a nice day"]
     r = client.post("/predict", json=predict_body(texts))
