@@ -145,7 +145,8 @@ def parse_label_config(xml: str) -> ChoicesControl:
         to_name = el.get("toName", "")
         if to_name not in texts:
             continue
-        labels = tuple(c.get("value") or c.get("alias") or "" for c in el.iter("Choice"))
+        # with an alias, Label Studio stores the alias in results, so that is the label's name
+        labels = tuple(c.get("alias") or c.get("value") or "" for c in el.iter("Choice"))
         return ChoicesControl(
             from_name=el.get("name", ""),
             to_name=to_name,

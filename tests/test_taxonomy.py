@@ -40,6 +40,12 @@ def test_parse_uses_names_from_the_config_not_hard_coded_ones():
     assert control.labels == ("spam", "ham")
 
 
+def test_a_choice_alias_is_the_label_because_label_studio_stores_it_in_results():
+    xml = """<View><Text name="text" value="$text"/><Choices name="label" toName="text">
+    <Choice value="Spam, scam or phishing" alias="spam"/><Choice value="ham"/></Choices></View>"""
+    assert parse_label_config(xml).labels == ("spam", "ham")
+
+
 @pytest.mark.parametrize("xml", ["<View></View>", "<View><Text name='t' value='$text'/></View>", "not xml <"])
 def test_configs_without_choices_are_a_clear_error(xml):
     with pytest.raises(LabelConfigError):

@@ -247,13 +247,14 @@ class Registry:
                 signature=infer_signature(example, output),
                 pip_requirements=_pip_requirements(),
             )
-        mv = self.client.create_model_version(
-            self.name, info.model_uri, run_id=run.info.run_id,
-            tags={"data_snapshot": data_snapshot, "model_kind": classifier.kind, "eval_set": eval_id,
-                  **{f"eval.{eval_id}.{k}": f"{v:.6f}" for k, v in report.metrics().items()}},
-        )
-        ref = ModelRef(self.name, int(mv.version), mv.run_id)
-        self.client.set_registered_model_alias(self.name, CHALLENGER, str(ref.version))
+            # inside the run: if registering fails, the run ends FAILED instead of looking complete
+            mv = self.client.create_model_version(
+                self.name, info.model_uri, run_id=run.info.run_id,
+                tags={"data_snapshot": data_snapshot, "model_kind": classifier.kind, "eval_set": eval_id,
+                      **{f"eval.{eval_id}.{k}": f"{v:.6f}" for k, v in report.metrics().items()}},
+            )
+            ref = ModelRef(self.name, int(mv.version), mv.run_id)
+            self.client.set_registered_model_alias(self.name, CHALLENGER, str(ref.version))
         return ref, run.info.run_id
 
     # ------------------------------------------------------------------ reading
