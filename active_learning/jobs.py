@@ -102,9 +102,10 @@ class JobRunner:
 
     def list(self, state: JobStateName | None = None, limit: int = 50) -> list[Job]:
         with self._lock:
-            rows = self._db.execute("SELECT body FROM jobs ORDER BY created_at DESC LIMIT ?", (limit * 4,)).fetchall()
-        jobs = [Job.model_validate_json(r[0]) for r in rows]
-        return [j for j in jobs if state is None or j.state == state][:limit]
+            rows = self._db.execute(
+                "SELECT body FROM jobs WHERE ?1 IS NULL OR json_extract(body, '$.state') = ?1 "
+                "ORDER BY created_at DESC LIMIT ?2", (state, limit)).fetchall()
+        return [Job.model_validate_json(r[0]) for r in rows]
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         with self._lock:
