@@ -239,6 +239,7 @@ def serve(
     import uvicorn
 
     from active_learning.service import Service
+    from serving.auth import Credentials
 
     settings = settings_for(taxonomy)
     settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
@@ -246,8 +247,7 @@ def serve(
         loopback = ipaddress.ip_address(settings.host).is_loopback
     except ValueError:
         loopback = settings.host == "localhost"
-    credentials = settings.api_token or (settings.basic_user and settings.basic_password)
-    if not (loopback or credentials or no_auth):
+    if not (loopback or no_auth or Credentials(settings).enabled):
         raise CliError(f"refusing to serve on {settings.host} without credentials: anyone who can reach it could "
                        "read predictions, post webhooks and reload models. Set LABELLOOP_BASIC_USER and "
                        "LABELLOOP_BASIC_PASSWORD (what Label Studio sends) or LABELLOOP_API_TOKEN, or pass --no-auth")
