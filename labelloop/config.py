@@ -80,6 +80,23 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(60.0, description="how often the service pulls annotations from Label "
                                      "Studio to catch missed webhooks (0: never)")
 
+    # --- label quality (monitoring/quality.py) -----------------------------------------------
+    honeypot_rate: float = Field(0.02, ge=0, le=0.5, description="share of each pushed batch that is honeypots: "
+                                 "frozen-eval items with known labels, for reviewer accuracy against gold")
+    overlap_rate: float = Field(0.05, ge=0, le=0.5, description="share of each pushed batch also served to a "
+                                "second annotator, for agreement (alpha, kappa, CROWDLAB)")
+    audit_rate: float = Field(0.05, ge=0, le=0.5, description="share of each pushed batch drawn uniformly at "
+                              "random from the pool and shown without a pre-label: the unbiased audit slice")
+    label_error_top_k: int = Field(20, ge=0, description="likely label errors sent back for adjudication per pass")
+
+    # --- drift and alerts (monitoring/drift.py) ----------------------------------------------
+    drift_window: Literal["day", "week", "batch"] = Field("day", description="how pool content is windowed")
+    drift_p_value: float = Field(0.01, gt=0, lt=1, description="a window drifts when a test's p-value is below this")
+    drift_min_items: int = Field(50, ge=10, description="windows with fewer items are reported, never alerted on")
+    drift_query_share: float = Field(0.2, ge=0, le=1, description="share of the next query batches drawn from a "
+                                     "drifted window, so reviewers see the new content soon")
+    alert_url: str | None = Field(None, description="alerts are POSTed here as JSON when raised and cleared")
+
     # --- Label Studio ------------------------------------------------------------------------
     ls_url: str = "http://127.0.0.1:8080"
     ls_api_key: SecretStr | None = None
@@ -124,6 +141,10 @@ class Settings(BaseSettings):
     @property
     def journal_path(self) -> Path:
         return self.state_dir / "journal.sqlite"
+
+    @property
+    def slices_path(self) -> Path:
+        return self.state_dir / "slices.sqlite"
 
     @property
     def eval_sets_dir(self) -> Path:

@@ -1,0 +1,140 @@
+"""Which Label Studio tasks were served for a purpose other than active learning, and why.
+
+Quality measurement needs to know, per task, whether it was a blind audit item (drawn uniformly at
+random and shown with no pre-label), a honeypot (a frozen-eval item whose label is known), a second
+copy of an item served for agreement (overlap), or an item sent back for adjudication. That knowledge
+must stay on our side: a gold label or an "audit" flag stored in the task's data would be visible to
+reviewers in Label Studio's Data Manager, and reviewers who know an item is a test treat it differently.
+
+It lives in ``labelloop/`` (the data layer) because three stages read it: serving (no pre-label for an
+audit task when Label Studio asks on open), active learning (which writes it, and which keeps honeypots
+out of training) and monitoring (which computes the measures). Rows are only ever added; a task has at
+most one purpose.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+SliceKind = Literal["audit", "honeypot", "overlap", "adjudication"]
+SLICE_KINDS: tuple[SliceKind, ...] = ("audit", "honeypot", "overlap", "adjudication")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS slice_items (
+    project_id             INTEGER NOT NULL,
+    task_id                INTEGER NOT NULL,
+    item_id                TEXT    NOT NULL,
+    kind                   TEXT    NOT NULL CHECK (kind IN ('audit', 'honeypot', 'overlap', 'adjudication')),
+    gold_label             TEXT,
+    source_task_id         INTEGER,
+    disputed_label         TEXT,
+    disputed_annotation_id INTEGER,
+    model_version          TEXT,
+    created_at             TEXT    NOT NULL,
+    PRIMARY KEY (task_id),
+    CHECK (kind != 'honeypot' OR gold_label IS NOT NULL),
+    CHECK (kind NOT IN ('overlap', 'adjudication') OR source_task_id IS NOT NULL)
+);
+CREATE INDEX IF NOT EXISTS slice_items_project ON slice_items (project_id, kind);
+"""
+
+
+@dataclass(frozen=True)
+class SliceItem:
+    """One served task with a purpose.
+
+    ``gold_label``: the known label of a honeypot. ``source_task_id``: the task an overlap or
+    adjudication copy duplicates. ``disputed_label``/``disputed_annotation_id``: for adjudication, the
+    label under dispute and the annotation that gave it (it stays in the journal as the audit trail).
+    ``model_version``: the champion when the item was served (None for an audit item's missing pre-label
+    is not implied: it records which model's accuracy the audit measures)."""
+
+    project_id: int
+    task_id: int
+    item_id: str
+    kind: SliceKind
+    gold_label: str | None = None
+    source_task_id: int | None = None
+    disputed_label: str | None = None
+    disputed_annotation_id: int | None = None
+    model_version: str | None = None
+    created_at: str | None = None
+
+
+COLUMNS = [f.name for f in fields(SliceItem)]
+
+
+class SliceStore:
+    """An append-only SQLite table of :class:`SliceItem` rows, shared safely between threads and processes."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SliceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add(self, items: Iterable[SliceItem]) -> int:
+        """Record items; a task already recorded keeps its first purpose. Returns how many were new."""
+        now = datetime.now(UTC).isoformat()
+        rows = [{**asdict(item), "created_at": item.created_at or now} for item in items]
+        if not rows:
+            return 0
+        for row in rows:
+            if row["kind"] not in SLICE_KINDS:
+                raise ValueError(f"unknown slice kind {row['kind']!r}; expected one of {', '.join(SLICE_KINDS)}")
+        sql = (f"INSERT OR IGNORE INTO slice_items ({', '.join(COLUMNS)}) "
+               f"VALUES ({', '.join(':' + c for c in COLUMNS)})")
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = self._conn.total_changes
+                self._conn.executemany(sql, rows)
+                added = self._conn.total_changes - before
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return added
+
+    def kind_of(self, task_id: int) -> SliceKind | None:
+        """The purpose of a task (Label Studio task ids are unique per server), or None for a plain item."""
+        with self._lock:
+            row = self._conn.execute("SELECT kind FROM slice_items WHERE task_id = ?", (task_id,)).fetchone()
+        return row[0] if row else None
+
+    def task_ids(self, kind: SliceKind, project_id: int | None = None) -> set[int]:
+        sql, params = "SELECT task_id FROM slice_items WHERE kind = ?", [kind]
+        if project_id is not None:
+            sql += " AND project_id = ?"
+            params.append(project_id)
+        with self._lock:
+            return {r[0] for r in self._conn.execute(sql, params).fetchall()}
+
+    def frame(self, project_id: int | None = None) -> pd.DataFrame:
+        """Every recorded item (optionally of one project), oldest first, with the columns of :class:`SliceItem`."""
+        sql, params = f"SELECT {', '.join(COLUMNS)} FROM slice_items", ()
+        if project_id is not None:
+            sql, params = sql + " WHERE project_id = ?", (project_id,)
+        with self._lock:
+            rows = self._conn.execute(sql + " ORDER BY created_at, task_id", params).fetchall()
+        return pd.DataFrame([tuple(r) for r in rows], columns=COLUMNS)
