@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from sklearn.base import clone
 
-from active_learning.strategies import NEEDS, PoolContext, QueryStrategy, get_strategy
+from active_learning.strategies import NEEDS, PoolContext, QueryStrategy, parse_strategy
 from labelloop.config import DEFAULT_BASE_MODEL
 from training.classifier import (
     EmbeddingHeadClassifier,
@@ -245,7 +245,7 @@ class ScoredPool:
         (the strategy's acquisition score) and, where the strategy used the model, its ``predicted``
         label and ``confidence``."""
         if isinstance(strategy, str):
-            strategy = get_strategy(strategy)
+            strategy = parse_strategy(strategy)
         if not len(self.items):
             return self.items.assign(score=np.zeros(0))
         ctx = self.context(strategy.needs)

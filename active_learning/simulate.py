@@ -12,6 +12,7 @@ and meets the same reviewer mistakes, so differences between strategies are not 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from active_learning.pool import bootstrap_committee_proba
 from active_learning.stopping import StoppingMonitor
-from active_learning.strategies import PoolContext, QueryStrategy, get_strategy
+from active_learning.strategies import PoolContext, QueryStrategy, get_strategy, parse_strategy
 from labelloop import data
 from labelloop.config import Settings, get_settings
 from training.classifier import EmbeddingHeadClassifier, Encoder, load_encoder
@@ -47,19 +48,13 @@ class SimulationResult:
     curves: pd.DataFrame
     config: dict = field(default_factory=dict)
     parent_run_id: str | None = None
+    paths: tuple[Path, ...] = ()  # the files written under ``out_dir``: CSV, Markdown summary, PNG
 
     def paired_gain(self, strategy: str, at: int, baseline: str = "random") -> tuple[float, float, int]:
         return paired_gain(self.curves, strategy, at, baseline)
 
     def labels_to_reach(self, target: float) -> pd.DataFrame:
         return labels_to_reach(self.curves, target)
-
-
-def parse_strategy(spec: str) -> QueryStrategy:
-    """``name`` or ``name:base`` (for the composite strategies), e.g. ``class_balanced:margin_kmeans``
-    or ``mixed:margin``."""
-    name, _, base = spec.partition(":")
-    return get_strategy(name, base=base) if base else get_strategy(name)
 
 
 def pool_and_test(labeled: data.LabeledData, split_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -94,8 +89,10 @@ def simulate(
     does, or ``"random"`` to reproduce the classic random-seed-set protocol), then batches of ``step``
     chosen by the strategy until ``budget`` labels. ``noise``: the share of reviewer answers replaced
     by a wrong label. ``cache_dir``: embedding cache (default: the settings'
-    cache). ``out_dir``: also write the curves CSV/PNG there (and attach them to the MLflow run).
-    ``progress`` receives each round's row as it is recorded."""
+    cache). ``out_dir``: also write ``al_curves_<dataset name>`` CSV, Markdown summary and PNG there, the
+    CSV row by row and the summary after every (strategy, seed) run, so a crash late in a long run keeps
+    what was computed (and attach them to the MLflow run). ``progress`` receives each round's row as it
+    is recorded."""
     settings = settings or get_settings()
     if budget < initial or initial < 1 or step < 1:
         raise ValueError("need 1 <= initial <= budget and step >= 1")
@@ -124,9 +121,17 @@ def simulate(
               "C": C, "split_seed": split_seed, "pool_size": len(pool), "test_size": len(test),
               "rare_class": labels[rare]}
 
+    # the output directory is made before hours of work, not after: a bad --out fails at once
+    files = CurveFiles(out_dir, curve_stem(labeled.source)) if out_dir is not None else None
     tracker = _Tracker(settings, config) if log_to_mlflow else None
     rows: list[dict] = []
     starts = {seed: _initial_set(world, seed, initial, cold_start) for seed in seed_list}
+
+    def result_so_far() -> SimulationResult:
+        return SimulationResult(labeled.source, labels, labels[rare], pd.DataFrame(rows), config,
+                                tracker.parent_id if tracker else None, files.paths if files else ())
+
+    runs_total, runs_done = len(arms) * len(seed_list), 0
     try:
         for spec, strategy in arms.items():
             for seed in seed_list:
@@ -134,18 +139,22 @@ def simulate(
                 for row in _replay(world, strategy, seed, starts[seed], budget, step, noise, C):
                     row = {"strategy": spec, "seed": seed, **row}
                     rows.append(row)
+                    if files:
+                        files.append(row)
                     if tracker:
                         tracker.log_round(run_id, row, labels)
                     if progress:
                         progress(row)
                 if tracker:
                     tracker.finish(run_id)
-        result = SimulationResult(labeled.source, labels, labels[rare], pd.DataFrame(rows), config,
-                                  tracker.parent_id if tracker else None)
-        if out_dir is not None:
-            paths = write_curves(result, out_dir)
+                runs_done += 1
+                if files:
+                    files.write_summary(result_so_far(), runs_done, runs_total)
+        if files:
+            files.write_plot(result_so_far())
             if tracker:
-                tracker.attach(paths)
+                tracker.attach(files.paths)
+        result = result_so_far()
     except BaseException:
         if tracker:
             tracker.fail()
@@ -340,19 +349,136 @@ def curve_summary(curves: pd.DataFrame, column: str = "macro_f1") -> pd.DataFram
     return curves.groupby(["strategy", "n_labels"])[column].agg(["mean", "std"]).reset_index()
 
 
+def checkpoints(budget: int) -> list[int]:
+    """Label counts the summaries report: 500, 1,000 and the budget, each once, none past the budget."""
+    return sorted({n for n in (500, 1000, budget) if n <= budget})
+
+
+def gain_table(curves: pd.DataFrame, strategies: Sequence[str], budget: int, baseline: str = "random"
+               ) -> pd.DataFrame:
+    """Paired macro-F1 gain over ``baseline`` in points, "mean ± sd" per strategy (rows) and checkpoint
+    (columns ``@n``); "-" where no seed pair reached that many labels. Empty without the baseline."""
+    cols = [f"@{n}" for n in checkpoints(budget)]
+    rows = {}
+    for name in (s for s in strategies if s != baseline and baseline in strategies):
+        cells = []
+        for n in checkpoints(budget):
+            try:
+                mean, sd, _ = paired_gain(curves, name, n, baseline)
+                cells.append(f"{mean * 100:+.1f} ± {sd * 100:.1f}")
+            except ValueError:
+                cells.append("-")
+        rows[name] = cells
+    return pd.DataFrame.from_dict(rows, orient="index", columns=cols).rename_axis("strategy")
+
+
+def f1_table(curves: pd.DataFrame, strategies: Sequence[str], budget: int) -> pd.DataFrame:
+    """Macro-F1 "mean ± sd" over seeds per strategy (rows) and checkpoint (columns ``@n``)."""
+    cols = {}
+    for n in checkpoints(budget):
+        at = at_labels(curves, n)
+        cols[f"@{n}"] = {name: _mean_sd(at[name].dropna()) if name in at else "-" for name in strategies}
+    return pd.DataFrame(cols, index=list(strategies)).rename_axis("strategy")
+
+
+def _mean_sd(values: pd.Series) -> str:
+    sd = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.3f} ± {sd:.3f}"
+
+
+def summary_markdown(result: SimulationResult, runs_done: int, runs_total: int) -> str:
+    """The human-readable summary of (possibly part of) a simulation."""
+    curves, config = result.curves, result.config
+    strategies = list(dict.fromkeys(curves["strategy"]))
+    budget = int(config.get("budget", curves["n_labels"].max()))
+    state = ("complete" if runs_done == runs_total
+             else f"**in progress or interrupted: {runs_done} of {runs_total} runs finished**")
+    lines = [f"# Active-learning simulation: {result.dataset}", "",
+             f"{state}. Strategies {', '.join(strategies)}; seeds {config.get('seeds', '?')}; "
+             f"initial {config.get('initial', '?')} ({config.get('cold_start', '?')} cold start), batches of "
+             f"{config.get('step', '?')} to {budget} labels; reviewer noise {config.get('noise', 0)}; pool "
+             f"{config.get('pool_size', '?')}, test {config.get('test_size', '?')}; rare class "
+             f"'{result.rare_class}'.", "",
+             "## Macro-F1 on the test split (mean ± sd over seeds)", "",
+             _markdown(f1_table(curves, strategies, budget))]
+    gains = gain_table(curves, strategies, budget)
+    if not gains.empty:
+        lines += ["", "## Macro-F1 gain over random, points (paired by seed, mean ± sd)", "", _markdown(gains)]
+    return "\n".join(lines) + "\n"
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    header = [table.index.name or "", *map(str, table.columns)]
+    rows = [[str(i), *map(str, row)] for i, row in zip(table.index, table.to_numpy().tolist(), strict=True)]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
+_DATA_SUFFIXES = {".csv", ".tsv", ".jsonl", ".json", ".parquet", ".gz", ".bz2", ".xz", ".zip"}
+
+
+def curve_stem(dataset: str) -> str:
+    """``al_curves_<name>``, a plain file name whatever ``dataset`` is: a shared name as it is, a file by its
+    stem (``data/my file.csv`` → ``al_curves_my_file``), a hub id with ``/`` turned into ``_``. The name of
+    a file path once became a directory the writer could not find, after the whole simulation had run."""
+    path = Path(dataset).expanduser()
+    if path.suffix.lower() in _DATA_SUFFIXES or dataset.startswith((".", "/", "~")) or path.is_file():
+        name = path.name
+        while Path(name).suffix.lower() in _DATA_SUFFIXES:
+            name = Path(name).stem
+    else:
+        name = dataset
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return f"al_curves_{name or 'dataset'}"
+
+
+class CurveFiles:
+    """A simulation's output files, written while it runs: each round's row is appended to the CSV as it
+    is computed and the Markdown summary is rewritten after every (strategy, seed) run, so an
+    interrupted simulation leaves every finished round on disk; the PNG comes at the end."""
+
+    def __init__(self, out_dir: Path, stem: str):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv, self.md, self.png = (out_dir / f"{stem}{ext}" for ext in (".csv", ".md", ".png"))
+        self._header = True
+        for path in (self.csv, self.md, self.png):  # an earlier run's files must not mix with this one's
+            path.unlink(missing_ok=True)
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return tuple(p for p in (self.csv, self.md, self.png) if p.exists())
+
+    def append(self, row: dict) -> None:
+        pd.DataFrame([row]).to_csv(self.csv, mode="a", header=self._header, index=False, float_format="%.5f")
+        self._header = False
+
+    def write_summary(self, result: SimulationResult, runs_done: int, runs_total: int) -> None:
+        tmp = self.md.with_name(f".{self.md.name}.tmp")
+        tmp.write_text(summary_markdown(result, runs_done, runs_total))
+        tmp.replace(self.md)  # a reader never sees half a summary
+
+    def write_plot(self, result: SimulationResult) -> None:
+        plot_curves(result, self.png)
+
+
 def write_curves(result: SimulationResult, out_dir: Path, stem: str | None = None) -> tuple[Path, Path]:
-    """Write every round as CSV and plot mean ± sd over seeds: macro-F1, the rare class's F1 and how
-    many rare-class items each strategy got labeled."""
+    """Write every round as CSV and the plot (see :func:`plot_curves`), for curves computed elsewhere."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or curve_stem(result.dataset)
+    csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
+    result.curves.to_csv(csv_path, index=False, float_format="%.5f")
+    plot_curves(result, png_path)
+    return csv_path, png_path
+
+
+def plot_curves(result: SimulationResult, png_path: Path) -> None:
+    """Mean ± sd over seeds: macro-F1, the rare class's F1 and how many rare-class items each strategy
+    got labeled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"al_curves_{result.dataset}"
-    csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
-    result.curves.to_csv(csv_path, index=False, float_format="%.5f")
 
     rare = result.rare_class
     panels = [("macro_f1", "macro-F1 (test)"), (f"f1_{rare}", f"F1 of rare class '{rare}'"),
@@ -376,4 +502,3 @@ def write_curves(result: SimulationResult, out_dir: Path, stem: str | None = Non
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
-    return csv_path, png_path

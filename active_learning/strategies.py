@@ -17,7 +17,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
 
 NEEDS = frozenset({"proba", "embeddings", "mc_proba"})
 _EPS = 1e-12
@@ -85,6 +84,8 @@ def _entropy(proba: np.ndarray, axis: int = -1) -> np.ndarray:
 class QueryStrategy(ABC):
     name: str
     needs: frozenset[str] = frozenset()
+    #: composite strategies wrap a base strategy, named in a spec as ``name:base``
+    takes_base: bool = False
 
     @abstractmethod
     def scores(self, ctx: PoolContext) -> np.ndarray:
@@ -181,9 +182,7 @@ class MarginKMeans(QueryStrategy):
         candidates = top_k(scores, self.candidates_per_item * k, rng)
         if len(candidates) <= k:
             return candidates
-        seed = int(rng.integers(2**31 - 1))
-        clusters = KMeans(n_clusters=k, n_init=1, max_iter=self.max_iter, random_state=seed).fit_predict(
-            ctx.embeddings[candidates])
+        clusters = _kmeans(k, self.max_iter, rng).fit_predict(ctx.embeddings[candidates])
         chosen = _best_per_group(candidates, clusters, -scores[candidates])
         if len(chosen) < k:  # duplicate texts (retweets) leave clusters empty: top up by margin
             rest = candidates[~np.isin(candidates, chosen)]
@@ -236,6 +235,15 @@ class Badge(QueryStrategy):
         return np.asarray(chosen, dtype=np.int64)
 
 
+def _kmeans(k: int, max_iter: int, rng: np.random.Generator):
+    """One k-means++ run seeded from ``rng``. scikit-learn is imported here, not at module level: the
+    settings validate the ``strategy`` setting through this module on every load, and importing
+    ``sklearn.cluster`` costs seconds that commands which never cluster should not pay."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=1, max_iter=max_iter, random_state=int(rng.integers(2**31 - 1)))
+
+
 def _best_per_group(items: np.ndarray, groups: np.ndarray, cost: np.ndarray) -> np.ndarray:
     """For each group, the item with the lowest cost (vectorised: sort by (group, cost), keep firsts)."""
     order = np.lexsort((cost, groups))
@@ -255,8 +263,10 @@ class ClassBalanced(QueryStrategy):
     name = "class_balanced"
     needs = frozenset({"proba"})
 
+    takes_base = True
+
     def __init__(self, base: QueryStrategy | str = "margin"):
-        self.base = get_strategy(base) if isinstance(base, str) else base
+        self.base = parse_strategy(base) if isinstance(base, str) else base
         self.needs = frozenset({"proba"}) | self.base.needs
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
@@ -301,10 +311,12 @@ class Mixed(QueryStrategy):
 
     name = "mixed"
 
+    takes_base = True
+
     def __init__(self, base: QueryStrategy | str = "margin", random_fraction: float = 0.1):
         if not 0.0 <= random_fraction <= 1.0:
             raise ValueError("random_fraction must lie in [0, 1]")
-        self.base = get_strategy(base) if isinstance(base, str) else base
+        self.base = parse_strategy(base) if isinstance(base, str) else base
         self.random_fraction = random_fraction
         self.needs = self.base.needs
 
@@ -348,8 +360,7 @@ class ColdStartKMeans(QueryStrategy):
         k = max(0, min(int(k), n))
         if k == 0 or k == n:
             return rng.permutation(n)[:k]
-        seed = int(rng.integers(2**31 - 1))
-        km = KMeans(n_clusters=k, n_init=1, max_iter=self.max_iter, random_state=seed).fit(ctx.embeddings)
+        km = _kmeans(k, self.max_iter, rng).fit(ctx.embeddings)
         distance = np.linalg.norm(ctx.embeddings - km.cluster_centers_[km.labels_], axis=1)
         chosen = _best_per_group(np.arange(n), km.labels_, distance)
         if len(chosen) < k:  # k-means left a cluster empty: top up with random unchosen items
@@ -367,8 +378,44 @@ STRATEGIES: dict[str, type[QueryStrategy]] = {
 
 def get_strategy(name: str, **kwargs) -> QueryStrategy:
     """A strategy by registry name, e.g. ``get_strategy("mixed", base="margin", random_fraction=0.2)``."""
+    return _strategy_class(name)(**kwargs)
+
+
+def _strategy_class(name: str) -> type[QueryStrategy]:
     try:
-        cls = STRATEGIES[name]
+        return STRATEGIES[name]
     except KeyError:
-        raise ValueError(f"unknown query strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
-    return cls(**kwargs)
+        raise ValueError(f"unknown query strategy {name!r}; choose from {sorted(STRATEGIES)}, or "
+                         f"{' / '.join(_composites())}:<base> (e.g. class_balanced:margin_kmeans)") from None
+
+
+def _composites() -> list[str]:
+    return sorted(name for name, cls in STRATEGIES.items() if cls.takes_base)
+
+
+def parse_strategy(spec: str) -> QueryStrategy:
+    """The strategy a spec names: ``name``, or ``name:base`` for a composite strategy, e.g.
+    ``class_balanced:margin_kmeans`` or ``mixed:class_balanced:margin``.
+
+    The one parser for every place a spec comes from (the ``strategy`` setting, ``labelloop simulate
+    --strategies``, benchmarks), so a spec that works in a simulation works in the service too, and a
+    bad one fails the same way everywhere: a ``ValueError`` naming the valid choices."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty query strategy spec; choose from {sorted(STRATEGIES)}")
+    name, colon, base = (part.strip() for part in spec.strip().partition(":"))
+    cls = _strategy_class(name)
+    if not colon:
+        return cls()
+    if not cls.takes_base:
+        raise ValueError(f"query strategy {name!r} takes no base strategy (in {spec!r}); only "
+                         f"{_composites()} do, e.g. class_balanced:{name}")
+    if not base:
+        raise ValueError(f"query strategy spec {spec!r} names no base strategy after ':'")
+    return cls(base=parse_strategy(base))
+
+
+def validate_strategy_spec(spec: str) -> str:
+    """``spec`` with surrounding whitespace removed, if :func:`parse_strategy` accepts it (raises
+    ``ValueError`` otherwise): what settings store, so the loop never meets a bad spec at round time."""
+    parse_strategy(spec)
+    return ":".join(part.strip() for part in spec.strip().split(":"))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 from active_learning.simulate import (
+    SimulationResult,
     _reviewer_answers,
+    checkpoints,
+    curve_stem,
+    gain_table,
     labels_to_reach,
     paired_gain,
     parse_strategy,
@@ -16,7 +23,8 @@ from active_learning.simulate import (
 )
 from active_learning.stopping import StoppingMonitor, agreement_kappa
 from active_learning.strategies import ClassBalanced, MarginKMeans
-from labelloop import data
+from labelloop import cli, data
+from labelloop.config import get_settings
 
 # --- stopping ---------------------------------------------------------------------------------------
 
@@ -141,9 +149,10 @@ def test_small_davidson_simulation_writes_curves_and_logs_to_mlflow(davidson, se
     first = curves[curves["n_labels"] == 100].pivot_table(index="seed", columns="strategy", values="macro_f1")
     assert np.allclose(first.to_numpy(), first[["random"]].to_numpy())
 
-    csv, png = (tmp_path / "out" / "al_curves_davidson.csv", tmp_path / "out" / "al_curves_davidson.png")
+    csv, md, png = (tmp_path / "out" / f"al_curves_davidson.{ext}" for ext in ("csv", "md", "png"))
     assert csv.exists() and png.stat().st_size > 10_000
     assert len(pd.read_csv(csv)) == 18
+    assert result.paths == (csv, md, png) and "complete" in md.read_text()
 
     client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
     experiment = client.get_experiment_by_name(f"{settings.experiment}-al-simulation")
@@ -151,7 +160,7 @@ def test_small_davidson_simulation_writes_curves_and_logs_to_mlflow(davidson, se
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["budget"] == "300" and parent.data.params["noise"] == "0.05"
-    assert {a.path for a in client.list_artifacts(result.parent_run_id)} == {csv.name, png.name}
+    assert {a.path for a in client.list_artifacts(result.parent_run_id)} == {csv.name, md.name, png.name}
     children = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(f"{s}-seed{i}" for s in strategies for i in (0, 1))
@@ -164,3 +173,101 @@ def test_small_davidson_simulation_writes_curves_and_logs_to_mlflow(davidson, se
                      (curves["seed"] == int(run.data.params["seed"]))].set_index("n_labels")
         assert logged == pytest.approx(row["macro_f1"].to_dict())
         assert "labeled_hate" in run.data.metrics and "kappa" in run.data.metrics
+
+
+# --- output files: named after the dataset, written as the simulation goes ------------------------------
+
+
+@pytest.mark.parametrize(("dataset", "stem"), [
+    ("davidson", "al_curves_davidson"),
+    ("file.csv", "al_curves_file"),
+    ("path/to/file.csv", "al_curves_file"),
+    ("/abs/dir/my labels.v2.parquet", "al_curves_my_labels.v2"),
+    ("./exports/labels.jsonl.gz", "al_curves_labels"),
+    ("tweet_eval/hate", "al_curves_tweet_eval_hate"),  # a hub id: no directory in the name
+])
+def test_outputs_are_named_after_the_dataset_never_its_path(dataset, stem):
+    assert curve_stem(dataset) == stem
+
+
+def test_each_checkpoint_is_reported_once():
+    assert checkpoints(1000) == [500, 1000]
+    assert checkpoints(2000) == [500, 1000, 2000]
+    assert checkpoints(300) == [300]
+    gains = gain_table(curves_frame(), ["random", "margin"], budget=200)
+    assert list(gains.columns) == ["@200"] and gains.loc["margin", "@200"] == "+4.5 ± 0.7"
+
+
+def test_simulate_command_shows_the_budget_column_once(monkeypatch):
+    """`--budget 1000` showed the @1000 column twice."""
+    rows = [{"strategy": s, "seed": seed, "n_labels": n, "macro_f1": 0.5 + 0.01 * seed + (0.05 if s == "margin" else 0)}
+            for s in ("random", "margin") for seed in (0, 1) for n in (500, 1000)]
+
+    def fake_simulate(dataset, strategies, *args, **kwargs):
+        return SimulationResult(dataset, ("a", "b"), "a", pd.DataFrame(rows), paths=(Path("out/al_curves_x.csv"),))
+
+    monkeypatch.setattr("active_learning.simulate.simulate", fake_simulate)
+    monkeypatch.setattr(cli, "console", cli.Console(width=200))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli.app, ["simulate", "--dataset", "x.csv", "--strategies", "random,margin",
+                                          "--budget", "1000", "--seeds", "2"])
+    get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "strategy" in line and "@" in line)
+    assert header.count("@1000") == 1 and header.count("@500") == 1
+    assert "+5.0 ± 0.0" in result.stdout and "results: out/al_curves_x.csv" in result.stdout
+
+
+@pytest.fixture
+def small_davidson(davidson) -> data.LabeledData:
+    return data.LabeledData(data.stratified_sample(davidson.frame, 800, seed=0), davidson.taxonomy, "davidson")
+
+
+def test_a_crash_late_in_a_simulation_keeps_every_finished_round(small_davidson, settings, tmp_path):
+    out = tmp_path / "out"
+    stale = out / "al_curves_davidson.csv"
+    out.mkdir()
+    stale.write_text("an earlier run's curves\n")
+    seen = []
+
+    def crash_in_the_last_run(row: dict) -> None:
+        seen.append(row)
+        if len(seen) == 7:  # 2 strategies x 2 seeds x 2 rounds: the first round of the last run
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(small_davidson, ["random", "margin"], seeds=2, budget=200, step=100, initial=100, settings=settings,
+                 out_dir=out, log_to_mlflow=False, progress=crash_in_the_last_run)
+    saved = pd.read_csv(out / "al_curves_davidson.csv")
+    assert len(saved) == 7
+    assert saved[["strategy", "seed", "n_labels"]].values.tolist() == [
+        [r["strategy"], r["seed"], r["n_labels"]] for r in seen]
+    assert saved["macro_f1"].to_numpy() == pytest.approx([r["macro_f1"] for r in seen], abs=1e-5)
+    summary = (out / "al_curves_davidson.md").read_text()
+    assert "3 of 4 runs finished" in summary and "| margin |" in summary and "@200" in summary
+
+
+@pytest.mark.integration
+def test_simulate_command_on_a_csv_path_names_outputs_after_its_stem(small_davidson, tmp_path, monkeypatch,
+                                                                      embedding_cache_dir):
+    """`--dataset path/to/file.csv` ran every round, then failed writing into 'al_curves_path/to/…'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    small_davidson.frame[["id", "text", "label"]].to_csv(tmp_path / "data" / "file.csv", index=False)
+    monkeypatch.setenv("LABELLOOP_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("LABELLOOP_STATE_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("LABELLOOP_CACHE_DIR", str(embedding_cache_dir))
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setattr(cli, "console", cli.Console(width=200))
+    get_settings.cache_clear()
+    try:
+        for dataset in ("data/file.csv", str(tmp_path / "data" / "file.csv")):
+            result = CliRunner().invoke(cli.app, ["simulate", "--dataset", dataset, "--strategies", "random,margin",
+                                                  "--seeds", "1", "--budget", "200", "--out", "sims"])
+            assert result.exit_code == 0, result.output
+            assert sorted(p.name for p in (tmp_path / "sims").iterdir()) == [
+                "al_curves_file.csv", "al_curves_file.md", "al_curves_file.png"]
+            assert len(pd.read_csv(tmp_path / "sims" / "al_curves_file.csv")) == 4  # 2 strategies x 2 rounds
+            assert "complete" in (tmp_path / "sims" / "al_curves_file.md").read_text()
+    finally:
+        get_settings.cache_clear()

@@ -25,6 +25,7 @@ from active_learning.strategies import (
     Mixed,
     PoolContext,
     get_strategy,
+    parse_strategy,
 )
 from training.classifier import EmbeddingHeadClassifier, FineTunedClassifier, TextClassifier, resolve_model_path
 
@@ -384,3 +385,101 @@ def test_scored_pool_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown to the model"):
         ScoredPool(pool_items(3), CountingClassifier(), "v", tmp_path, labeled=labeled,
                    encoder=FakeEncoder()).context({"embeddings"})
+
+
+# --- strategy specs: one parser for settings, the service's loop and simulations -------------------------
+
+
+def test_a_spec_names_a_composite_strategy_and_its_base_at_any_depth():
+    balanced = parse_strategy("class_balanced:margin_kmeans")
+    assert isinstance(balanced, ClassBalanced) and isinstance(balanced.base, MarginKMeans)
+    assert balanced.needs == {"proba", "embeddings"}
+    nested = parse_strategy(" mixed : class_balanced:entropy ")
+    assert isinstance(nested, Mixed) and isinstance(nested.base, ClassBalanced)
+    assert isinstance(nested.base.base, Entropy)
+    assert isinstance(parse_strategy("margin"), Margin)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("margn", r"unknown query strategy 'margn'; choose from \[.*'margin'.*'random'\]"),
+    ("class_balanced:margn", "unknown query strategy 'margn'"),
+    ("margin:entropy", r"'margin' takes no base strategy.*\['class_balanced', 'mixed'\]"),
+    ("class_balanced:", "names no base strategy"),
+    ("  ", "empty query strategy spec"),
+])
+def test_a_bad_spec_is_refused_with_the_valid_choices(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_strategy(spec)
+
+
+def test_the_strategy_setting_is_validated_when_settings_load(tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    from labelloop.config import Settings
+
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "none.toml"))
+    assert Settings(strategy=" class_balanced:margin_kmeans").strategy == "class_balanced:margin_kmeans"
+    with pytest.raises(ValidationError, match=r"unknown query strategy 'margn'.*'margin_kmeans'"):
+        Settings(strategy="margn")
+    monkeypatch.setenv("LABELLOOP_STRATEGY", "entropy:margin")
+    with pytest.raises(ValidationError, match="takes no base strategy"):
+        Settings()
+    toml = tmp_path / "labelloop.toml"
+    toml.write_text('strategy = "bald:margin"\n')
+    monkeypatch.delenv("LABELLOOP_STRATEGY")
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(toml))
+    with pytest.raises(ValidationError, match="'bald' takes no base strategy"):
+        Settings()
+
+
+def test_a_scored_pool_ranks_by_a_composite_spec(tmp_path):
+    pool = ScoredPool(pool_items(60), fast_model(FakeEncoder()), "fast:v1", tmp_path)
+    batch = pool.rank("class_balanced:margin_kmeans", 9, seed=0)
+    assert len(batch) == 9 and batch["id"].is_unique
+    assert set(batch["predicted"]) == {"x", "y", "z"}  # the batch is spread over the predicted classes
+
+
+class FakeLabelStudio:
+    """Records what the loop pushes; assigns task ids on import."""
+
+    def __init__(self):
+        self.pushed: list = []
+        self.model_version: str | None = None
+
+    def import_tasks(self, project_id, items, **_):
+        return {str(item_id): 1000 + i for i, item_id in enumerate(items["id"])}
+
+    def create_tasks(self, project_id, items):
+        return [2000 + i for i, _ in enumerate(items)]
+
+    def import_predictions(self, project_id, predictions, **_):
+        self.pushed.extend(predictions)
+        return len(predictions)
+
+    def set_model_version(self, project_id, model_version):
+        self.model_version = model_version
+
+
+def test_the_service_loop_pushes_a_queue_for_a_composite_strategy(tmp_path, monkeypatch):
+    """`strategy = "class_balanced:margin_kmeans"` worked in simulations but not in the service."""
+    from active_learning.loop import ActiveLearningLoop
+    from labelloop.config import Settings
+    from labelloop.journal import Journal
+    from labelloop.taxonomy import get_taxonomy
+    from training.registry import LoadedModel, ModelRef
+
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "none.toml"))
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", query_batch=6, queue_size=20,
+                        strategy="class_balanced:margin_kmeans", honeypot_rate=0, overlap_rate=0, audit_rate=0)
+    taxonomy = get_taxonomy(settings.taxonomy)
+    encoder = FakeEncoder()
+    train = [f"train {i}" for i in range(40)]
+    model = EmbeddingHeadClassifier(encoder, LogisticRegression().fit(encoder.embed(train), np.arange(40) % 3),
+                                    taxonomy.labels)
+    client = FakeLabelStudio()
+    with Journal(settings.journal_path, taxonomy) as journal:
+        loop = ActiveLearningLoop(settings, client, 1, journal)
+        loop.import_pool(pool_items(50))
+        result = loop.push_queue(LoadedModel(ModelRef(settings.registered_model_name, 1), model))
+    assert len(result.queued_task_ids) == 6 and len(client.pushed) == 20
+    assert client.model_version == f"{settings.registered_model_name}:v1"
