@@ -69,7 +69,7 @@ def _recheck(client: LabelStudioClient, journal: Journal, annotation_id: int) ->
     try:
         annotation = client.sdk.annotations.get(annotation_id).model_dump(mode="json")
         task = client.sdk.tasks.get(annotation["task"]).model_dump(
-            mode="json", exclude={"annotations", "predictions", "drafts"}
+            mode="json", exclude={"annotations", "drafts"}
         )
     except ApiError as e:
         if e.status_code == 404:

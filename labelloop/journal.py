@@ -13,7 +13,12 @@ anything Label Studio failed to deliver is found later by the reconciler
 ``annotations``
     The current state, one row per Label Studio annotation id: task, item id and text, label,
     annotator, ``updated_at``, the cancelled / ground-truth / deleted flags, which path wrote it
-    and which event last changed it. Training data is derived from this table only.
+    and which event last changed it. Training data is derived from this table only. For label
+    quality it also keeps Label Studio's ``lead_time`` and the pre-label the annotator started from:
+    the annotation's ``parent_prediction`` id and, when the payload holds that prediction, its label
+    and ``model_version``. Webhook payloads carry only the id (their task has no ``predictions``); the
+    reconciler's listing carries the predictions, so its pass fills in the label and version of an
+    annotation a webhook already applied, without counting as a new version.
 ``quarantine``
     One row per annotation (or payload) that could not be used, with the reason. A separate table
     because one event (``ANNOTATIONS_CREATED``) can carry several annotations, each with its own
@@ -48,11 +53,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -68,7 +74,7 @@ Source = Literal["webhook", "reconcile"]
 STATUSES: tuple[Status, ...] = ("accepted", "duplicate", "ignored", "quarantined")
 SOURCES: tuple[Source, ...] = ("webhook", "reconcile")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 #: actions that carry annotations to apply (``ANNOTATIONS_CREATED`` carries lists)
@@ -116,6 +122,10 @@ CREATE TABLE IF NOT EXISTS annotations (
     source         TEXT    NOT NULL CHECK (source IN ('webhook', 'reconcile')),
     event_id       INTEGER NOT NULL REFERENCES events (event_id),
     label_event_id INTEGER REFERENCES events (event_id),
+    lead_time      REAL,
+    prediction_id  INTEGER,
+    suggested_label TEXT,
+    suggested_model_version TEXT,
     -- only a tombstone (deleted before it was ever seen) may lack the task fields
     CHECK (deleted = 1 OR (task_id IS NOT NULL AND item_id IS NOT NULL AND updated_at IS NOT NULL)),
     -- a label is never stored next to a reason it is unusable, nor on a skipped annotation
@@ -140,8 +150,12 @@ LABEL_COLUMNS = [
 ]
 ANNOTATION_COLUMNS = [
     "annotation_id", "task_id", "project_id", "id", "text", "label", "annotator", "created_at",
-    "updated_at", "cancelled", "ground_truth", "problem", "source",
+    "updated_at", "cancelled", "ground_truth", "problem", "source", "lead_time", "prediction_id",
+    "suggested_label", "suggested_model_version",
 ]
+#: columns added after schema 1: (name, SQL type); an older journal gets them by ALTER TABLE and a backfill
+_ADDED_COLUMNS = (("lead_time", "REAL"), ("prediction_id", "INTEGER"), ("suggested_label", "TEXT"),
+                  ("suggested_model_version", "TEXT"))
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,10 @@ class _Version:
     cancelled: bool
     ground_truth: bool
     problem: str | None
+    lead_time: float | None = None
+    prediction_id: int | None = None
+    suggested_label: str | None = None
+    suggested_model_version: str | None = None
 
     @property
     def is_label(self) -> bool:
@@ -230,7 +248,36 @@ class Journal:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            present = {row["name"] for row in conn.execute("PRAGMA table_info(annotations)")}
+            for name, sql_type in _ADDED_COLUMNS:
+                if name not in present:
+                    conn.execute(f"ALTER TABLE annotations ADD COLUMN {name} {sql_type}")
+            if 0 < version < 2:
+                self._backfill_suggestions(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _backfill_suggestions(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2: read lead time and pre-label of each live annotation from the event that last
+        wrote it (payloads are kept verbatim, so nothing has to be fetched from Label Studio again)."""
+        rows = conn.execute(
+            "SELECT a.annotation_id, e.payload FROM annotations a JOIN events e USING (event_id) "
+            "WHERE a.deleted = 0"
+        ).fetchall()
+        for row in rows:
+            try:
+                payload = json.loads(row["payload"])
+            except ValueError:
+                continue
+            found = _annotation_in(payload, row["annotation_id"])
+            if found is None:
+                continue
+            annotation, task = found
+            fields_ = self._suggestion_of(annotation, task)
+            conn.execute(
+                "UPDATE annotations SET lead_time = ?, prediction_id = ?, suggested_label = ?, "
+                "suggested_model_version = ? WHERE annotation_id = ?",
+                (*fields_, row["annotation_id"]),
+            )
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -315,6 +362,7 @@ class Journal:
             current = _current(conn, version.annotation_id)
             verdict = _verdict(current, version)
             if verdict is not None:
+                _enrich(conn, current, version)
                 return RecordResult(verdict[0], verdict[1], None)
             event_id = _insert_event(conn, source, "RECONCILE_APPLY", version.project_id,
                                      version.annotation_id, payload)
@@ -368,11 +416,14 @@ class Journal:
         """Every annotation not deleted, skipped and unusable ones included (``label`` is None there).
 
         One row per annotation, for agreement statistics: ``cancelled``, ``ground_truth`` and
-        ``problem`` say why a row carries no label.
+        ``problem`` say why a row carries no label. ``lead_time`` is Label Studio's seconds spent;
+        ``prediction_id`` the pre-label the annotator started from (None: no suggestion was taken up),
+        with its ``suggested_label`` and ``suggested_model_version`` once a payload has shown them.
         """
         sql = (
             "SELECT annotation_id, task_id, project_id, item_id AS id, text, label, annotator, created_at, "
-            "updated_at, cancelled, ground_truth, problem, source FROM annotations WHERE deleted = 0"
+            "updated_at, cancelled, ground_truth, problem, source, lead_time, prediction_id, suggested_label, "
+            "suggested_model_version FROM annotations WHERE deleted = 0"
         )
         params: tuple = ()
         if project_id is not None:
@@ -382,7 +433,8 @@ class Journal:
             rows = self._conn.execute(sql + " ORDER BY annotation_id", params).fetchall()
         frame = pd.DataFrame([tuple(r) for r in rows], columns=ANNOTATION_COLUMNS)
         return frame.astype({"annotation_id": "int64", "task_id": "int64", "project_id": "Int64",
-                             "annotator": "Int64", "cancelled": bool, "ground_truth": bool})
+                             "annotator": "Int64", "cancelled": bool, "ground_truth": bool,
+                             "lead_time": "float64", "prediction_id": "Int64"})
 
     def labels(self, project_id: int | None = None) -> pd.DataFrame:
         """The training labels: one row per Label Studio task that holds at least one usable label.
@@ -502,6 +554,7 @@ class Journal:
         current = _current(conn, version.annotation_id)
         verdict = _verdict(current, version)
         if verdict is not None:
+            _enrich(conn, current, version)
             return verdict
         return self._store(conn, event_id, source, version, current)
 
@@ -513,13 +566,20 @@ class Journal:
             and (current["label"], current["text"]) == (version.label, version.text)
         )
         label_event_id = (current["label_event_id"] if unchanged else event_id) if version.is_label else None
+        if (current is not None and not current["deleted"] and version.suggested_label is None
+                and version.prediction_id is not None and version.prediction_id == current["prediction_id"]):
+            # a webhook names the prediction by id only; the same id is the same prediction, already read
+            version = replace(version, suggested_label=current["suggested_label"],
+                              suggested_model_version=current["suggested_model_version"])
         conn.execute(
             "INSERT OR REPLACE INTO annotations (annotation_id, project_id, task_id, item_id, text, label, "
             "annotator, created_at, updated_at, cancelled, ground_truth, deleted, problem, source, event_id, "
-            "label_event_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
+            "label_event_id, lead_time, prediction_id, suggested_label, suggested_model_version) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
             (version.annotation_id, version.project_id, version.task_id, version.item_id, version.text,
              version.label, version.annotator, version.created_at, version.updated_at, int(version.cancelled),
-             int(version.ground_truth), version.problem, source, event_id, label_event_id),
+             int(version.ground_truth), version.problem, source, event_id, label_event_id, version.lead_time,
+             version.prediction_id, version.suggested_label, version.suggested_model_version),
         )
         if version.problem is not None:
             return self._quarantine(conn, event_id, version.annotation_id, version.task_id, version.problem)
@@ -584,13 +644,40 @@ class Journal:
             label, problem = self._label_of(annotation.get("result"))
             if text is None:
                 label, problem = None, f"task {task_id} has no text in data[{self.text_field!r}]"
+        lead_time, prediction_id, suggested_label, suggested_model_version = self._suggestion_of(annotation, task)
         return _Version(
             annotation_id=annotation_id, task_id=task_id, project_id=project_id, item_id=item_id, text=text,
             label=label, annotator=_annotator(annotation.get("completed_by")),
             created_at=_timestamp(annotation.get("created_at")), updated_at=updated_at,
             cancelled=cancelled, ground_truth=annotation.get("ground_truth") is True,
-            problem=problem,
+            problem=problem, lead_time=lead_time, prediction_id=prediction_id,
+            suggested_label=suggested_label, suggested_model_version=suggested_model_version,
         )
+
+    def _suggestion_of(self, annotation: dict, task: Any
+                       ) -> tuple[float | None, int | None, str | None, str | None]:
+        """``(lead_time, prediction_id, suggested_label, suggested_model_version)`` of one annotation.
+
+        Label Studio records the prediction an annotation started from as ``parent_prediction`` (an id);
+        the prediction itself is in the task's ``predictions`` when the payload lists them (the API's
+        ``fields=all``), or in the annotation's ``prediction`` object when the editor filled it in. A
+        suggestion label outside the taxonomy is not a suggestion this taxonomy can compare with.
+        """
+        lead_time = annotation.get("lead_time")
+        lead_time = (float(lead_time) if isinstance(lead_time, (int, float)) and not isinstance(lead_time, bool)
+                     and math.isfinite(lead_time) and lead_time >= 0 else None)
+        prediction_id = _optional_int(annotation.get("parent_prediction"))
+        prediction = annotation.get("prediction")
+        if not (isinstance(prediction, dict) and prediction.get("result")):
+            predictions = task.get("predictions") if isinstance(task, dict) else None
+            predictions = predictions if isinstance(predictions, list) and prediction_id is not None else []
+            prediction = next((p for p in predictions if _dict_int(p, "id") == prediction_id), None)
+        if prediction is None:
+            return lead_time, prediction_id, None, None
+        label, problem = self._label_of(prediction.get("result"))
+        version = prediction.get("model_version")
+        return (lead_time, prediction_id, label if problem is None else None,
+                version if isinstance(version, str) and version else None)
 
     def _label_of(self, result: Any) -> tuple[str | None, str | None]:
         """The single taxonomy label in a result, or the reason there is none.
@@ -665,6 +752,37 @@ def _verdict(current: sqlite3.Row | None, version: _Version) -> tuple[Status, st
     if version.updated_at < current["updated_at"]:
         return "duplicate", (f"annotation {version.annotation_id} version {version.updated_at} is older "
                              f"than the stored {current['updated_at']}")
+    return None
+
+
+def _enrich(conn: sqlite3.Connection, current: sqlite3.Row | None, version: _Version) -> None:
+    """The same version met again with details the first payload lacked (a webhook names the pre-label's
+    id only; the reconciler's listing holds the prediction): fill in those columns, nothing else. The
+    label and ``label_event_id`` stay, so this never counts as a new label or a new version."""
+    if current is None or current["deleted"] or version.updated_at != current["updated_at"]:
+        return
+    updates = {name: getattr(version, name) for name in ("lead_time", "prediction_id", "suggested_label",
+                                                         "suggested_model_version")
+               if current[name] is None and getattr(version, name) is not None}
+    if updates:
+        conn.execute(f"UPDATE annotations SET {', '.join(f'{k} = ?' for k in updates)} WHERE annotation_id = ?",
+                     (*updates.values(), version.annotation_id))
+
+
+def _annotation_in(payload: Any, annotation_id: int) -> tuple[dict, Any] | None:
+    """The annotation with this id and its task, from a stored webhook or reconcile payload."""
+    if not isinstance(payload, dict):
+        return None
+    annotations, tasks = payload.get("annotation"), payload.get("task")
+    if isinstance(annotations, dict):
+        annotations, tasks = [annotations], [tasks]
+    if not isinstance(annotations, list):
+        return None
+    tasks = tasks if isinstance(tasks, list) else []
+    by_task = {_dict_int(t, "id"): t for t in tasks if isinstance(t, dict)}
+    for annotation in annotations:
+        if _dict_int(annotation, "id") == annotation_id:
+            return annotation, by_task.get(_dict_int(annotation, "task"), tasks[0] if len(tasks) == 1 else None)
     return None
 
 

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
-from labelloop.journal import Journal, RecordResult
+from labelloop.journal import SCHEMA_VERSION, Journal, RecordResult
 from labelloop.taxonomy import get_taxonomy
 
 TAXONOMY = get_taxonomy("hate_offensive")
@@ -83,7 +84,7 @@ def label_map(journal: Journal) -> dict[int, str]:
 def test_file_is_wal_and_schema_versioned(journal: Journal, path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     conn.close()
 
 
@@ -463,3 +464,78 @@ def test_reconciling_the_same_malformed_annotation_again_does_not_grow_the_log(j
         again = journal.apply_annotation(broken, task(10))
         assert again.status == "duplicate" and again.event_id is None
     assert journal.stats()["events"] == events and len(journal.quarantined()) == 1
+
+
+# --- schema 2: lead time and the pre-label the annotator started from ---------------------------------------
+
+
+def prediction(pred_id: int = 5, label: str = "offensive", version: str = "labelloop-hate-offensive:v3") -> dict:
+    """A prediction as ``tasks.list(fields="all")`` returns it (observed on Label Studio 1.23.2)."""
+    return {"id": pred_id, "model_version": version, "score": 0.4, "task": 10, "project": PROJECT,
+            "result": [{"from_name": "label", "to_name": "text", "type": "choices",
+                        "value": {"choices": [label]}}]}
+
+
+def suggestion_columns(journal: Journal) -> dict:
+    row = journal.annotations().iloc[0]
+    return {k: (None if row[k] is None or row[k] is pd.NA or (isinstance(row[k], float) and row[k] != row[k])
+                else row[k])
+            for k in ("lead_time", "prediction_id", "suggested_label", "suggested_model_version")}
+
+
+def test_webhook_keeps_lead_time_and_prediction_id(journal: Journal) -> None:
+    """A webhook's annotation names its parent prediction by id, and its task carries no predictions."""
+    journal.record(event(ann={**annotation(), "parent_prediction": 5, "prediction": {}}))
+    assert suggestion_columns(journal) == {"lead_time": 4.2, "prediction_id": 5, "suggested_label": None,
+                                           "suggested_model_version": None}
+
+
+def test_reconcile_listing_fills_in_the_suggestion_of_a_webhooked_version(journal: Journal) -> None:
+    ann = {**annotation(), "parent_prediction": 5}
+    journal.record(event(ann=ann))
+    before = journal.last_event_id()
+    res = journal.apply_annotation(ann, {**task(), "predictions": [prediction(4, "hate"), prediction(5)]})
+    assert res.status == "duplicate" and res.event_id is None
+    assert journal.last_event_id() == before and journal.new_label_count(before) == 0
+    assert suggestion_columns(journal) == {"lead_time": 4.2, "prediction_id": 5, "suggested_label": "offensive",
+                                           "suggested_model_version": "labelloop-hate-offensive:v3"}
+
+
+def test_annotation_without_a_parent_prediction_has_no_suggestion(journal: Journal) -> None:
+    journal.apply_annotation(annotation(), {**task(), "predictions": [prediction()]})
+    assert suggestion_columns(journal)["suggested_label"] is None
+
+
+def test_suggestion_outside_the_taxonomy_is_not_kept(journal: Journal) -> None:
+    journal.apply_annotation({**annotation(), "parent_prediction": 5},
+                             {**task(), "predictions": [prediction(5, "spam")]})
+    cols = suggestion_columns(journal)
+    assert cols["prediction_id"] == 5 and cols["suggested_label"] is None
+
+
+def test_schema_1_journal_is_migrated_and_backfilled_from_its_events(path: Path) -> None:
+    """A journal written before schema 2: new columns added, values read back from the stored payloads."""
+    with Journal(path, TAXONOMY) as j:
+        j.apply_annotation({**annotation(), "parent_prediction": 5, "lead_time": 9.5},
+                           {**task(), "predictions": [prediction(5, "neither")]})
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE a2 AS SELECT annotation_id, project_id, task_id, item_id, text, label, "
+                       "annotator, created_at, updated_at, cancelled, ground_truth, deleted, problem, source, "
+                       "event_id, label_event_id FROM annotations; DROP TABLE annotations; "
+                       "ALTER TABLE a2 RENAME TO annotations; PRAGMA user_version = 1;")
+    conn.close()
+    with Journal(path, TAXONOMY) as j:
+        assert suggestion_columns(j) == {"lead_time": 9.5, "prediction_id": 5, "suggested_label": "neither",
+                                         "suggested_model_version": "labelloop-hate-offensive:v3"}
+        assert j.labels()["label"].tolist() == ["hate"]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_a_newer_webhook_version_keeps_the_suggestion_read_from_the_same_prediction(journal: Journal) -> None:
+    journal.apply_annotation({**annotation(), "parent_prediction": 5}, {**task(), "predictions": [prediction(5)]})
+    journal.record(event("ANNOTATION_UPDATED", ann={**annotation(label="neither", minute=3), "parent_prediction": 5}))
+    cols = suggestion_columns(journal)
+    assert journal.annotations().loc[0, "label"] == "neither"
+    assert (cols["suggested_label"], cols["suggested_model_version"]) == ("offensive", "labelloop-hate-offensive:v3")
