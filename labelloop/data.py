@@ -120,7 +120,7 @@ def load_unlabeled(source: str, *, text_column: str = "text", settings: Settings
         if text_column not in frame.columns:
             raise DataError(f"{source}: no text column {text_column!r} (columns: {list(frame.columns)})")
         frame = frame.rename(columns={text_column: "text"})
-    frame = _with_ids(frame)[["id", "text"]]
+    frame = _with_ids(frame)[["id", "text"] + (["created_at"] if "created_at" in frame.columns else [])]
     frame = frame[frame["text"].map(lambda t: isinstance(t, str) and t.strip() != "")]
     return frame.drop_duplicates("text").reset_index(drop=True)
 
@@ -192,7 +192,7 @@ def _to_schema(raw: pd.DataFrame, tax: Taxonomy, source: str, text_column: str, 
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; columns present: {list(raw.columns)}. "
                         "Use --text-column / --label-column to name them.")
-    keep = [c for c in ("id", "split") if c in raw.columns]
+    keep = [c for c in ("id", "split", "created_at") if c in raw.columns]  # created_at: drift windows
     frame = raw[[text_column, label_column, *keep]].rename(columns={text_column: "text", label_column: "label"})
     if "split" in frame.columns:
         frame["split"] = frame["split"].map(lambda s: _SPLIT_ALIASES.get(str(s).lower(), s))
@@ -234,7 +234,7 @@ def _normalise_labels(frame: pd.DataFrame, tax: Taxonomy, source: str) -> pd.Dat
         raise DataError(f"{source}: {len(unknown)} row(s) have labels outside taxonomy {tax.name!r} "
                         f"{list(tax.labels)} (or their indices 0..{len(tax.labels) - 1}), e.g. {sample}")
     frame["label"] = names
-    cols = ["id", "text", "label"] + (["split"] if "split" in frame.columns else [])
+    cols = ["id", "text", "label"] + [c for c in ("split", "created_at") if c in frame.columns]
     return frame[cols]
 
 
