@@ -7,6 +7,9 @@ HTTP Basic credentials on every call, health checks too, so nothing needs to sta
 - Credentials: HTTP Basic (what Label Studio can send) when ``basic_user``/``basic_password`` are set,
   ``Authorization: Bearer <api_token>`` (for scripts) when ``api_token`` is set; either one passes.
   Secrets are compared with :func:`secrets.compare_digest`.
+- A refused ``POST /webhook`` says why in words a Label Studio admin can act on: connecting the backend
+  in Label Studio's UI makes the project webhook without the credentials, so every annotation event is
+  refused, Label Studio does not retry, and labels wait for the reconciler. Each such refusal is logged.
 - Size: ``Content-Length`` above ``max_request_bytes`` is refused at once with 413; a body without a
   length (chunked) is read up to the limit and refused as soon as it passes it, so an oversized body is
   never held in memory.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import secrets
 
 from starlette.exceptions import HTTPException
@@ -25,6 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from labelloop.config import Settings
 
 REALM = "labelloop"
+WEBHOOK_PATH = "/webhook"
+log = logging.getLogger("labelloop.auth")
 
 
 class AuthConfigError(ValueError):
@@ -96,7 +102,20 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         headers = [(b"www-authenticate", c.encode()) for c in self.credentials.challenges()]
-        await _send_json(send, 401, "authentication required: HTTP Basic or Bearer token", headers)
+        await _send_json(send, 401, _refusal(scope, authorization), headers)
+
+
+def _refusal(scope: Scope, authorization: bytes | None) -> str:
+    """The 401's detail; for Label Studio's webhook, the fix (its events are not retried, so say it loudly)."""
+    if scope.get("method") != "POST" or scope.get("path", "").rstrip("/") != WEBHOOK_PATH:
+        return "authentication required: HTTP Basic or Bearer token"
+    if authorization:
+        detail = ("Label Studio's webhook sends credentials this backend refuses: run `labelloop connect` "
+                  "with the backend's basic_user/basic_password")
+    else:
+        detail = "Label Studio's webhook has no credentials: run `labelloop connect`"
+    log.warning("refused a webhook (labels wait for the reconciler): %s", detail)
+    return detail
 
 
 class BodyTooLarge(HTTPException):
