@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -57,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from labelloop.taxonomy import (
     FROM_NAME,
     TO_NAME,
+    ChoicesControl,
     LabelConfigError,
     Taxonomy,
     label_config_xml,
@@ -76,28 +78,50 @@ class InvalidPredictionError(ValueError):
     """A prediction does not fit the project (unknown task, label or control names); nothing was sent."""
 
 
-class PredictionIn(BaseModel):
-    """One single-choice prediction to store in Label Studio.
+class PriorityIn(BaseModel):
+    """A review priority with no pre-label: for a cold start (no model yet) or an item to be labeled blind.
 
     ``score`` orders the annotation queue under uncertainty sampling (lowest first), see the module docstring.
+    Label Studio stores the empty ``result`` as a prediction of ``model_version``, so sampling orders by it,
+    while the labeling screen has nothing to pre-select: no model's guess is shown where none exists.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     task_id: int = Field(gt=0)
-    label: str = Field(min_length=1)
     score: float = Field(allow_inf_nan=False)
     model_version: str = Field(min_length=1)
+
+    def result(self) -> list[dict[str, Any]]:
+        return []
+
+    def problem(self, control: ChoicesControl, project_id: int) -> str | None:
+        """Why this prediction does not fit the project's labeling config, or ``None`` when it does."""
+        return None
+
+    def to_ls(self) -> dict[str, Any]:
+        return {"task": self.task_id, "model_version": self.model_version, "score": self.score,
+                "result": self.result()}
+
+
+class PredictionIn(PriorityIn):
+    """One single-choice prediction to store in Label Studio: a priority plus the model's label."""
+
+    label: str = Field(min_length=1)
     from_name: str = FROM_NAME
     to_name: str = TO_NAME
 
-    def to_ls(self) -> dict[str, Any]:
-        return {
-            "task": self.task_id,
-            "model_version": self.model_version,
-            "score": self.score,
-            "result": choice_result(self.label, self.from_name, self.to_name),
-        }
+    def result(self) -> list[dict[str, Any]]:
+        return choice_result(self.label, self.from_name, self.to_name)
+
+    def problem(self, control: ChoicesControl, project_id: int) -> str | None:
+        if (self.from_name, self.to_name) != (control.from_name, control.to_name):
+            return (f"prediction for task {self.task_id} targets {self.from_name}->{self.to_name}, "
+                    f"but project {project_id} labels with {control.from_name}->{control.to_name}")
+        if self.label not in control.labels:
+            return (f"prediction for task {self.task_id} has label {self.label!r}, "
+                    f"not one of project {project_id}'s choices {list(control.labels)}")
+        return None
 
 
 def choice_result(label: str, from_name: str = FROM_NAME, to_name: str = TO_NAME) -> list[dict[str, Any]]:
@@ -118,6 +142,81 @@ def _describe(error: ApiError) -> str:
         detail = body.get("validation_errors") or body.get("detail") or body
         return f"HTTP {error.status_code}: {json.dumps(detail, default=str)}"
     return f"HTTP {error.status_code}: {body}"
+
+
+CONNECT_HINT = "run `labelloop connect`"
+
+
+def basic_auth_header(user: str, password: str) -> str:
+    """The ``Authorization`` value for HTTP Basic, as Label Studio sends it to the ML backend."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@dataclass(frozen=True)
+class BackendLink:
+    """An ML backend as a project registered it: where Label Studio calls it, and whether with credentials."""
+
+    url: str
+    basic_auth: bool
+
+
+@dataclass(frozen=True)
+class WebhookLink:
+    """A project webhook: where Label Studio posts events, with which ``Authorization`` header."""
+
+    id: int
+    url: str
+    authorization: str | None
+    active: bool
+
+
+def connection_problems(
+    project_id: int,
+    backends: Sequence[BackendLink],
+    hooks: Sequence[WebhookLink],
+    accepts: Callable[[bytes | None], bool],
+) -> list[str]:
+    """What stops Label Studio's calls or events from reaching the backend, one sentence each (none: all is well).
+
+    ``accepts`` is the backend's own credential check (``serving.auth.Credentials.accepts``), so the verdict
+    is the one the backend would give. The case this exists for: connecting the backend in Label Studio's UI
+    (*Settings → Model*, or ``ml.create``) makes a webhook to ``<backend>/webhook`` without the credentials,
+    so with auth on every event is refused with 401 and labels wait for the reconciler.
+    """
+    if not backends:
+        return [f"no ML backend is connected to project {project_id}: Label Studio asks for no pre-labels and "
+                f"sends no annotation webhooks; {CONNECT_HINT}"]
+    auth_required = not accepts(None)
+    problems = []
+    for backend in backends:
+        base = backend.url.rstrip("/")
+        if auth_required and not backend.basic_auth:
+            problems.append(f"Label Studio calls the ML backend {base} without credentials, which it requires: "
+                            f"every pre-label request is refused with 401; {CONNECT_HINT}")
+        target = f"{base}/webhook"
+        mine = [h for h in hooks if h.url.rstrip("/") == target]
+        if not mine:
+            problems.append(f"project {project_id} has no webhook to {target}: labels arrive only when the "
+                            f"reconciler pulls them; {CONNECT_HINT}")
+        elif len(mine) > 1:
+            problems.append(f"{len(mine)} webhooks of project {project_id} point at {target}: every event "
+                            f"arrives {len(mine)} times; {CONNECT_HINT}")
+        for hook in mine:
+            if not hook.active:
+                problems.append(f"webhook {hook.id} to {target} is turned off: labels arrive only when the "
+                                f"reconciler pulls them; {CONNECT_HINT}")
+            elif hook.authorization is None and auth_required:
+                problems.append(f"webhook {hook.id} to {target} has no credentials, but the backend requires "
+                                "them: every annotation event is refused with 401 and labels arrive only when the "
+                                f"reconciler pulls them; {CONNECT_HINT}")
+            elif hook.authorization is not None and not accepts(hook.authorization.encode()):
+                problems.append(f"webhook {hook.id} to {target} carries credentials the backend refuses: every "
+                                f"annotation event is refused with 401; {CONNECT_HINT}")
+    return problems
+
+
+def _authorization(headers: dict[str, Any] | None) -> str | None:
+    return next((str(v) for k, v in (headers or {}).items() if k.lower() == "authorization"), None)
 
 
 class LabelStudioClient:
@@ -263,26 +362,41 @@ class LabelStudioClient:
             self._known_tasks.setdefault(project_id, set()).update(task_ids)
         return {item_id: existing[item_id] for item_id in ids}
 
+    def create_tasks(self, project_id: int, items: Sequence[tuple[str, str]]) -> list[int]:
+        """Import ``(item_id, text)`` pairs as new tasks even when the item already has one, in order; returns
+        their task ids. For the quality slices: a second copy of an item (overlap, adjudication) or a
+        frozen-evaluation item (honeypot) must look to reviewers exactly like an ordinary task."""
+        rows = [{"text": text, "item_id": str(item_id)} for item_id, text in items]
+        bad = [r["item_id"] for r in rows if not isinstance(r["text"], str) or not r["text"].strip()]
+        if bad:
+            raise ValueError(f"{len(bad)} item(s) have no text, e.g. {bad[:10]}")
+        if not rows:
+            return []
+        with self._call(f"importing {len(rows)} tasks into project {project_id}"):
+            response = self.sdk.projects.import_tasks(project_id, request=rows, return_task_ids=True)
+        task_ids = list(response.task_ids or [])
+        if len(task_ids) != len(rows):
+            raise LabelStudioError(f"Label Studio returned {len(task_ids)} task ids for {len(rows)} imported tasks")
+        self._known_tasks.setdefault(project_id, set()).update(task_ids)
+        return task_ids
+
     # --- predictions --------------------------------------------------------------------------
     def _model_version_counts(self, project_id: int) -> dict[str, int]:
         with self._call(f"reading model versions of project {project_id}"):
             return dict(self._raw("GET", f"api/projects/{project_id}/model-versions/").json())
 
-    def _validate_predictions(self, project_id: int, predictions: Sequence[PredictionIn]) -> None:
+    def model_versions(self, project_id: int) -> dict[str, int]:
+        """``model_version -> number of predictions`` for every version the project's predictions carry."""
+        return self._model_version_counts(project_id)
+
+    def _validate_predictions(self, project_id: int, predictions: Sequence[PriorityIn]) -> None:
         with self._call(f"reading project {project_id}"):
             config = self.sdk.projects.get(project_id).label_config or ""
         control = parse_label_config(config)
         for p in predictions:
-            if (p.from_name, p.to_name) != (control.from_name, control.to_name):
-                raise InvalidPredictionError(
-                    f"prediction for task {p.task_id} targets {p.from_name}->{p.to_name}, "
-                    f"but project {project_id} labels with {control.from_name}->{control.to_name}"
-                )
-            if p.label not in control.labels:
-                raise InvalidPredictionError(
-                    f"prediction for task {p.task_id} has label {p.label!r}, "
-                    f"not one of project {project_id}'s choices {list(control.labels)}"
-                )
+            problem = p.problem(control, project_id)
+            if problem is not None:
+                raise InvalidPredictionError(problem)
         wanted = {p.task_id for p in predictions}
         if not wanted <= self._known_tasks.get(project_id, set()):
             self.task_ids(project_id)  # refreshes what this client knows of the project's tasks
@@ -290,7 +404,7 @@ class LabelStudioClient:
         if unknown:
             raise InvalidPredictionError(f"task(s) {unknown[:10]} are not in project {project_id}")
 
-    def import_predictions(self, project_id: int, predictions: Sequence[PredictionIn], chunk_size: int = 500) -> int:
+    def import_predictions(self, project_id: int, predictions: Sequence[PriorityIn], chunk_size: int = 500) -> int:
         """Store predictions, in chunks; returns how many were created.
 
         All predictions are checked against the project first (the server silently drops predictions whose
@@ -352,6 +466,7 @@ class LabelStudioClient:
         no prediction carries: call :meth:`set_model_version` after pushing predictions.
         """
         url = url.rstrip("/")
+        self.require_project(project_id)
         auth: dict[str, Any] = {"auth_method": "NONE"}
         if basic_auth is not None:
             user, password = basic_auth
@@ -372,10 +487,11 @@ class LabelStudioClient:
         return backend_id
 
     def _ensure_one_webhook(self, project_id: int, url: str, basic_auth: tuple[str, str] | None) -> None:
+        """Keep the oldest webhook to ``url`` (fixing its headers in place) and delete the others: a second
+        hook to the same URL would deliver every event twice."""
         headers: dict[str, str] = {}
         if basic_auth is not None:
-            token = base64.b64encode(f"{basic_auth[0]}:{basic_auth[1]}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+            headers["Authorization"] = basic_auth_header(*basic_auth)
         with self._call(f"listing webhooks of project {project_id}"):
             hooks = sorted(
                 (
@@ -399,6 +515,33 @@ class LabelStudioClient:
             with self._call(f"updating webhook {keep.id}"):
                 self.sdk.webhooks.update(keep.id, headers=headers, is_active=True)
 
+    def require_project(self, project_id: int) -> None:
+        """Fail with a sentence that names the project when it does not exist (the SDK's 404 names nothing)."""
+        with self._call(f"reading project {project_id}"):
+            try:
+                self.sdk.projects.get(project_id)
+            except ApiError as e:
+                if e.status_code == 404:
+                    raise LabelStudioError(f"project {project_id} does not exist in Label Studio at {self.url}"
+                                           ) from None
+                raise
+
+    def connection_problems(
+        self, project_id: int, accepts: Callable[[bytes | None], bool], backend_url: str | None = None
+    ) -> list[str]:
+        """:func:`connection_problems` for the project as Label Studio has it now; ``backend_url`` limits the
+        check to that backend (by default every ML backend of the project is taken to be labelloop's)."""
+        self.require_project(project_id)
+        with self._call(f"listing ML backends of project {project_id}"):
+            backends = [BackendLink(b.url.rstrip("/"), b.auth_method == "BASIC_AUTH")
+                        for b in self.sdk.ml.list(project=project_id)]
+        if backend_url is not None:
+            backends = [b for b in backends if b.url == backend_url.rstrip("/")]
+        with self._call(f"listing webhooks of project {project_id}"):
+            hooks = [WebhookLink(h.id or 0, h.url, _authorization(h.headers), bool(h.is_active))
+                     for h in self.sdk.webhooks.list(project=str(project_id)) if h.project == project_id]
+        return connection_problems(project_id, backends, hooks, accepts)
+
     def retrieve_predictions(self, project_id: int, task_ids: list[int] | None = None) -> None:
         """Ask the connected ML backend for predictions (Data Manager action), for all tasks or some.
 
@@ -414,7 +557,8 @@ class LabelStudioClient:
     # --- annotations --------------------------------------------------------------------------
     def annotations(self, project_id: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """``(annotation, task)`` for every annotation in the project, skipped ones (``was_cancelled``)
-        included; only tasks that have annotations are fetched."""
+        included; only tasks that have annotations are fetched. The task keeps its ``predictions``: the
+        journal reads from them which pre-label an annotation started from (``parent_prediction``)."""
         has_annotations = {
             "filters": {
                 "conjunction": "or",
@@ -435,7 +579,7 @@ class LabelStudioClient:
             }
         }
         for task in self._tasks(project_id, fields="all", query=has_annotations):
-            task_dict = task.model_dump(mode="json", exclude={"annotations", "predictions", "drafts"})
+            task_dict = task.model_dump(mode="json", exclude={"annotations", "drafts"})
             for annotation in task.annotations or []:
                 yield dict(annotation), task_dict
 

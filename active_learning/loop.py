@@ -17,7 +17,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,13 +25,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from active_learning.labelstudio import LabelStudioClient, PredictionIn
+from active_learning.adjudication import AdjudicationResult, send_for_adjudication
+from active_learning.drift_mix import drift_batch
+from active_learning.labelstudio import LabelStudioClient, PriorityIn
 from active_learning.pool import ScoredPool
+from active_learning.slices_push import (
+    Blind,
+    SliceRates,
+    Suggested,
+    assemble_queue,
+    batch_rng,
+    honeypot_candidates,
+    pending_slices,
+    place_pending,
+    plan_batch,
+    priorities_for,
+    slice_items,
+)
 from active_learning.stopping import StoppingMonitor
-from active_learning.strategies import PoolContext, get_strategy
+from active_learning.strategies import PoolContext, get_strategy, parse_strategy
+from active_learning.training_labels import training_labels
 from labelloop.config import Settings
 from labelloop.journal import Journal
-from labelloop.taxonomy import FROM_NAME, TO_NAME, get_taxonomy
+from labelloop.slices import SliceStore
+from labelloop.taxonomy import get_taxonomy
 from serving.quantize import precision
 from training.fast import EmbeddingCache
 from training.registry import CHAMPION, LoadedModel, Registry
@@ -49,6 +66,7 @@ class QueueResult:
     queued_task_ids: list[int]
     pushed: int
     seconds: float
+    slices: dict[str, int] = field(default_factory=dict)  # new audit/honeypot/overlap items, pending ones
 
 
 @dataclass
@@ -62,6 +80,7 @@ class RoundResult:
     queue: QueueResult | None
     stopping: dict | None
     seconds: dict[str, float] = field(default_factory=dict)
+    cold_start: str | None = None  # what the round did for the queue while no champion exists
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +91,32 @@ def priorities(count: int, n_classes: int) -> np.ndarray:
     (the top class's probability is at least 1/K), so every pushed item is served before the rest of
     the pool. Unique, because Label Studio does not break score ties."""
     return np.arange(count, dtype=np.float64) / max(count, 1) / max(n_classes, 1)
+
+
+COLD_START_PREFIX = "cold-start-"
+
+
+def next_cold_start_version(existing: Iterable[str]) -> str:
+    """The model_version for a new cold-start queue, numbered after every earlier one in the project.
+
+    A fresh name each time, because Label Studio keeps a task's prediction when it already holds one of the
+    same version: a reused name would leave an earlier queue's priorities in place."""
+    numbers = [int(v.removeprefix(COLD_START_PREFIX)) for v in existing
+               if v.startswith(COLD_START_PREFIX) and v.removeprefix(COLD_START_PREFIX).isdigit()]
+    return f"{COLD_START_PREFIX}{max(numbers, default=0) + 1}"
+
+
+def _created_at(items: pd.DataFrame) -> pd.Series:
+    """The items' own ``created_at`` as UTC times (missing: NaT), or all NaT when the source has none."""
+    if "created_at" not in items.columns:
+        return pd.Series(pd.NaT, index=range(len(items)), dtype="datetime64[ns, UTC]")
+    raw = items["created_at"].reset_index(drop=True)
+    parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="mixed")
+    bad = parsed.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} item(s) have a created_at that is not a date/time, "
+                         f"e.g. {raw[bad].astype(str).head(3).tolist()}")
+    return parsed
 
 
 @contextmanager
@@ -104,6 +149,7 @@ class ActiveLearningLoop:
         self.client = client
         self.project_id = project_id
         self.journal = journal
+        self.slices = SliceStore(settings.slices_path)
         self.strategy_name = settings.strategy
         self.queue_size = settings.queue_size
         self.registry = Registry(settings)
@@ -133,24 +179,43 @@ class ActiveLearningLoop:
             self._cache = embedding_cache(self.settings)
         return self._cache
 
-    def import_pool(self, items: pd.DataFrame) -> int:
-        """Import ``items[id, text]`` as tasks (idempotent) and remember item → task for scoring."""
+    def import_pool(self, items: pd.DataFrame, *, batch_id: str | None = None) -> int:
+        """Import ``items[id, text]`` (and ``created_at`` when the source has one) as tasks, as one new
+        import batch appended to the pool, and remember item → task for scoring.
+
+        Every pool row carries ``created_at`` (the source's time, else the import time) and ``batch_id``,
+        so drift monitoring can window the pool by day, week or import batch. Import is idempotent: an
+        item already in the pool keeps its first batch and time, because re-importing it is not new content."""
+        created = _created_at(items)  # checked before anything is imported: a bad value imports nothing
         mapping = self.client.import_tasks(self.project_id, items)
+        imported_at = pd.Timestamp.now(tz="UTC")
+        batch_id = batch_id or f"batch-{imported_at.strftime('%Y%m%dT%H%M%S%f')}"
         pool = pd.DataFrame({"item_id": items["id"].astype(str).tolist(), "text": items["text"].tolist()})
         pool["task_id"] = pool["item_id"].map(mapping).astype(int)
+        pool["created_at"] = created.fillna(imported_at)
+        pool["batch_id"] = batch_id
+        pool["imported_at"] = imported_at
         if self.pool_path.exists():
-            pool = pd.concat([pd.read_parquet(self.pool_path), pool]).drop_duplicates("task_id", keep="last")
+            pool = pd.concat([self.pool(), pool]).drop_duplicates("task_id", keep="first")
         self.pool_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.pool_path.with_suffix(".tmp")
-        pool.to_parquet(tmp)
+        pool.reset_index(drop=True).to_parquet(tmp)
         tmp.replace(self.pool_path)
         return len(mapping)
 
     def pool(self) -> pd.DataFrame:
+        """The imported pool: ``item_id``, ``text``, ``task_id``, ``created_at``, ``batch_id``, ``imported_at``.
+
+        A pool written before imports were timestamped reads as one ``legacy`` batch created when the
+        file was last written."""
         if not self.pool_path.exists():
             raise FileNotFoundError(f"no pool for project {self.project_id}: import one first "
                                     "(labelloop loop import)")
-        return pd.read_parquet(self.pool_path)
+        pool = pd.read_parquet(self.pool_path)
+        if "created_at" not in pool.columns:
+            written = pd.Timestamp(self.pool_path.stat().st_mtime, unit="s", tz="UTC")
+            pool = pool.assign(created_at=written, batch_id="legacy", imported_at=written)
+        return pool
 
     def unlabeled(self) -> pd.DataFrame:
         labeled = set(self.journal.annotations(self.project_id)["task_id"])
@@ -170,24 +235,64 @@ class ActiveLearningLoop:
         return self._loaded
 
     # ------------------------------------------------------------------ steps
-    def cold_start(self, k: int) -> pd.DataFrame:
+    def cold_start(self, k: int, unlabeled: pd.DataFrame | None = None) -> pd.DataFrame:
         """The first ``k`` items to label when no model exists: spread over the encoder's embedding space."""
-        unlabeled = self.unlabeled()
+        unlabeled = self.unlabeled() if unlabeled is None else unlabeled
         ctx = PoolContext(n_classes=len(self.taxonomy.labels), embeddings=self.cache.get(unlabeled["text"].tolist()))
         rng = np.random.default_rng(self.settings.seed)
         picked = get_strategy("cold_start").select(ctx, min(k, len(unlabeled)), rng)
         return unlabeled.iloc[picked].reset_index(drop=True)
+
+    def push_cold_start(self, progress: ReportProgress | None = None) -> tuple[QueueResult | None, str]:
+        """While no model can rank the pool, put ``query_batch`` diverse items (:meth:`cold_start`) at the
+        front of the queue: review priorities with an empty result, so reviewers see no pre-label.
+
+        A cold-start queue stays while any of its items is unlabeled: clustering again each round would push
+        the same kind of items again and reshuffle what reviewers are working through. Once it is used up
+        and there is still no champion (say every label so far is one class), the next one goes out under a
+        new model_version. Returns the push (``None`` when nothing was pushed) and a sentence saying what
+        happened."""
+        if not self.pool_path.exists():
+            return None, f"cold start: no pool imported for project {self.project_id} (labelloop loop import)"
+        started = time.perf_counter()
+        unlabeled = self.unlabeled()
+        current = self.project_model_version()
+        if current is not None and current.startswith(COLD_START_PREFIX):
+            queued = {p["task"] for p in self.client.predictions(self.project_id) if p["model_version"] == current}
+            waiting = queued & set(unlabeled["task_id"])
+            if waiting:
+                return None, f"cold start: {len(waiting)} diverse items of {current} are still queued"
+        seeds = self.cold_start(self.settings.query_batch, unlabeled)
+        if seeds.empty:
+            return None, "cold start: every pool item is labeled, nothing left to queue"
+        version = next_cold_start_version(self.client.model_versions(self.project_id))
+        batch = [PriorityIn(task_id=int(task_id), score=float(score), model_version=version)
+                 for task_id, score in zip(seeds["task_id"], priorities(len(seeds), len(self.taxonomy.labels)),
+                                           strict=True)]
+        if progress:
+            progress(0.8, f"cold start: pushing {len(batch)} diverse items to Label Studio")
+        pushed = self.client.import_predictions(self.project_id, batch)
+        self.client.set_model_version(self.project_id, version)
+        queue = QueueResult(version, "cold_start", len(unlabeled), [p.task_id for p in batch], pushed,
+                            time.perf_counter() - started)
+        return queue, f"cold start: pushed {pushed} diverse items ({version})"
+
+    def training_labels(self) -> pd.DataFrame:
+        """What a retrain learns from: one label per item, honeypots left out, adjudications applied."""
+        return training_labels(self.journal, self.slices, self.project_id)
 
     def push_queue(self, loaded: LoadedModel, progress: ReportProgress | None = None) -> QueueResult:
         """Rank the unlabeled pool with the champion and push the top items' priorities to Label Studio.
 
         Items past the pushed top ``queue_size`` get pre-labels from the ML backend when Label Studio
         asks (``score`` = confidence there, ≥ 1/K, so they queue behind every pushed priority < 1/K).
-        The strategy's batch leads, most informative first, then the rest by score."""
+        The strategy's batch leads, most informative first, then the rest by score. The batch shares its
+        places with the quality slices (:mod:`active_learning.slices_push`): blind audit items, honeypots
+        and overlap copies interleaved after its head, and pending adjudications ahead of everything."""
         started = time.perf_counter()
         unlabeled = self.unlabeled()
-        labels = self.journal.labels(self.project_id)
-        strategy = get_strategy(self.strategy_name)
+        labels = self.training_labels()
+        strategy = parse_strategy(self.strategy_name)
         cache_key = f"{loaded.ref.cache_key}#{precision(loaded.classifier)}"  # served int8 ≠ registry fp32
         pool = ScoredPool(unlabeled.rename(columns={"item_id": "id"}), loaded.classifier, cache_key,
                           self.settings.cache_dir, labeled=labels[["id", "text", "label"]],
@@ -197,22 +302,82 @@ class ActiveLearningLoop:
         batch = strategy.select(ctx, k, np.random.default_rng(self.settings.seed)) if k else np.zeros(0, int)
         scores = strategy.scores(ctx)
         batch = batch[np.argsort(-scores[batch], kind="stable")]  # cluster-based batches come in cluster order
+        batch = drift_batch(batch, scores, unlabeled, self.settings)  # a share from drifted windows, if any
         ranked = np.argsort(-scores, kind="stable")
-        order = np.concatenate([batch, ranked[~np.isin(ranked, batch)]])[: max(self.queue_size, k)]
+        version, names = loaded.ref.label, self.taxonomy.labels
+        rng = batch_rng(self.settings.seed, version)
+        answered = set(self.journal.annotations(self.project_id)["task_id"])
+        pending = pending_slices(self.slices, self.project_id, answered)
+        pending_audit = np.flatnonzero(unlabeled["task_id"].isin(pending.query("kind == 'audit'")["task_id"]))
+        needs_eval = self.settings.honeypot_rate > 0 or (pending["kind"] == "honeypot").any()
+        frozen = self.registry.eval_set() if needs_eval else None
+        eval_frame = frozen[1].astype({"id": str}) if frozen else pd.DataFrame(columns=["id", "text", "label"])
+        all_pool = self.pool()
+        candidates = honeypot_candidates(eval_frame, self.slices, self.project_id, set(all_pool["text"]))
+        plan = plan_batch(n_unlabeled=len(unlabeled), batch=batch, ranked=ranked, pending_audit=pending_audit,
+                          limit=max(self.queue_size, k), n_honeypot_candidates=len(candidates),
+                          rates=SliceRates.from_settings(self.settings), rng=rng)
+
+        # new honeypots and overlap copies become tasks of their own, recorded before anyone can answer them
+        honey = candidates.iloc[plan.honeypots]
+        sources = unlabeled.iloc[plan.overlap_sources]
+        created = self.client.create_tasks(self.project_id, [*zip(honey["id"], honey["text"], strict=True),
+                                                             *zip(sources["item_id"], sources["text"], strict=True)])
+        honey_tasks, copy_tasks = created[: len(honey)], created[len(honey):]
+        audit = unlabeled.iloc[plan.audit]
+        self.slices.add([
+            *slice_items(self.project_id, "audit", audit["task_id"].tolist(), audit["item_id"].tolist(), version),
+            *slice_items(self.project_id, "honeypot", honey_tasks, honey["id"].tolist(), version,
+                         gold_label=honey["label"].tolist()),
+            *slice_items(self.project_id, "overlap", copy_tasks, sources["item_id"].tolist(), version,
+                         source_task_id=sources["task_id"].astype(int).tolist()),
+        ])
+
+        # pre-labels: the champion's label for pool items and for every suggested slice task
         label_idx = ctx.proba.argmax(1)
-        predictions = [
-            PredictionIn(task_id=int(unlabeled["task_id"].iat[i]), label=self.taxonomy.labels[label_idx[i]],
-                         score=float(score), model_version=loaded.ref.label, from_name=FROM_NAME, to_name=TO_NAME)
-            for i, score in zip(order, priorities(len(order), len(self.taxonomy.labels)), strict=True)
-        ]
+        by_position = {i: Suggested(int(unlabeled["task_id"].iat[i]), names[label_idx[i]]) for i in
+                       (*plan.al, *plan.tail)}
+        carried = pending[pending["kind"].isin(["honeypot", "overlap"])]
+        texts = dict(zip(all_pool["item_id"].astype(str), all_pool["text"], strict=False))
+        texts.update(zip(eval_frame["id"], eval_frame["text"], strict=False))
+        carried = carried[carried["item_id"].isin(texts)]
+        extra_texts = [*honey["text"], *(texts[i] for i in carried["item_id"])]
+        extra_labels = ([names[j] for j in loaded.classifier.predict_proba(extra_texts).argmax(1)]
+                        if extra_texts else [])
+        new_honey = [Suggested(t, label) for t, label in zip(honey_tasks, extra_labels, strict=False)]
+        carried_labels = dict(zip(carried["task_id"], extra_labels[len(honey_tasks):], strict=True))
+        copies = {by_position[position].task_id: [Suggested(copy, by_position[position].label)]
+                  for position, copy in zip(plan.overlap_sources, copy_tasks, strict=True)}
+        blind = [Blind(int(t)) for t in unlabeled["task_id"].iloc[[*pending_audit.tolist(), *plan.audit]]]
+        order, adjudications = assemble_queue(
+            [by_position[i] for i in plan.al], [by_position[i] for i in plan.tail], [*blind, *new_honey], copies,
+            place_pending(pending, carried_labels, {by_position[i].task_id for i in plan.al}), rng)
+        predictions = priorities_for(order, adjudications, len(names), version)
         if progress:
             progress(0.8, f"pushing {len(predictions)} priorities to Label Studio")
         pushed = self.client.import_predictions(self.project_id, predictions)
         if predictions:
-            self.client.set_model_version(self.project_id, loaded.ref.label)
+            self.client.set_model_version(self.project_id, version)
         self.pool_predictions = pd.Series(label_idx, index=unlabeled["task_id"].to_numpy())
-        return QueueResult(loaded.ref.label, strategy.name, len(unlabeled),
-                           [int(unlabeled["task_id"].iat[i]) for i in batch], pushed, time.perf_counter() - started)
+        counts = {"audit": plan.counts.audit, "honeypot": plan.counts.honeypot, "overlap": plan.counts.overlap,
+                  "pending": len(pending)}
+        return QueueResult(version, strategy.name, len(unlabeled), [by_position[i].task_id for i in plan.al],
+                           pushed, time.perf_counter() - started, counts)
+
+    def adjudicate(self, candidates: pd.DataFrame | Iterable) -> AdjudicationResult:
+        """Send likely label errors (``annotation_id`` and optional disputed ``label`` per row) to Label
+        Studio as adjudication tasks at the front of the queue (see :mod:`active_learning.adjudication`)."""
+        version = self.project_model_version()
+        if version is None:
+            loaded = self.champion()
+            if loaded is None:
+                raise ValueError("no champion and no model_version on the project: nothing to queue against yet")
+            version = loaded.ref.label
+        result = send_for_adjudication(self.client, self.project_id, self.journal, self.slices, candidates,
+                                       version, self.taxonomy.labels)
+        if result.sent and self.project_model_version() != version:
+            self.client.set_model_version(self.project_id, version)
+        return result
 
     def project_model_version(self) -> str | None:
         return self.client.sdk.projects.get(self.project_id).model_version or None
@@ -233,7 +398,7 @@ class ActiveLearningLoop:
         started = time.perf_counter()
         if on_snapshot:
             on_snapshot()
-        labels = self.journal.labels(self.project_id)
+        labels = self.training_labels()
         trained, macro_f1, promoted, reason = None, None, False, "not enough labels: need two classes"
         if len(labels) and labels["label"].nunique() >= 2:
             if progress:
@@ -250,16 +415,19 @@ class ActiveLearningLoop:
             timings["gate"] = time.perf_counter() - started - timings["train"]
             if promoted and self._on_promoted:
                 self._on_promoted()
-        queue = None
+        queue, cold_start = None, None
         loaded = self.champion()
-        if self.steers_queue and loaded is not None and self.project_model_version() != loaded.ref.label:
-            t_push = time.perf_counter()
+        t_push = time.perf_counter()
+        if self.steers_queue and loaded is None:  # no model to rank with: diverse items first
+            queue, cold_start = self.push_cold_start(progress)
+            timings["queue"] = time.perf_counter() - t_push
+        elif self.steers_queue and self.project_model_version() != loaded.ref.label:
             queue = self.push_queue(loaded, progress)
             timings["queue"] = time.perf_counter() - t_push
         timings["total"] = time.perf_counter() - started
         self.rounds += 1
-        if queue is not None:  # a new champion scored the pool: compare its predictions with the last one's
+        if queue is not None and loaded is not None:  # a new champion scored the pool: compare with the last
             self.last_signal = asdict(self.stopping.update(self.rounds, self.pool_predictions, macro_f1, len(labels)))
         signal = self.last_signal
         return RoundResult(len(labels), trained, macro_f1, promoted, reason,
-                           loaded.ref.label if loaded else None, queue, signal, timings)
+                           loaded.ref.label if loaded else None, queue, signal, timings, cold_start)

@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from mlflow.exceptions import MlflowException
 
 from active_learning.jobs import JobRunner, RetrainTrigger, jobs_router
-from active_learning.labelstudio import LabelStudioClient
+from active_learning.labelstudio import LabelStudioClient, LabelStudioError
 from active_learning.loop import ActiveLearningLoop
 from active_learning.reconcile import reconcile
 from labelloop.config import Settings
 from labelloop.journal import Journal
 from labelloop.taxonomy import get_taxonomy
 from serving.app import create_app
+from serving.auth import Credentials
+from training.registry import CHAMPION
 
 log = logging.getLogger("labelloop.service")
 
@@ -31,7 +35,10 @@ log = logging.getLogger("labelloop.service")
 class Service:
     """Everything ``labelloop serve`` runs, built once per process."""
 
-    def __init__(self, settings: Settings, client: LabelStudioClient | None = None):
+    def __init__(self, settings: Settings, client: LabelStudioClient | None = None,
+                 extra_routers: Sequence[APIRouter] = ()):
+        """``extra_routers`` are mounted next to the backend's own, behind the same authentication: the
+        composition points add downstream routers (monitoring) that this package must not import."""
         self.settings = settings
         self.journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
         if client is None and settings.ls_api_key is not None and settings.ls_project_id is not None:
@@ -42,7 +49,7 @@ class Service:
         self.runner = JobRunner(settings.state_dir / "jobs.sqlite", self._run_round)
         self.trigger = RetrainTrigger(self.journal, self.runner, settings.retrain_every)
         self.app: FastAPI = create_app(settings, journal=self.journal, on_event=self.trigger.on_event,
-                                       extra_routers=[jobs_router(self.runner)])
+                                       extra_routers=[jobs_router(self.runner), *extra_routers])
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
 
@@ -78,7 +85,41 @@ class Service:
             except Exception as e:  # Label Studio down: try again next period, keep serving
                 log.warning("reconciliation failed: %s", e)
 
+    # ------------------------------------------------------------------ the Label Studio connection
+    def check_connection(self) -> list[str]:
+        """Log a warning for each reason Label Studio's calls or annotation webhooks would not reach this
+        backend, above all a webhook made by connecting in Label Studio's UI, which carries no credentials:
+        with auth on, each of its events is refused and labels wait for the reconciler. Never raises: a
+        Label Studio that is down must not keep the backend from serving."""
+        if not self.loop.steers_queue:
+            return []
+        project_id = self.settings.ls_project_id
+        try:
+            problems = self.client.connection_problems(project_id, Credentials(self.settings).accepts)
+        except LabelStudioError as e:
+            log.warning("could not check the connection of Label Studio project %s: %s", project_id, e)
+            return []
+        for problem in problems:
+            log.warning("Label Studio project %s: %s", project_id, problem)
+        return problems
+
+    def _at_start(self) -> None:
+        """Check the connection, and on a project with no champion yet run a round at once: it pushes the
+        cold-start queue (or finds it still queued), so the first reviewers do not work in random order
+        until enough labels for a retrain have come in."""
+        self.check_connection()
+        if not self.loop.steers_queue:
+            return
+        try:
+            no_champion = self.loop.registry.alias_version(CHAMPION) is None
+        except MlflowException as e:
+            log.warning("could not read the champion from MLflow: %s", e)
+            return
+        if no_champion:
+            self.runner.submit("no champion yet: cold-start queue")
+
     def start_background(self) -> None:
+        threading.Thread(target=self._at_start, name="labelloop-start", daemon=True).start()
         if self.loop.steers_queue and self.settings.reconcile_seconds > 0:
             self._reconciler = threading.Thread(target=self._reconcile_forever, name="labelloop-reconcile",
                                                 daemon=True)
@@ -90,3 +131,4 @@ class Service:
         if self._reconciler:
             self._reconciler.join(timeout=10)
         self.journal.close()
+        self.loop.slices.close()

@@ -27,7 +27,9 @@ def loop_settings(settings, label_studio: RunningLabelStudio, ls_project: int):
         "port": free_port(), "basic_user": "ls", "basic_password": SecretStr("loop-pass-42"),
         "poll_seconds": 0, "reconcile_seconds": 0, "retrain_every": 1000, "query_batch": 10, "queue_size": 40,
         # this test is about the loop's plumbing; the gate's judgement is tested in test_registry
-        "gate_min_gain": -1.0, "gate_max_recall_drop": 1.0})
+        "gate_min_gain": -1.0, "gate_max_recall_drop": 1.0,
+        # the quality slices (audit, honeypots, overlap) have their own test: tests/test_slices_integration.py
+        "audit_rate": 0.0, "honeypot_rate": 0.0, "overlap_rate": 0.0})
 
 
 def margins(proba: np.ndarray) -> np.ndarray:

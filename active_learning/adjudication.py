@@ -1,0 +1,123 @@
+"""Sending likely label errors back to Label Studio for another reviewer to settle.
+
+The candidates come from label-error detection (``monitoring``, downstream of this package, so they
+arrive as plain rows: an ``annotation_id`` and, optionally, the disputed ``label``). Each becomes a new
+task with the item's text and ``item_id``, pre-labelled with the disputed label so the adjudicator sees
+what is in question, and queued ahead of every active-learning item. The adjudicated label supersedes
+the original in training (:mod:`active_learning.training_labels`); the original annotation stays in the
+journal untouched, as the audit trail.
+
+Sending is idempotent: an annotation already sent (by ``disputed_annotation_id``) or an item that already
+waits for adjudication is skipped, so running the command twice sends nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from active_learning.labelstudio import LabelStudioClient
+from active_learning.slices_push import ADJUDICATION_FLOOR, Suggested
+from labelloop.journal import Journal
+from labelloop.slices import SliceItem, SliceStore
+
+
+class CandidateError(ValueError):
+    """Candidates that cannot be adjudicated as given (unknown annotation, wrong shape); nothing was sent."""
+
+
+@dataclass
+class AdjudicationResult:
+    sent: list[SliceItem] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)  # annotation id -> why it was not sent
+
+
+def _candidate_frame(candidates: pd.DataFrame | Iterable[Mapping | object]) -> pd.DataFrame:
+    """``annotation_id`` plus ``disputed_label`` (None: the annotation's own label), from a frame, dicts or
+    objects with those attributes (``monitoring.label_errors.LabelIssue`` has ``annotation_id`` and
+    ``label``)."""
+    if isinstance(candidates, pd.DataFrame):
+        rows = candidates.to_dict("records")
+    else:
+        rows = [c if isinstance(c, Mapping) else (c.model_dump() if hasattr(c, "model_dump") else vars(c))
+                for c in candidates]
+    out = []
+    for n, row in enumerate(rows):
+        raw = row.get("annotation_id")
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str) or not str(raw).strip().isdigit():
+            raise CandidateError(f"candidate {n} has no valid annotation_id (got {raw!r})")
+        label = row.get("disputed_label", row.get("label"))
+        out.append({"annotation_id": int(raw), "disputed_label": None if label is None else str(label)})
+    return pd.DataFrame(out, columns=["annotation_id", "disputed_label"])
+
+
+def plan_adjudication(candidates: pd.DataFrame | Iterable, annotations: pd.DataFrame, slices: pd.DataFrame,
+                      labels: Iterable[str]) -> tuple[pd.DataFrame, dict[int, str]]:
+    """Which candidates to send (rows with ``annotation_id, disputed_label, task_id, id, text``) and why
+    the others are skipped. Raises :class:`CandidateError` for an unknown annotation or label: a typo
+    must not silently send nothing."""
+    frame = _candidate_frame(candidates).drop_duplicates("annotation_id")
+    known = annotations.set_index("annotation_id")
+    unknown = sorted(set(frame["annotation_id"]) - set(known.index))
+    if unknown:
+        raise CandidateError(f"annotation(s) {unknown[:10]} are not in the journal for this project")
+    frame = frame.join(known[["task_id", "id", "text", "label"]], on="annotation_id")
+    frame["disputed_label"] = frame["disputed_label"].fillna(frame["label"])
+    bad = frame[frame["disputed_label"].notna() & ~frame["disputed_label"].isin(list(labels))]
+    if len(bad):
+        raise CandidateError(f"disputed label(s) {sorted(set(bad['disputed_label']))} are not in the taxonomy")
+    kinds = slices.set_index("task_id")["kind"] if len(slices) else pd.Series(dtype=object)
+    sent_before = set(slices.loc[slices["kind"] == "adjudication", "disputed_annotation_id"].dropna().astype(int))
+    waiting = set(slices.loc[slices["kind"] == "adjudication", "item_id"]) - set(
+        annotations.loc[annotations["task_id"].isin(slices.loc[slices["kind"] == "adjudication", "task_id"]), "id"])
+    skipped: dict[int, str] = {}
+    keep = []
+    for row in frame.itertuples(index=False):
+        reason = None
+        if row.annotation_id in sent_before:
+            reason = "already sent for adjudication"
+        elif kinds.get(row.task_id) == "honeypot":
+            reason = "a honeypot answer: measured against gold, never trained on"
+        elif row.disputed_label is None or row.text is None:
+            reason = "the annotation carries no usable label"
+        elif row.id in waiting:
+            reason = f"item {row.id} already waits for adjudication"
+        if reason:
+            skipped[row.annotation_id] = reason
+        else:
+            keep.append(row._asdict())
+            waiting.add(row.id)
+    return pd.DataFrame(keep, columns=[*frame.columns]), skipped
+
+
+def front_scores(n: int, after: float | None) -> list[float]:
+    """``n`` unique priorities ahead of the active-learning queue (< 0) and behind adjudications already
+    waiting (> ``after``), so they are served first come, first served."""
+    low = ADJUDICATION_FLOOR if after is None else after
+    return [low + (0.0 - low) * (i + 1) / (n + 1) for i in range(n)]
+
+
+def send_for_adjudication(client: LabelStudioClient, project_id: int, journal: Journal, store: SliceStore,
+                          candidates: pd.DataFrame | Iterable, model_version: str, labels: Iterable[str]
+                          ) -> AdjudicationResult:
+    """Create one adjudication task per new candidate, pre-labelled with the disputed label under
+    ``model_version`` (the project's current one, so uncertainty sampling serves it first), and record it."""
+    slices = store.frame(project_id)
+    send, skipped = plan_adjudication(candidates, journal.annotations(project_id), slices, labels)
+    if send.empty:
+        return AdjudicationResult([], skipped)
+    waiting = set(slices.loc[slices["kind"] == "adjudication", "task_id"])
+    earlier = [p["score"] for p in client.predictions(project_id)
+               if p["task"] in waiting and p["model_version"] == model_version and p["score"] is not None]
+    task_ids = client.create_tasks(project_id, list(zip(send["id"], send["text"], strict=True)))
+    items = [SliceItem(project_id=project_id, task_id=int(t), item_id=str(r.id), kind="adjudication",
+                       source_task_id=int(r.task_id), disputed_label=str(r.disputed_label),
+                       disputed_annotation_id=int(r.annotation_id), model_version=model_version)
+             for t, r in zip(task_ids, send.itertuples(index=False), strict=True)]
+    store.add(items)
+    scores = front_scores(len(items), max(earlier) if earlier else None)
+    client.import_predictions(project_id, [Suggested(i.task_id, i.disputed_label).prediction(s, model_version)
+                                           for i, s in zip(items, scores, strict=True)])
+    return AdjudicationResult(items, skipped)
