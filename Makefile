@@ -4,9 +4,10 @@ PYTHON ?= python3.11
 VENV := .venv
 VENV_LS := .venv-ls
 PY := $(VENV)/bin/python
+CHROMIUM := /usr/bin/chromium
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test test-unit lint format train serve demo stop label-configs simulate bench clean
+.PHONY: install chromium test test-unit lint format train serve demo stop label-configs simulate bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -21,8 +22,18 @@ $(VENV_LS)/.installed:
 
 install: $(VENV)/.installed $(VENV_LS)/.installed  ## app venv + Label Studio's own venv
 
-test: install  ## the whole suite, integration tests included
+test: install chromium  ## the whole suite, integration tests included
 	$(PY) -m pytest -q
+
+# Debian's chromium for tests/test_dashboard_browser.py (Playwright drives it; no `playwright install`).
+# Installed only as root with apt-get; anywhere else, or if the install fails, that test skips and says why.
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser test (apt-get, ~30 s)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+			|| echo "chromium could not be installed: the browser test will be skipped"; \
+	else echo "$(CHROMIUM) is missing and apt-get needs root: the browser test will be skipped"; fi
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not integration"
