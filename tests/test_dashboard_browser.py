@@ -5,8 +5,8 @@ Checks that the page loads behind the backend's authentication with no console e
 draws a non-empty SVG, that every figure shown equals what the JSON API returns, that the report file
 (`labelloop report`) draws the same charts from ``file://`` without a single request elsewhere, and that a
 fresh install renders a sentence for each missing piece instead of empty axes. The populated page's screenshot is saved
-under the test's temp dir, and also to ``$LABELLOOP_DASHBOARD_SCREENSHOT`` when that is set (how
-``docs/dashboard.png`` is made).
+under the test's temp dir, and also to ``$LABELLOOP_DASHBOARD_SCREENSHOT`` when that is set. The README's
+``docs/dashboard.png`` is a screenshot of a full ``make demo`` instead, where every section has data.
 
 Chromium is Debian's (``/usr/bin/chromium``), which ``make test`` installs with apt-get when it can; the
 Playwright package drives it, no ``playwright install`` download.
