@@ -52,8 +52,14 @@ class Settings(BaseSettings):
     seed: int = 13
 
     # --- promotion gate ----------------------------------------------------------------------
-    gate_min_gain: float = Field(0.0, description="challenger macro-F1 must exceed champion's by more than this")
-    gate_max_recall_drop: float = Field(0.05, ge=0, le=1, description="largest allowed per-class recall drop")
+    gate_min_gain: float = Field(0.0, description="the lower bound of the challenger's macro-F1 gain interval "
+                                 "must exceed this (training/gate.py)")
+    gate_max_recall_drop: float = Field(0.05, ge=0, le=1, description="largest allowed recall drop on a class the "
+                                        "champion detects better than chance (at the drop interval's lower bound)")
+    gate_confidence: float = Field(0.95, ge=0.5, lt=1, description="confidence level of the gate's paired "
+                                   "bootstrap intervals")
+    gate_bootstrap: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples of the frozen eval set "
+                                "per gate decision")
 
     # --- serving -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -95,7 +101,15 @@ class Settings(BaseSettings):
     drift_min_items: int = Field(50, ge=10, description="windows with fewer items are reported, never alerted on")
     drift_query_share: float = Field(0.2, ge=0, le=1, description="share of the next query batches drawn from a "
                                      "drifted window, so reviewers see the new content soon")
+    drift_reference: str = Field("eval_set", pattern=r"^(eval_set|window:.+)$", description="what windows are "
+                                 "compared with: the frozen evaluation set, or 'window:<id>' for a chosen window")
+    drift_permutations: int = Field(500, ge=20, le=5000, description="permutations for the MMD test's p-value")
+    drift_accuracy_drop: float = Field(0.1, gt=0, le=1, description="alert when a window's label-free accuracy "
+                                       "estimate is this far below the reference accuracy")
     alert_url: str | None = Field(None, description="alerts are POSTed here as JSON when raised and cleared")
+    drift_every_seconds: float = Field(3600.0, ge=0, description="how often `labelloop serve` evaluates drift and "
+                                       "raises or clears alerts (0: only on `labelloop drift` or POST "
+                                       "/v1/monitoring/drift/evaluate)")
 
     # --- Label Studio ------------------------------------------------------------------------
     ls_url: str = "http://127.0.0.1:8080"
@@ -106,6 +120,20 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return v.expanduser().resolve() if v is not None else None
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        """A misspelt strategy fails here, when settings load, instead of at the first round hours later.
+
+        The spec grammar and the names live in ``active_learning.strategies`` (one parser for the service,
+        simulations and benchmarks, so they cannot drift apart). It is imported inside the validator, not
+        at module level: config belongs to the data layer that every other layer imports, and a module-level
+        import would make all of them depend on active learning. ``strategies`` imports nothing from
+        labelloop (no cycle) and only numpy at import time, so validating stays cheap."""
+        from active_learning.strategies import validate_strategy_spec
+
+        return validate_strategy_spec(v)
 
     @model_validator(mode="after")
     def _default_cache_dir(self) -> Settings:

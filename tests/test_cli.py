@@ -193,6 +193,30 @@ def test_serve_refuses_a_public_address_without_credentials(cli_settings):
     assert result.stderr.startswith("error: refusing to serve on 0.0.0.0 without credentials"), result.stderr
 
 
+@pytest.mark.parametrize(("setting", "says"), [
+    ('strategy = "margn"', "unknown query strategy 'margn'; choose from ['badge', 'bald', 'class_balanced', "
+                           "'cold_start', 'entropy', 'least_confidence', 'margin', 'margin_kmeans', 'mixed', "
+                           "'random']"),
+    ('strategy = "margin:entropy"', "'margin' takes no base strategy (in 'margin:entropy'); only ['class_balanced', "
+                                    "'mixed'] do")])
+def test_a_bad_strategy_setting_fails_when_settings_load_with_one_error_line(tmp_path, monkeypatch, setting, says):
+    """An unknown strategy used to fail only when a round ran; the error names every valid choice."""
+    (tmp_path / "labelloop.toml").write_text(setting + "\n")
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "labelloop.toml"))
+    monkeypatch.setenv("LABELLOOP_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("LABELLOOP_STATE_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    try:
+        result = invoke("loop", "status")
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line, even at 80 columns
+    assert result.stderr.startswith("error: invalid setting strategy="), result.stderr
+    assert says in result.stderr
+    assert not (tmp_path / "var").exists()
+
+
 def test_train_promote_gates_its_own_version_and_exits_1_when_refused(cli_settings: Settings, dataset_csv: Path):
     base = ("train", "--dataset", str(dataset_csv), "--mode", "fast", "--taxonomy", "hate_offensive")
     first = invoke(*base, "--promote")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import pandas as pd
 import pytest
 
 from labelloop import data
 from labelloop.data import DataError
+from training.gate import GatePolicy
 from training.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from training.train import train_and_register
 
@@ -55,7 +58,7 @@ def test_first_version_is_promoted_then_worse_refused_then_rollback(settings, fr
 
     worse = _train(settings, tiny, eval_frame, seed=99)
     refused = registry.promote()
-    assert not refused.promoted and "must exceed" in refused.reason
+    assert not refused.promoted and "lower bound must exceed" in refused.reason
     assert registry.alias_version(CHAMPION) == 2 and registry.alias_version(CHALLENGER) == worse.ref.version
 
     back = registry.rollback()
@@ -69,17 +72,62 @@ def test_first_version_is_promoted_then_worse_refused_then_rollback(settings, fr
     assert history[2].candidate_metrics["macro_f1"] < history[2].champion_metrics["macro_f1"]
 
 
-def test_gate_refuses_a_recall_drop_even_with_macro_f1_gain(settings):
-    settings = settings.model_copy(update={"gate_max_recall_drop": 0.05})
+def test_the_gate_policy_comes_from_settings_and_decides_on_the_frozen_set(settings, frames):
+    settings = settings.model_copy(update={"gate_min_gain": 0.9, "gate_max_recall_drop": 0.2,
+                                           "gate_confidence": 0.9, "gate_bootstrap": 500, "seed": 3})
+    assert Registry(settings).gate_policy() == GatePolicy(min_gain=0.9, max_recall_drop=0.2, confidence=0.9,
+                                                          n_bootstrap=500, seed=3)
+    eval_frame, big, tiny = frames
     registry = Registry(settings)
-    champ = {"macro_f1": 0.70, "recall_hate": 0.40, "recall_offensive": 0.90, "recall_neither": 0.80}
-    cand = {"macro_f1": 0.72, "recall_hate": 0.30, "recall_offensive": 0.95, "recall_neither": 0.85}
-    passed, reason = registry._judge(2, 1, cand, champ, force=False)
-    assert not passed and "'hate' drops by 0.1000" in reason
-    passed, _ = registry._judge(2, 1, {**cand, "recall_hate": 0.38}, champ, force=False)
-    assert passed
-    margin = Registry(settings.model_copy(update={"gate_min_gain": 0.05}))
-    assert not margin._judge(2, 1, {**cand, "recall_hate": 0.38}, champ, force=False)[0]
+    _train(settings, tiny, eval_frame)
+    registry.promote()
+    strong = _train(settings, big, eval_frame)
+    refused = registry.promote()  # a real gain, but its interval's lower bound is nowhere near +0.9
+    assert not refused.promoted and registry.alias_version(CHAMPION) == 1
+    assert "lower bound must exceed +0.9000" in refused.reason
+    assert f"{strong.report.macro_f1:.4f} vs champion" in refused.reason
+    assert re.search(r"macro-F1 \+0\.\d{4} \[[+-]0\.\d{4}, \+0\.\d{4}\]", refused.reason), refused.reason
+    assert f"90% paired bootstrap over {len(registry.eval_set()[1])} eval items" in refused.reason
+    lenient = Registry(settings.model_copy(update={"gate_min_gain": 0.0}))
+    assert lenient.promote().promoted and lenient.alias_version(CHAMPION) == strong.ref.version
+
+
+def test_versions_cached_without_what_the_gate_needs_are_evaluated_again_once(settings, frames, monkeypatch):
+    """A version registered before the gate needed per-item predictions (or with a metric missing) is
+    loaded and evaluated on the frozen set again; the result is cached, so the next gate reads it."""
+    settings = settings.model_copy(update={"gate_max_recall_drop": 1.0})
+    eval_frame, big, tiny = frames
+    registry = Registry(settings)
+    old = _train(settings, tiny, eval_frame)
+    eval_id, _ = registry.eval_set()
+    version = str(old.ref.version)
+    registry.promote()
+    tags = registry.client.get_model_version(registry.name, version).tags
+    assert tags[f"eval_predictions.{eval_id}"] == f"evaluation/predictions/{eval_id}.parquet"
+    for key in (f"eval_predictions.{eval_id}", f"eval.{eval_id}.recall_hate"):  # as an old version has them
+        registry.client.delete_model_version_tag(registry.name, version, key)
+    registry.client.set_model_version_tag(registry.name, version, f"eval.{eval_id}.macro_f1", "0.999")
+
+    loads: list[int | str] = []
+    real_load = registry.load
+    monkeypatch.setattr(registry, "load", lambda v: loads.append(v) or real_load(v))
+    new = _train(settings, big, eval_frame)
+    decision = registry.promote()
+    assert loads == [old.ref.version]  # the new version came with its predictions; the old one did not
+    assert decision.promoted, decision.reason
+    assert decision.champion_metrics["macro_f1"] == pytest.approx(old.report.macro_f1, abs=1e-6)
+    assert decision.champion_metrics["recall_hate"] == pytest.approx(old.report.per_class["hate"]["recall"])
+    assert decision.candidate_metrics["macro_f1"] == pytest.approx(new.report.macro_f1, abs=1e-6)
+    tags = registry.client.get_model_version(registry.name, version).tags
+    assert float(tags[f"eval.{eval_id}.recall_hate"]) == pytest.approx(old.report.per_class["hate"]["recall"],
+                                                                       abs=1e-6)
+    cached = pd.read_parquet(registry.client.download_artifacts(
+        old.run_id, tags[f"eval_predictions.{eval_id}"], str(settings.state_dir)))
+    assert cached["id"].tolist() == registry.eval_set()[1]["id"].tolist()
+    assert {"label", "p_hate", "p_offensive", "p_neither"} <= set(cached.columns)
+
+    loads.clear()  # everything is cached now: gating the old version again loads no model
+    assert not registry.promote(old.ref.version).promoted and loads == []
 
 
 def test_registered_model_loads_by_alias_and_as_plain_pyfunc(settings, frames):
@@ -166,3 +214,44 @@ def test_rollbacks_walk_back_through_champions_and_the_rolled_back_version_stays
     assert registry.alias_version(CHAMPION) == 1
     with pytest.raises(RegistryError, match="no earlier champion"):
         registry.rollback()
+
+
+@pytest.fixture
+def cli_env(tmp_path, embedding_cache_dir, monkeypatch, davidson_small):
+    """The CLI pointed at this test's temp dirs through the environment, and a small real Davidson CSV."""
+    from rich.console import Console
+
+    from labelloop import cli
+    from labelloop.config import get_settings
+
+    for name, value in {"MLRUNS_DIR": tmp_path / "mlruns", "STATE_DIR": tmp_path / "var",
+                        "CACHE_DIR": embedding_cache_dir, "CONFIG": tmp_path / "none.toml"}.items():
+        monkeypatch.setenv(f"LABELLOOP_{name}", str(value))
+    monkeypatch.setattr(cli, "console", Console(width=220))
+    monkeypatch.setattr(cli, "err", Console(stderr=True, width=400))
+    get_settings.cache_clear()
+    path = tmp_path / "davidson_small.csv"
+    davidson_small.frame[["id", "text", "label"]].to_csv(path, index=False)
+    yield path
+    get_settings.cache_clear()
+
+
+def test_train_warns_when_the_model_is_no_better_than_the_majority_class(cli_env, monkeypatch):
+    from sklearn.dummy import DummyClassifier
+    from typer.testing import CliRunner
+
+    from labelloop import cli
+    from training import fast
+
+    args = ["train", "--dataset", str(cli_env), "--mode", "fast", "--taxonomy", "hate_offensive"]
+    learned = CliRunner().invoke(cli.app, args)
+    assert learned.exit_code == 0, learned.output
+    assert "warning" not in learned.output
+
+    # a head that collapsed onto the majority class, as small-data fine-tuning used to
+    monkeypatch.setattr(fast, "fit_head", lambda embeddings, y, **_: DummyClassifier().fit(embeddings, y))
+    collapsed = CliRunner().invoke(cli.app, args)
+    assert collapsed.exit_code == 0, collapsed.output
+    assert re.search(r"warning: macro-F1 0\.\d{4} is no better than predicting 'offensive' for every text "
+                     r"\(0\.\d{4}; gain [+-]0\.0000 \[", collapsed.output), collapsed.output
+    assert "registered labelloop-hate-offensive:v2 as challenger" in collapsed.output

@@ -154,6 +154,29 @@ def test_finetune_without_validation_trains_all_epochs(parts, davidson_small, ti
     assert result.best_epoch == 2.0 and np.isnan(result.best_val_macro_f1)
 
 
+def test_small_data_trains_min_steps_before_early_stopping_may_stop(monkeypatch, parts, davidson_small, tiny_bert):
+    """Validation macro-F1 sits on the majority-class plateau for the first evaluations: patience alone
+    would stop there, after a handful of steps."""
+    _scripted_validation(monkeypatch, [0.29, 0.29, 0.29, 0.29, 0.60, 0.55, 0.50, 0.45])
+    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=2, batch_size=16, lr=1e-3, patience=1,
+                            min_steps=20, seed=1)
+    # 64 rows / 16 = 4 steps per epoch: 5 epochs reach 20 steps
+    assert finetune_module.planned_epochs(64, config) == 5
+    result = finetune(parts["train"].iloc[:64], parts["validation"], davidson_small.taxonomy, config)
+    assert [h["step"] for h in result.history] == [4, 8, 12, 16, 20]
+    assert result.epochs == 5 and result.best_epoch == 5.0 and result.best_val_macro_f1 == 0.60
+    assert finetune_module.planned_epochs(64_000, config) == 2  # large data: the epochs asked for
+
+
+def test_default_finetune_on_a_small_real_slice_beats_the_majority_class(parts, davidson_small):
+    """`labelloop train --limit 300` fine-tuned 20 steps and registered a model that predicted the
+    majority class for every text; the default step floor must learn more than that from a few hundred rows."""
+    config = FineTuneConfig(max_length=32, min_steps=finetune_module.DEFAULT_MIN_STEPS, seed=13)
+    result = finetune(parts["train"], parts["validation"], davidson_small.taxonomy, config)
+    report = evaluate(result.classifier, parts["heldout"])
+    assert report.macro_f1 > majority_macro_f1(parts["train"], parts["heldout"], davidson_small.taxonomy.labels) + 0.1
+
+
 def test_finetune_rejects_unknown_labels_and_bad_config(parts, davidson_small):
     bad = parts["train"].iloc[:8].assign(label="spam")
     with pytest.raises(ValueError, match="spam"):

@@ -5,6 +5,13 @@ our control: texts are tokenised once and batched by similar length (tweets aver
 padding every batch to ``max_length`` would waste over half the compute), and validation macro-F1 —
 not loss — decides early stopping, because the rare harmful class is what we care about and loss is
 dominated by the common ones. The best weights seen are restored at the end.
+
+Epochs alone are the wrong unit on small data: two epochs of a few hundred rows are a couple of dozen
+optimiser steps, after which the new classification head still predicts the majority class (on skewed
+data that is a flat, early minimum of the weighted loss too). So training runs at least ``min_steps``
+steps, adding epochs when the data is small, and early stopping may end a run only after those steps:
+until the model leaves the majority-class plateau, validation macro-F1 does not move, and "no new best"
+says nothing about whether more training helps.
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ from training.evaluate import evaluate_proba
 Progress = Callable[[str, int, int], None]
 ClassWeighting = Literal["balanced", "sqrt", "none"]
 
+#: the optimiser-step floor of ``labelloop train`` and of :func:`training.train.train_and_register`'s
+#: default config. On a few hundred rows two epochs are a couple of dozen steps, which left the model
+#: predicting the majority class; bench/results/train_small.md measures both side by side. On full data
+#: one epoch is several times this floor, so it changes nothing there.
+DEFAULT_MIN_STEPS = 150
+
 #: how many batches' worth of shuffled examples are length-sorted together: large enough that batches
 #: are nearly uniform in length, small enough that each epoch still sees a different mix.
 _BUCKET_BATCHES = 50
@@ -51,6 +64,7 @@ class FineTuneConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     patience: int = 1  # evaluations without a new best before stopping
+    min_steps: int = 0  # train at least this many optimiser steps (more epochs on small data); 0: off
     class_weighting: ClassWeighting = "sqrt"
     seed: int = 13
     eval_every: int | None = None  # also evaluate every this many optimiser steps
@@ -59,6 +73,8 @@ class FineTuneConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.max_length < 8 or self.patience < 1:
             raise ValueError("epochs, batch_size and patience must be >= 1 and max_length >= 8")
+        if self.min_steps < 0:
+            raise ValueError("min_steps must be >= 0")
         if self.class_weighting not in ("balanced", "sqrt", "none"):
             raise ValueError("class_weighting must be 'balanced', 'sqrt' or 'none', "
                              f"not {self.class_weighting!r}")
@@ -74,6 +90,7 @@ class FineTuneResult:
     best_epoch: float  # fractional when the best evaluation fell mid-epoch (eval_every)
     best_val_macro_f1: float  # NaN when trained without a validation set
     history: list[dict] = field(default_factory=list)
+    epochs: int = 0  # planned: config.epochs, or more when min_steps needs them
     seconds: float = 0.0
 
 
@@ -96,6 +113,12 @@ def class_weights(y: np.ndarray, n_classes: int, scheme: ClassWeighting) -> np.n
     else:
         raise ValueError(f"unknown class weighting {scheme!r}")
     return weights * counts.sum() / (weights * counts).sum()
+
+
+def planned_epochs(rows: int, config: FineTuneConfig) -> int:
+    """``config.epochs``, or as many more as ``rows`` need to reach ``config.min_steps`` optimiser steps."""
+    steps_per_epoch = max(1, math.ceil(rows / config.batch_size))
+    return max(config.epochs, math.ceil(config.min_steps / steps_per_epoch))
 
 
 def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
@@ -203,7 +226,8 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     lengths = np.array([len(ids) for ids in input_ids])
 
     steps_per_epoch = math.ceil(len(input_ids) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    epochs = planned_epochs(len(input_ids), config)
+    total_steps = steps_per_epoch * epochs
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     warmup_steps = round(config.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
@@ -213,7 +237,7 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     labels_t = torch.from_numpy(y_train)
 
     history: list[dict] = []
-    best_f1, best_epoch, best_state = -math.inf, float(config.epochs), None
+    best_f1, best_epoch, best_state = -math.inf, float(epochs), None
     evals_without_gain = 0
     step, loss_sum, loss_n = 0, 0.0, 0
 
@@ -236,14 +260,14 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return False
         evals_without_gain += 1
-        return evals_without_gain >= config.patience
+        return evals_without_gain >= config.patience and step >= config.min_steps
 
     def out_of_time() -> bool:
         return config.max_seconds is not None and time.perf_counter() - started > config.max_seconds
 
     model.train()
     stop = False
-    for _ in range(config.epochs):
+    for _ in range(epochs):
         for batch_idx in length_bucketed_batches(lengths, config.batch_size, rng):
             batch = tokenizer.pad({"input_ids": [input_ids[i] for i in batch_idx]}, return_tensors="pt")
             loss = loss_fn(model(**batch).logits, labels_t[batch_idx])
@@ -274,4 +298,5 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
         best_val_macro_f1=best_f1 if has_validation else float("nan"),
         history=history,
         seconds=time.perf_counter() - started,
+        epochs=epochs,
     )

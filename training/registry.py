@@ -2,10 +2,14 @@
 
 - Every trained model is logged with its run (params, data snapshot id, metrics, report, confusion
   matrix) and registered; a new version gets the ``challenger`` alias.
-- ``champion`` moves only through :meth:`Registry.promote`: the challenger must beat the champion's
-  macro-F1 on the registered model's *frozen evaluation set* by more than ``gate_min_gain``, and no
-  class's recall may drop by more than ``gate_max_recall_drop``. With no champion, the first
-  candidate is promoted.
+- ``champion`` moves only through :meth:`Registry.promote`, which asks :func:`training.gate.judge`
+  (a paired bootstrap over the registered model's *frozen evaluation set*; the rule is documented
+  there) whether the challenger's per-item predictions beat the champion's. With no champion, the
+  first candidate is promoted.
+- The gate needs each version's predictions on the frozen set, not just its metrics: they are logged
+  with the version's run (``evaluation/predictions/<eval set>.parquet``) and named by a version tag.
+  A version whose cached metrics or predictions are missing (one registered before the gate needed
+  them) is evaluated again, and the result cached, when a gate decision needs it.
 - MLflow keeps no alias history, so every gate decision and rollback is written as a registered-model
   tag ``history.<timestamp>`` (JSON). That works against any tracking server, not just local SQLite.
 - The frozen evaluation set is logged once as a run artifact and named by a registered-model tag, so
@@ -34,14 +38,18 @@ from mlflow.tracking import MlflowClient
 
 from labelloop.config import Settings
 from labelloop.data import snapshot_id
+from labelloop.taxonomy import get_taxonomy
 from training.classifier import TextClassifier
-from training.evaluate import EvalReport, evaluate, plot_confusion, report_text
+from training.evaluate import EvalReport, evaluate_proba, plot_confusion, report_text
+from training.gate import GatePolicy, judge
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 _HISTORY_PREFIX = "history."
 _EVAL_SET_TAG = "eval_set.id"
 _EVAL_SET_RUN_TAG = "eval_set.run_id"
+_PREDICTIONS_TAG = "eval_predictions."  # + eval set id -> the artifact path of the predictions on it
+_PREDICTIONS_DIR = "evaluation/predictions"
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # Declared, not inferred: mlflow's inference re-imports the model in a subprocess (~20 s a version).
 _REQUIREMENTS = ("torch", "transformers", "tokenizers", "scikit-learn", "numpy", "pandas", "mlflow",
@@ -105,6 +113,15 @@ class GateDecision:
 
 
 @dataclass
+class EvalOutcome:
+    """A version on the frozen evaluation set: its flat metrics and its predicted label per eval item
+    (in the eval set's row order)."""
+
+    metrics: dict[str, float]
+    predicted: np.ndarray
+
+
+@dataclass
 class VersionInfo:
     version: int
     aliases: list[str]
@@ -115,6 +132,17 @@ class VersionInfo:
     def metric(self, eval_set: str | None, name: str) -> float | None:
         value = self.tags.get(f"eval.{eval_set}.{name}") if eval_set else None
         return float(value) if value is not None else None
+
+
+def predictions_frame(eval_frame: pd.DataFrame, proba: np.ndarray, labels: tuple[str, ...]) -> pd.DataFrame:
+    """What is cached of a model's run over the frozen set: eval item id, predicted label and every
+    class probability, so later gates (or a calibration check) need not load the model again."""
+    proba = np.asarray(proba, dtype=np.float32)
+    frame = pd.DataFrame({"id": eval_frame["id"].to_numpy(),
+                          "label": np.asarray(labels, dtype=object)[proba.argmax(1)]})
+    for i, label in enumerate(labels):
+        frame[f"p_{label}"] = proba[:, i]
+    return frame
 
 
 def _pip_requirements() -> list[str]:
@@ -216,9 +244,13 @@ class Registry:
         eval_id: str,
         run_name: str | None = None,
         extra_metrics: dict[str, float] | None = None,
+        eval_predictions: pd.DataFrame | None = None,
     ) -> tuple[ModelRef, str]:
         """Log a trained classifier with everything needed to reproduce and judge it; register it as
-        the new ``challenger``. Returns the version and the run id."""
+        the new ``challenger``. Returns the version and the run id.
+
+        ``eval_predictions`` (:func:`predictions_frame` on the frozen set ``eval_id``) spares the gate
+        from loading the model to predict the frozen set again."""
         self._ensure_registered_model()
         data_snapshot = snapshot_id(train_frame)
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
@@ -233,6 +265,12 @@ class Registry:
             mlflow.log_dict(report.to_dict(), "evaluation/report.json")
             mlflow.log_text(report_text(report), "evaluation/report.txt")
             mlflow.log_artifact(str(plot_confusion(report, Path(tmp) / "confusion_matrix.png")), "evaluation")
+            predictions_tag = {}
+            if eval_predictions is not None:
+                path = Path(tmp) / f"{eval_id}.parquet"
+                eval_predictions.to_parquet(path, index=False)
+                mlflow.log_artifact(str(path), _PREDICTIONS_DIR)
+                predictions_tag = {f"{_PREDICTIONS_TAG}{eval_id}": f"{_PREDICTIONS_DIR}/{path.name}"}
             model_dir = classifier.save(Path(tmp) / "classifier")
             # The signature needs column names and types only: a uniform row avoids a model call per round.
             example = pd.DataFrame({"text": train_frame["text"].head(1).tolist()})
@@ -251,7 +289,8 @@ class Registry:
             mv = self.client.create_model_version(
                 self.name, info.model_uri, run_id=run.info.run_id,
                 tags={"data_snapshot": data_snapshot, "model_kind": classifier.kind, "eval_set": eval_id,
-                      **{f"eval.{eval_id}.{k}": f"{v:.6f}" for k, v in report.metrics().items()}},
+                      **{f"eval.{eval_id}.{k}": f"{v:.6f}" for k, v in report.metrics().items()},
+                      **predictions_tag},
             )
             ref = ModelRef(self.name, int(mv.version), mv.run_id)
             self.client.set_registered_model_alias(self.name, CHALLENGER, str(ref.version))
@@ -313,18 +352,57 @@ class Registry:
         return sorted(events, key=lambda e: e.at)
 
     # ------------------------------------------------------------------ the gate
-    def _eval_metrics(self, version: int, eval_id: str, eval_frame: pd.DataFrame) -> dict[str, float]:
-        """Metrics of a version on the frozen set: from its tags when it was evaluated on this set
-        before, else computed now (loading the model) and cached on the version."""
+    def _gate_metrics(self) -> set[str]:
+        """The cached metrics a gate decision reads and records."""
+        labels = get_taxonomy(self.settings.taxonomy).labels
+        return {"macro_f1", *(f"{m}_{label}" for m in ("recall", "f1") for label in labels)}
+
+    def _cached_predictions(self, mv: ModelVersion, eval_id: str, eval_frame: pd.DataFrame) -> np.ndarray | None:
+        """The version's predicted labels on the frozen set from its run's artifact, or None when it has
+        none (registered before predictions were cached) or they do not line up with the frozen rows."""
+        path = mv.tags.get(f"{_PREDICTIONS_TAG}{eval_id}")
+        if path is None or mv.run_id is None:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            frame = pd.read_parquet(self.client.download_artifacts(mv.run_id, path, tmp))
+        if frame["id"].tolist() != eval_frame["id"].tolist():
+            return None
+        return frame["label"].to_numpy(dtype=object)
+
+    def _eval_outcome(self, version: int, eval_id: str, eval_frame: pd.DataFrame) -> EvalOutcome:
+        """Metrics and predictions of a version on the frozen set: cached on the version when it was
+        evaluated on this set before with everything the gate needs, else computed now (loading the
+        model) and cached, so an old version is evaluated again at most once."""
         mv = self.client.get_model_version(self.name, str(version))
         prefix = f"eval.{eval_id}."
         cached = {k[len(prefix):]: float(v) for k, v in mv.tags.items() if k.startswith(prefix)}
-        if "macro_f1" in cached:
-            return cached
-        report = evaluate(self.load(version).classifier, eval_frame)
-        for k, v in report.metrics().items():
+        if self._gate_metrics() <= set(cached):
+            predicted = self._cached_predictions(mv, eval_id, eval_frame)
+            if predicted is not None:
+                return EvalOutcome(cached, predicted)
+        classifier = self.load(version).classifier
+        proba = classifier.predict_proba(eval_frame["text"].tolist())
+        y_true = eval_frame["label"].map({label: i for i, label in enumerate(classifier.labels)})
+        if y_true.isna().any():
+            raise RegistryError(f"v{version}'s labels {list(classifier.labels)} do not cover the frozen "
+                                f"evaluation set's {sorted(set(eval_frame['label']))}")
+        metrics = evaluate_proba(proba, y_true.to_numpy(dtype=int), classifier.labels).metrics()
+        predictions = predictions_frame(eval_frame, proba, classifier.labels)
+        if mv.run_id is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{eval_id}.parquet"
+                predictions.to_parquet(path, index=False)
+                self.client.log_artifact(mv.run_id, str(path), _PREDICTIONS_DIR)
+            self.client.set_model_version_tag(self.name, str(version), f"{_PREDICTIONS_TAG}{eval_id}",
+                                              f"{_PREDICTIONS_DIR}/{path.name}")
+        for k, v in metrics.items():
             self.client.set_model_version_tag(self.name, str(version), f"{prefix}{k}", f"{v:.6f}")
-        return report.metrics()
+        return EvalOutcome(metrics, predictions["label"].to_numpy(dtype=object))
+
+    def gate_policy(self) -> GatePolicy:
+        s = self.settings
+        return GatePolicy(min_gain=s.gate_min_gain, max_recall_drop=s.gate_max_recall_drop,
+                          confidence=s.gate_confidence, n_bootstrap=s.gate_bootstrap, seed=s.seed)
 
     def _record(self, decision: GateDecision) -> GateDecision:
         key = f"{_HISTORY_PREFIX}{decision.at.replace(':', '').replace('+', 'Z')}"
@@ -344,9 +422,7 @@ class Registry:
             champion = self.alias_version(CHAMPION)
             frozen = self.eval_set()
             eval_id = frozen[0] if frozen else None
-            cand_m = self._eval_metrics(candidate, *frozen) if frozen else {}
-            champ_m = self._eval_metrics(champion, *frozen) if frozen and champion is not None else {}
-            passed, reason = self._judge(candidate, champion, cand_m, champ_m, force)
+            passed, reason, cand_m, champ_m = self._judge(candidate, champion, frozen, force)
             decision = GateDecision("promote", passed, candidate, champion,
                                     candidate if passed else champion, reason, eval_id, cand_m, champ_m)
             if passed:
@@ -354,27 +430,30 @@ class Registry:
                 self.client.set_model_version_tag(self.name, str(candidate), "promoted_at", decision.at)
             return self._record(decision)
 
-    def _judge(self, candidate: int, champion: int | None, cand: dict[str, float], champ: dict[str, float],
-               force: bool) -> tuple[bool, str]:
+    def _judge(self, candidate: int, champion: int | None, frozen: tuple[str, pd.DataFrame] | None, force: bool
+               ) -> tuple[bool, str, dict[str, float], dict[str, float]]:
+        """``(passed, reason, candidate metrics, champion metrics)``: who is compared is decided here;
+        whether the challenger is better, by :func:`training.gate.judge`."""
+        cand = self._eval_outcome(candidate, *frozen) if frozen else None
         if champion is None:
-            return True, "no champion yet: first candidate is promoted"
+            return True, "no champion yet: first candidate is promoted", cand.metrics if cand else {}, {}
+        champ = self._eval_outcome(champion, *frozen) if frozen else None
+        metrics = (cand.metrics if cand else {}, champ.metrics if champ else {})
         if candidate == champion:
-            return False, f"v{candidate} is already the champion"
+            return False, f"v{candidate} is already the champion", *metrics
         if force:
-            return True, "forced by operator (gate skipped)"
-        if not cand or not champ:
-            return False, "no frozen evaluation set to compare on"
-        gain = cand["macro_f1"] - champ["macro_f1"]
-        drops = {k.removeprefix("recall_"): champ[k] - cand.get(k, 0.0) for k in champ if k.startswith("recall_")}
-        worst = max(drops, key=drops.get) if drops else None
-        min_gain, max_drop = self.settings.gate_min_gain, self.settings.gate_max_recall_drop
-        if gain <= min_gain:
-            return False, (f"macro-F1 {cand['macro_f1']:.4f} vs champion {champ['macro_f1']:.4f} "
-                           f"(gain {gain:+.4f} must exceed {min_gain:+.4f})")
-        if worst is not None and drops[worst] > max_drop:
-            return False, (f"recall of {worst!r} drops by {drops[worst]:.4f} "
-                           f"(> {max_drop:.4f} allowed) despite macro-F1 gain {gain:+.4f}")
-        return True, f"macro-F1 {cand['macro_f1']:.4f} beats champion {champ['macro_f1']:.4f} by {gain:+.4f}"
+            return True, "forced by operator (gate skipped)", *metrics
+        if cand is None or champ is None:
+            return False, "no frozen evaluation set to compare on", *metrics
+        labels = get_taxonomy(self.settings.taxonomy).labels
+        index = {label: i for i, label in enumerate(labels)}
+        ids = [pd.Series(a).map(index) for a in (frozen[1]["label"].to_numpy(), champ.predicted, cand.predicted)]
+        if any(i.isna().any() for i in ids):
+            raise RegistryError(f"the frozen evaluation set or a model's predictions use labels outside "
+                                f"taxonomy {self.settings.taxonomy!r} {list(labels)}")
+        y_true, champ_ids, cand_ids = (i.to_numpy(dtype=int) for i in ids)
+        verdict = judge(y_true, champ_ids, cand_ids, labels, self.gate_policy())
+        return verdict.promoted, verdict.reason, *metrics
 
     def rollback(self) -> GateDecision:
         """Return ``champion`` to the version it replaced. Promotions push onto a stack of champions and

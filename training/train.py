@@ -1,5 +1,10 @@
 """One training run end to end: guard against eval leakage, train (fine-tune or fast mode), evaluate
-on the frozen evaluation set, log and register the model as the new challenger."""
+on the frozen evaluation set, log and register the model as the new challenger.
+
+Every run is also compared with the trivial model that predicts the training data's majority class for
+every text: on skewed data a collapsed model looks busy (high accuracy, one class's recall near 1) while
+its macro-F1 is exactly that baseline's, and the person training it must be told so.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from labelloop.config import Settings
 from labelloop.data import DataError
 from labelloop.taxonomy import Taxonomy
 from training.classifier import TextClassifier, load_encoder
-from training.evaluate import EvalReport, evaluate, evaluate_proba
+from training.evaluate import EvalReport, evaluate_proba
 from training.fast import EmbeddingCache, train_fast
-from training.finetune import FineTuneConfig, finetune
-from training.registry import ModelRef, Registry
+from training.finetune import DEFAULT_MIN_STEPS, FineTuneConfig, finetune
+from training.gate import Interval, macro_f1_gain
+from training.registry import ModelRef, Registry, predictions_frame
 
 Mode = Literal["finetune", "fast"]
 Progress = Callable[[str, int, int], None]
@@ -31,6 +38,14 @@ class TrainResult:
     seconds: float
     mode: Mode
     train_rows: int
+    majority_label: str
+    majority_macro_f1: float  # of predicting majority_label for every frozen eval text
+    gain_over_majority: Interval  # macro-F1 over that baseline, paired bootstrap at the gate's confidence
+
+    @property
+    def beats_majority(self) -> bool:
+        """True when the model is better than the majority-class baseline beyond noise."""
+        return self.gain_over_majority.low > 0
 
 
 def embedding_cache(settings: Settings) -> EmbeddingCache:
@@ -85,23 +100,29 @@ def train_and_register(
     extra_metrics: dict[str, float] = {}
     classifier: TextClassifier
     if mode == "finetune":
-        config = finetune_config or FineTuneConfig(base_model=settings.base_model,
-                                                   max_length=settings.max_length, seed=settings.seed)
+        config = finetune_config or FineTuneConfig(base_model=settings.base_model, max_length=settings.max_length,
+                                                   seed=settings.seed, min_steps=DEFAULT_MIN_STEPS)
         result = finetune(train, validation, taxonomy, config, progress)
         classifier = result.classifier
         params.update({f"ft_{k}": v for k, v in asdict(config).items()})
-        extra_metrics = {"best_epoch": result.best_epoch, "val_macro_f1": result.best_val_macro_f1}
+        extra_metrics = {"best_epoch": result.best_epoch, "val_macro_f1": result.best_val_macro_f1,
+                         "train_steps": float(result.history[-1]["step"]) if result.history else 0.0}
         train_seconds = time.perf_counter() - started
-        report = evaluate(classifier, frozen_frame)
+        proba = classifier.predict_proba(frozen_frame["text"].tolist())
     else:
         cache = embedding_cache(settings)
         classifier = train_fast(train, taxonomy, encoder=cache.encoder, cache=cache, seed=settings.seed)
         train_seconds = time.perf_counter() - started
         proba = classifier.proba_from_embeddings(cache.get(frozen_frame["text"].tolist()))
-        y = frozen_frame["label"].map(taxonomy.index).to_numpy()
-        report = evaluate_proba(proba, y, taxonomy.labels)
+    y = frozen_frame["label"].map(taxonomy.index).to_numpy()
+    report = evaluate_proba(proba, y, taxonomy.labels)
+    majority = str(train["label"].value_counts().idxmax())
+    baseline = np.full(len(y), taxonomy.index(majority))
+    gain = macro_f1_gain(y, baseline, proba, len(taxonomy.labels), registry.gate_policy())
     params.update(extra_params or {})
-    extra_metrics["train_seconds"] = train_seconds
+    extra_metrics.update({"train_seconds": train_seconds, "majority_macro_f1": report.macro_f1 - gain.estimate})
     ref, run_id = registry.register(classifier, params=params, train_frame=train, report=report,
-                                    eval_id=eval_id, run_name=f"{mode}-{source}", extra_metrics=extra_metrics)
-    return TrainResult(ref, run_id, report, time.perf_counter() - started, mode, len(train))
+                                    eval_id=eval_id, run_name=f"{mode}-{source}", extra_metrics=extra_metrics,
+                                    eval_predictions=predictions_frame(frozen_frame, proba, taxonomy.labels))
+    return TrainResult(ref, run_id, report, time.perf_counter() - started, mode, len(train), majority,
+                       report.macro_f1 - gain.estimate, gain)
