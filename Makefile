@@ -68,6 +68,9 @@ bench: install  ## benchmarks: each writes its results under bench/results/
 	$(PY) bench/al_round.py
 	$(PY) bench/al_curves.py
 	$(PY) bench/train_davidson.py
+	$(PY) bench/label_quality.py
+	$(PY) bench/drift.py
+	$(PY) bench/dashboard_load.py
 
 clean:
 	rm -rf .pytest_cache .ruff_cache
