@@ -7,70 +7,23 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-import functools  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from labelloop.cli_errors import CliError, err, friendly_errors  # noqa: E402
 from labelloop.config import Settings, get_settings  # noqa: E402
 
 app = typer.Typer(help="labelloop: ML-assisted labeling and active learning for trust & safety review.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line in a log or a pipe, however long
-
-
-class CliError(Exception):
-    """An expected failure: printed as one clear line, exit code 2."""
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures a user can act on (bad input, a server that is down or refuses, a port in use)."""
-    import httpx
-    from mlflow.exceptions import MlflowException
-
-    from active_learning.labelstudio import LabelStudioError
-    from labelloop.data import DataError
-    from labelloop.ls_server import LabelStudioServerError
-    from labelloop.taxonomy import LabelConfigError
-    from training.registry import RegistryError
-
-    return (CliError, DataError, RegistryError, LabelConfigError, LabelStudioError, LabelStudioServerError,
-            MlflowException, httpx.HTTPError, OSError, ValueError)
-
-
-def friendly_errors(fn: Callable) -> Callable:
-    """One clear ``error:`` line and exit code 2 for expected failures; a traceback only for bugs
-    (or for all failures with ``LABELLOOP_DEBUG=1``)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if os.environ.get("LABELLOOP_DEBUG") or not isinstance(e, _expected_errors()):
-                raise
-            err.print(f"[bold red]error:[/] {escape(_one_line(e))}")
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _one_line(e: Exception) -> str:
-    """pydantic spreads a settings error over several lines with a documentation link; a user needs the
-    setting, the value it got and what is wrong with it."""
-    if not isinstance(e, ValidationError):
-        return str(e)
-    problems = (f"{'.'.join(map(str, p['loc']))}={p['input']!r}: {p['msg'].removeprefix('Value error, ')}"
-                for p in e.errors())
-    return "invalid setting " + "; ".join(problems)
 
 
 @contextmanager

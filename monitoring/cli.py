@@ -6,9 +6,6 @@ Registered on the main ``labelloop`` app by :mod:`labelloop.cli`; it reads the s
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -17,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from labelloop.cli_errors import err, friendly_errors
 from labelloop.config import Settings, get_settings
 from monitoring.quality import BREAKDOWNS, Breakdown, Group, ModelScores
 from monitoring.quality_stats import Estimate, Proportion
@@ -24,39 +22,12 @@ from monitoring.quality_stats import Estimate, Proportion
 quality_app = typer.Typer(help="Label accuracy: suggestion acceptance, gold accuracy, agreement, the blind audit, "
                                "likely label errors.", pretty_exceptions_enable=False)
 console = Console()
-err = Console(stderr=True, soft_wrap=True)
 
 ByOpt = Annotated[str | None, typer.Option("--by", help=f"break measures down by: {' | '.join(BREAKDOWNS)}")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of tables")]
 ProjectOpt = Annotated[int | None, typer.Option("--project", help="Label Studio project id (default: settings)")]
 TaxonomyOpt = Annotated[str | None, typer.Option(help="label taxonomy (default: settings)")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", min=0, help="how many (default: label_error_top_k)")]
-
-
-def _expected() -> tuple[type[BaseException], ...]:
-    """Failures a user can act on: bad options, a state file that is unreadable or not a journal."""
-    import sqlite3
-
-    from labelloop.journal import JournalError
-    from labelloop.taxonomy import LabelConfigError
-    from training.registry import RegistryError
-
-    return ValueError, OSError, sqlite3.DatabaseError, JournalError, RegistryError, LabelConfigError
-
-
-def _errors(fn: Callable) -> Callable:
-    """One ``error:`` line and exit code 2 for bad input or unreadable state; tracebacks only for bugs."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if os.environ.get("LABELLOOP_DEBUG") or not isinstance(e, _expected()):
-                raise
-            err.print(f"[bold red]error:[/] {escape(str(e).splitlines()[0] if str(e) else type(e).__name__)}")
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _settings(taxonomy: str | None) -> Settings:
@@ -123,7 +94,7 @@ def _scores_rows(table: Table, scores: ModelScores) -> None:
 
 
 @quality_app.callback(invoke_without_command=True)
-@_errors
+@friendly_errors
 def quality(ctx: typer.Context, by: ByOpt = None, as_json: JsonOpt = False, project: ProjectOpt = None,
             taxonomy: TaxonomyOpt = None) -> None:
     """Every measure that needs no model run: acceptance, gold accuracy, agreement, the audit, automation bias."""
@@ -180,7 +151,7 @@ def quality(ctx: typer.Context, by: ByOpt = None, as_json: JsonOpt = False, proj
 
 
 @quality_app.command("crowdlab")
-@_errors
+@friendly_errors
 def crowdlab(as_json: JsonOpt = False, project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None:
     """CROWDLAB consensus labels and per-annotator quality (embeds the multi-annotated items)."""
     with _context(taxonomy, project) as qc:
@@ -201,7 +172,7 @@ def crowdlab(as_json: JsonOpt = False, project: ProjectOpt = None, taxonomy: Tax
 
 
 @quality_app.command("issues")
-@_errors
+@friendly_errors
 def issues(top_k: TopKOpt = None, as_json: JsonOpt = False, project: ProjectOpt = None,
            taxonomy: TaxonomyOpt = None) -> None:
     """Likely label errors (cleanlab, out-of-fold probabilities), most suspicious first."""

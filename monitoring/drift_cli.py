@@ -3,43 +3,19 @@ lists alerts with their raised and cleared times."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from labelloop.cli_errors import friendly_errors
 from labelloop.config import get_settings
 
 drift_app = typer.Typer(help="Drift of the pool's content and the champion's behaviour, per window; alerts.",
                         invoke_without_command=True)
 console = Console()
-err = Console(stderr=True)
-
-
-def _friendly(fn: Callable) -> Callable:
-    """Expected failures (no champion, no pool, bad settings, a server that is down) as one ``error:`` line,
-    exit code 2; a traceback only for bugs or with ``LABELLOOP_DEBUG=1``."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
-        from pydantic import ValidationError
-
-        from training.registry import RegistryError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, OSError, RegistryError, MlflowException, ValidationError) as e:
-            if os.environ.get("LABELLOOP_DEBUG"):
-                raise
-            err.print(f"[bold red]error:[/] {e}")
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _p(value: float) -> str:
@@ -53,7 +29,7 @@ def _audit(audit: dict | None) -> str:
 
 
 @drift_app.callback()
-@_friendly
+@friendly_errors
 def drift(
     ctx: typer.Context,
     project: Annotated[int | None, typer.Option("--project", help="Label Studio project (default: settings)")] = None,
@@ -108,7 +84,7 @@ def _print_report(report: dict) -> None:
 
 
 @drift_app.command("alerts")
-@_friendly
+@friendly_errors
 def alerts(open_only: Annotated[bool, typer.Option("--open", help="only alerts still raised")] = False,
            limit: int = 50) -> None:
     """Alerts with their raised and cleared times, open ones first."""

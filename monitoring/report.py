@@ -8,46 +8,16 @@ the main ``labelloop`` app by :mod:`labelloop.cli`.
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from labelloop.cli_errors import friendly_errors
 from labelloop.config import get_settings
 
 console = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def _expected() -> tuple[type[BaseException], ...]:
-    from mlflow.exceptions import MlflowException
-
-    from labelloop.journal import JournalError
-    from training.registry import RegistryError
-
-    return ValueError, OSError, JournalError, RegistryError, MlflowException
-
-
-def _errors(fn: Callable) -> Callable:
-    """One ``error:`` line and exit code 2 for bad input or unreadable state; tracebacks only for bugs."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:
-            if os.environ.get("LABELLOOP_DEBUG") or not isinstance(e, _expected()):
-                raise
-            message = str(e).splitlines()[0] if str(e) else type(e).__name__
-            err.print(f"[bold red]error:[/] {escape(message)}")
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -62,7 +32,7 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-@_errors
+@friendly_errors
 def report(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: report.html, or "
                                              "stdout with --json)")] = None,

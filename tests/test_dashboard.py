@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from rich.console import Console
 from typer.testing import CliRunner
 
-from labelloop import cli
+from labelloop import cli, cli_errors
 from labelloop.config import Settings, get_settings
 from labelloop.journal import ANNOTATION_COLUMNS
 from monitoring import report as report_module
@@ -338,7 +338,7 @@ def cli_env(tmp_path: Path, embedding_cache_dir: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("LABELLOOP_CACHE_DIR", str(embedding_cache_dir))
     monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "no-such-labelloop.toml"))
     monkeypatch.setattr(report_module, "console", Console(width=220))
-    monkeypatch.setattr(report_module, "err", Console(stderr=True, soft_wrap=True))
+    monkeypatch.setattr(cli_errors, "err", Console(stderr=True, soft_wrap=True))
     monkeypatch.setattr(cli, "console", Console(width=220))
     get_settings.cache_clear()
     yield get_settings()
