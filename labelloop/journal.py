@@ -663,9 +663,13 @@ class Journal:
         ``fields=all``), or in the annotation's ``prediction`` object when the editor filled it in. A
         suggestion label outside the taxonomy is not a suggestion this taxonomy can compare with.
         """
-        lead_time = annotation.get("lead_time")
-        lead_time = (float(lead_time) if isinstance(lead_time, (int, float)) and not isinstance(lead_time, bool)
-                     and math.isfinite(lead_time) and lead_time >= 0 else None)
+        raw = annotation.get("lead_time")
+        try:  # an int beyond a float's range raises OverflowError, which would quarantine a good label
+            lead_time = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+        except OverflowError:
+            lead_time = None
+        if lead_time is not None and not (math.isfinite(lead_time) and lead_time >= 0):
+            lead_time = None
         prediction_id = _optional_int(annotation.get("parent_prediction"))
         prediction = annotation.get("prediction")
         if not (isinstance(prediction, dict) and prediction.get("result")):

@@ -76,8 +76,14 @@ class Agreement(BaseModel):
 
 def multi_annotated(labels: pd.DataFrame) -> pd.DataFrame:
     """Rows ``item_id, annotator, label`` of items that two or more distinct annotators labelled, one row
-    per (item, annotator): their latest label. ``labels`` needs those columns plus ``updated_at``."""
+    per (item, annotator): their latest label. ``labels`` needs those columns plus ``updated_at``.
+
+    Adjudication answers (``kind == "adjudication"``, when the column is there) are left out: those items
+    were picked *because* their label looks wrong, and the adjudicator saw the disputed label pre-selected,
+    so counting them would make reviewers look less in agreement than they are on ordinary items."""
     usable = labels[labels["label"].notna() & labels["annotator"].notna()]
+    if "kind" in usable:
+        usable = usable[usable["kind"] != "adjudication"]
     latest = (usable.sort_values("updated_at")
               .drop_duplicates(["item_id", "annotator"], keep="last")[["item_id", "annotator", "label"]])
     n_raters = latest.groupby("item_id")["annotator"].transform("nunique")

@@ -1,10 +1,10 @@
 """Label-accuracy measures PMs can trust: pure functions over one table of annotations.
 
-The table (:func:`monitoring.quality_context.annotation_table` builds it from the journal and the slice
+The table (:meth:`monitoring.quality_context.QualityContext.table` builds it from the journal and the slice
 store) has one row per usable annotation with the columns
 
 ``annotation_id, task_id, item_id, text, label, annotator, updated_at, ground_truth, lead_time,
-suggested_label, suggested_model_version, kind, gold, model_version, model_label``
+suggested_label, suggested_model_version, kind, gold, model_version, model_label, prediction_id``
 
 where ``kind`` is the task's purpose (``active`` for the ordinary queue, or ``audit`` / ``honeypot`` /
 ``overlap`` / ``adjudication`` from the slice store), ``gold`` the known right answer when there is one
@@ -43,6 +43,7 @@ BREAKDOWNS: tuple[Breakdown, ...] = ("annotator", "class", "version", "day", "we
 TABLE_COLUMNS = [
     "annotation_id", "task_id", "item_id", "text", "label", "annotator", "updated_at", "ground_truth",
     "lead_time", "suggested_label", "suggested_model_version", "kind", "gold", "model_version", "model_label",
+    "prediction_id",
 ]
 
 
@@ -65,10 +66,13 @@ class Acceptance(BaseModel):
     """Suggestion acceptance: the share of annotations whose label equals the pre-label the annotator saw.
 
     ``without_suggestion`` counts annotations made with no pre-label (audit items, items opened before a
-    prediction existed); they are not in ``overall``."""
+    prediction existed); they are not in ``overall``. ``suggestion_unknown`` counts annotations that started
+    from a pre-label whose label is not known yet (a webhook names it by id only; the reconciler reads it),
+    or not in the taxonomy: they are in neither."""
 
     overall: Proportion
     without_suggestion: int
+    suggestion_unknown: int = 0
     by: Breakdown | None = None
     groups: list[Group] = []
     confusion: ConfusionMatrix
@@ -162,6 +166,12 @@ def confusion(suggested: pd.Series, final: pd.Series, labels: Sequence[str]) -> 
     return ConfusionMatrix(labels=list(labels), counts=counts.tolist(), n=int(counts.sum()))
 
 
+def no_suggestion(table: pd.DataFrame) -> pd.Series:
+    """Rows made with no pre-label at all. A ``prediction_id`` without a ``suggested_label`` means one was
+    shown but its label is not known yet: such a row is not blind."""
+    return table["suggested_label"].isna() & table["prediction_id"].isna()
+
+
 def model_suggested(table: pd.DataFrame) -> pd.DataFrame:
     """Rows whose pre-label came from the model. An adjudication task is pre-labelled with the *disputed
     human* label, so it says nothing about how reviewers treat the model's suggestions."""
@@ -181,7 +191,8 @@ def acceptance(table: pd.DataFrame, labels: Sequence[str], by: Breakdown | None 
     }
     return Acceptance(
         overall=proportion(int(accepted.sum()), len(suggested), min_n),
-        without_suggestion=int(table["suggested_label"].isna().sum()),
+        without_suggestion=int(no_suggestion(table).sum()),
+        suggestion_unknown=int((table["suggested_label"].isna() & table["prediction_id"].notna()).sum()),
         by=by,
         groups=grouped(accepted, breakdown_key(suggested, by, "suggested_label"), min_n) if by else [],
         confusion=confusion(suggested["suggested_label"], suggested["label"], labels),
@@ -263,9 +274,9 @@ def audit(table: pd.DataFrame, labels: Sequence[str], by: Breakdown | None = Non
 def automation_bias(table: pd.DataFrame, min_n: int = DEFAULT_MIN_N) -> AutomationBias:
     table = table[table["kind"] != "adjudication"]
     shown = model_suggested(table)
-    blind = table[table["suggested_label"].isna() & table["model_label"].notna()]
+    blind = table[no_suggestion(table) & table["model_label"].notna()]
     gold = gold_rows(table)
-    gold_shown, gold_blind = gold[gold["suggested_label"].notna()], gold[gold["suggested_label"].isna()]
+    gold_shown, gold_blind = gold[gold["suggested_label"].notna()], gold[no_suggestion(gold)]
     return AutomationBias(
         agreement_with_suggestion=proportion(int((shown["label"] == shown["suggested_label"]).sum()), len(shown),
                                              min_n),
@@ -276,7 +287,7 @@ def automation_bias(table: pd.DataFrame, min_n: int = DEFAULT_MIN_N) -> Automati
         gold_accuracy_without_suggestion=proportion(int((gold_blind["label"] == gold_blind["gold"]).sum()),
                                                     len(gold_blind), min_n),
         median_seconds_with_suggestion=_median(shown["lead_time"], min_n),
-        median_seconds_without_suggestion=_median(table[table["suggested_label"].isna()]["lead_time"], min_n),
+        median_seconds_without_suggestion=_median(table[no_suggestion(table)]["lead_time"], min_n),
     )
 
 

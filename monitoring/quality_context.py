@@ -100,11 +100,15 @@ class QualityContext:
             missing = [t for t in group["text"].unique() if (version, t) not in self.prediction_cache]
             if missing:
                 predicted = predict(str(version), missing)
-                for text, label in zip(missing, predicted or [None] * len(missing), strict=True):
+                if predicted is None:  # not cached: the registry may be reachable on the next request
+                    continue
+                for text, label in zip(missing, predicted, strict=True):
                     self.prediction_cache[(version, text)] = label
         return [self.prediction_cache.get((v, t)) for v, t in zip(audit["model_version"], audit["text"], strict=True)]
 
     def _registry_predict(self, model_version: str, texts: list[str]) -> list[str] | None:
+        from mlflow.exceptions import MlflowException
+
         from training.registry import Registry, RegistryError
 
         match = _VERSION.match(model_version)
@@ -114,7 +118,7 @@ class QualityContext:
             return None
         try:
             loaded = Registry(self.settings).load(int(match["number"]))
-        except RegistryError as e:
+        except (RegistryError, MlflowException, OSError) as e:  # MLflow down or the artifact gone
             log.warning("cannot load %s for the audit: %s", model_version, e)
             return None
         return loaded.classifier.predict(texts)
@@ -175,12 +179,13 @@ class QualityContext:
 
     def crowdlab(self) -> Crowdlab:
         """CROWDLAB over items with 2+ annotators, with out-of-fold probabilities from every labelled item."""
+        labels = list(self.taxonomy.labels)
         table = self.table()
+        table = table[table["label"].isin(labels)]  # a journal kept across a taxonomy change holds others
         pairs = agreement_.multi_annotated(table)
         n_items = int(pairs["item_id"].nunique()) if not pairs.empty else 0
         if n_items < max(self.min_n, 1):
             return Crowdlab(n_items=n_items, note=not_enough(n_items, self.min_n, "items with 2+ annotators"))
-        labels = list(self.taxonomy.labels)
         items = item_texts(table)
         majority = item_majority(table)
         if majority.nunique() < 2:
@@ -195,6 +200,7 @@ class QualityContext:
         """Likely label errors among the training labels, most suspicious first."""
         top_k = self.settings.label_error_top_k if top_k is None else top_k
         labels = self.training_labels()
+        labels = labels[labels["label"].isin(self.taxonomy.labels)].reset_index(drop=True)  # see crowdlab()
         n = len(labels)
         if n < max(self.min_n, 1) or labels["label"].nunique() < 2:
             return LabelIssues(n_labelled=n, issues=[], note=not_enough(n, self.min_n, "labelled tasks, 2+ classes"))

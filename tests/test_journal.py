@@ -539,3 +539,11 @@ def test_a_newer_webhook_version_keeps_the_suggestion_read_from_the_same_predict
     cols = suggestion_columns(journal)
     assert journal.annotations().loc[0, "label"] == "neither"
     assert (cols["suggested_label"], cols["suggested_model_version"]) == ("offensive", "labelloop-hate-offensive:v3")
+
+
+def test_an_absurd_lead_time_is_dropped_not_the_label(journal: Journal) -> None:
+    """``lead_time`` is a by-product; an integer beyond a float's range must not quarantine the label."""
+    res = journal.record(event(ann={**annotation(), "lead_time": 10**400}))
+    assert res.status == "accepted"
+    assert label_map(journal) == {10: "hate"} and suggestion_columns(journal)["lead_time"] is None
+    assert journal.record(event(ann={**annotation(2, 11), "lead_time": -(10**400)})).status == "accepted"

@@ -176,6 +176,20 @@ def test_agreement_is_per_item_across_overlap_copies_and_counts_an_annotator_onc
     assert 0.7 < result.alpha.value < 1.0
 
 
+def test_agreement_leaves_out_adjudications_of_suspected_label_errors() -> None:
+    """An adjudication is a second reviewer on an item picked because its label looks wrong, with that label
+    pre-selected: not an independent overlap label, so it must not pull alpha and kappa down."""
+    rows = [r for i in range(12) for r in (row(100 + i, LABELS[i % 3], task=i, item=f"it{i}", annotator=1),
+                                           row(200 + i, LABELS[i % 3], task=1000 + i, item=f"it{i}", annotator=2,
+                                               kind="overlap"))]
+    rows += [r for i in range(12) for r in (row(300 + i, "neither", task=2000 + i, item=f"e{i}", annotator=1),
+                                            row(400 + i, LABELS[i % 2], task=3000 + i, item=f"e{i}", annotator=3,
+                                                kind="adjudication", suggested="neither"))]
+    result = agreement.agreement(table(*rows), LABELS, min_n=10)
+    assert (result.n_items, result.n_annotators) == (12, 2)
+    assert result.alpha.value == 1.0 and [p.kappa.value for p in result.kappa_pairs] == [1.0]
+
+
 def test_edge_cases_never_give_nan_or_crash() -> None:
     empty = table()
     for model in (quality.acceptance(empty, LABELS), quality.gold_accuracy(empty, by="annotator"),
@@ -378,3 +392,56 @@ def test_reconcile_records_the_pre_label_an_annotation_started_from(label_studio
     assert pd.isna(rows.loc["q2", "suggested_label"]) and pd.isna(rows.loc["q2", "prediction_id"])
     result = quality.acceptance(quality.attach_gold(rows.reset_index(), pd.DataFrame()), LABELS, min_n=1)
     assert (result.overall.k, result.overall.n, result.without_suggestion) == (0, 1, 1)
+
+
+def test_audit_predictions_are_retried_when_the_registry_was_unreachable(filled: Settings, monkeypatch) -> None:
+    """An MLflow outage leaves audit items unscored for that request only: it is neither a crash (500, or a
+    `labelloop quality` that fails as a whole) nor a None cached for the life of the service."""
+    from mlflow.exceptions import MlflowException
+
+    class DownRegistry:
+        def __init__(self, settings: Settings) -> None:
+            pass
+
+        def load(self, version: int):
+            raise MlflowException("API request to http://127.0.0.1:5000 failed: connection refused")
+
+    monkeypatch.setattr("training.registry.Registry", DownRegistry)
+    with Journal(filled.journal_path, TAXONOMY) as journal, SliceStore(filled.slices_path) as slices:
+        ctx = QualityContext(settings=filled, journal=journal, slices=slices, taxonomy=TAXONOMY, project_id=PROJECT,
+                             embed=fake_embed, min_n=3)
+        assert ctx.audit().unscored_audit_labels == 12
+        ctx.predict = lambda version, texts: ["offensive"] * len(texts)
+        report = ctx.audit()
+    assert report.unscored_audit_labels == 0 and report.audit.accuracy.n == 12
+
+
+def test_labels_outside_the_taxonomy_are_left_out_of_the_model_based_measures(filled: Settings) -> None:
+    """The journal outlives a taxonomy change (``--taxonomy`` or a new setting over the same state dir):
+    labels the taxonomy lacks cannot be coded for a model, and must not crash the measures that fit one."""
+    other = get_taxonomy("hate")  # "offensive" and "neither" are not in it
+    with Journal(filled.journal_path, TAXONOMY) as journal, SliceStore(filled.slices_path) as slices:
+        ctx = QualityContext(settings=filled, journal=journal, slices=slices, taxonomy=other, project_id=PROJECT,
+                             predict=lambda version, texts: ["hate"] * len(texts), embed=fake_embed, min_n=3)
+        issues = ctx.label_issues(top_k=3)
+        crowd = ctx.crowdlab()
+    assert issues.issues == [] and "2+ classes" in issues.note
+    assert crowd.n_items == 4 and "same label" in crowd.note
+
+
+def test_a_pre_label_known_only_by_id_is_not_counted_as_labelling_blind(tmp_path: Path) -> None:
+    """A webhook names the prediction an annotation started from by id only; until the reconciler reads its
+    label, that annotation was still made *with* a suggestion, so it is neither accepted/rejected nor blind."""
+    with Journal(tmp_path / "journal.sqlite", TAXONOMY) as journal:
+        for i in range(1, 4):
+            ann, task = webhook_annotation(i, i, "hate", annotator=1, item=f"w{i}", text=f"hate {i}",
+                                           suggested="offensive")
+            journal.record({"action": "ANNOTATION_CREATED", "annotation": ann, "task": {**task, "predictions": []},
+                            "project": {"id": PROJECT}})
+        ann, task = webhook_annotation(4, 4, "neither", annotator=1, item="w4", text="neither 4")
+        journal.record({"action": "ANNOTATION_CREATED", "annotation": {**ann, "lead_time": 60.0}, "task": task,
+                        "project": {"id": PROJECT}})
+        t = quality.attach_gold(journal.annotations(PROJECT), pd.DataFrame())
+    result = quality.acceptance(t, LABELS, min_n=1)
+    assert (result.overall.n, result.without_suggestion, result.suggestion_unknown) == (0, 1, 3)
+    assert quality.automation_bias(t, min_n=1).median_seconds_without_suggestion == 60.0

@@ -223,3 +223,17 @@ def test_annotations_missing_from_the_listing_are_rechecked_not_deleted(journal:
     assert report == ReconcileReport(seen=0, applied=1, duplicates=1, deleted=1, quarantined=0, ignored=0)
     labels = journal.labels(3).set_index("task_id")["label"].to_dict()
     assert labels == {10: "hate", 11: "hate"}
+
+
+def test_a_rechecked_annotation_keeps_the_pre_label_it_started_from(journal: Journal) -> None:
+    """The re-read task must keep its ``predictions``: they are where the journal reads which label the
+    annotator was shown (``parent_prediction`` is only an id)."""
+    prediction = {"id": 5, "model_version": "labelloop-hate-offensive:v2", "result": choice_result("offensive")}
+    task = {"id": 10, "data": {"text": "text 10"}, "project": 3}
+    annotation = {**_ls_annotation(1, 10, "hate", "2025-01-01T00:00:00Z"), "parent_prediction": 5}
+    client = _SkippingClient([annotation], {10: task}, skipped={1})
+    client.sdk.tasks = _Endpoint({10: {**task, "annotations": [], "predictions": [prediction]}})
+    journal.apply_annotation(annotation, task, source="webhook")  # the webhook's task has no predictions
+    reconcile(client, 3, journal)  # type: ignore[arg-type]
+    row = journal.annotations(3).iloc[0]
+    assert (row["suggested_label"], row["suggested_model_version"]) == ("offensive", "labelloop-hate-offensive:v2")
