@@ -110,8 +110,8 @@ def train(
     if not result.beats_majority:
         err.print(f"[bold yellow]warning:[/] macro-F1 {result.report.macro_f1:.4f} is no better than predicting "
                   f"{result.majority_label!r} for every text ({result.majority_macro_f1:.4f}; gain "
-                  f"{result.gain_over_majority}): the model has learned nothing useful. Train on more rows "
-                  "or use --mode fast.")
+                  f"{result.gain_over_majority}): the model has learned nothing useful. Train on more rows"
+                  + (" or use --mode fast." if mode == "finetune" else "."))
     console.print(f"registered [bold]{result.ref.label}[/] as challenger (run {result.run_id}, "
                   f"{result.seconds:.0f} s)")
     if promote:  # this run's version, even if another process registered a challenger meanwhile
@@ -251,11 +251,12 @@ def serve(
 
 def _backend_url(settings: Settings, given: str | None) -> str:
     """Where Label Studio reaches the backend: ``given``, else ``serve``'s own address (a wildcard bind
-    address is reached as 127.0.0.1, which only a Label Studio on the same machine can use)."""
+    address is reached as 127.0.0.1, which only a Label Studio on the same machine can use; an IPv6
+    address goes in brackets, or its colons would read as the port)."""
     import httpx
 
-    url = given or (f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::', '') else settings.host}"
-                    f":{settings.port}")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    url = given or f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{settings.port}"
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as e:
@@ -360,14 +361,33 @@ def loop_import(
     from labelloop import data
 
     if append:
+        import pandas as pd
+
         settings = settings_for(taxonomy)
         items = data.load_unlabeled(dataset, settings=settings)
+        frozen = _registry(settings).eval_set()
+        if frozen is not None:  # as on a first import: the gate's items are never queued for labelling
+            items = items[~items["text"].isin(set(frozen[1]["text"]))]
         if limit:
             items = items.sample(min(limit, len(items)), random_state=settings.seed)
         loop = _loop(settings, project)
+        try:
+            known = loop.pool().drop_duplicates("item_id").set_index("item_id")["text"]
+        except FileNotFoundError:
+            known = pd.Series(dtype=object)
+        # An item id the project already has is mapped to its existing task and not imported again: right
+        # for the same text, but a different text under a reused id (a file's own 1, 2, 3...) would be lost.
+        ids = items["id"].astype(str)
+        seen = ids.isin(known.index)
+        clash = ids[seen][known.reindex(ids[seen]).to_numpy() != items["text"][seen].to_numpy()]
+        if len(clash):
+            raise CliError(f"{len(clash)} item id(s) of {dataset} already name other texts in project "
+                           f"{loop.project_id}'s pool, e.g. {clash.head(5).tolist()}: give the batch ids of its own "
+                           "(or no id column, for ids derived from the text)")
         with console.status(f"appending {len(items)} tasks to project {loop.project_id}"):
-            count = loop.import_pool(items)
-        console.print(f"project {loop.project_id}: {count} tasks appended as one import batch")
+            loop.import_pool(items)
+        console.print(f"project {loop.project_id}: {int((~seen).sum())} tasks appended as one import batch"
+                      + (f"; {int(seen.sum())} already in the pool were not imported again" if seen.any() else ""))
         return
     tax_name = taxonomy or data.KNOWN_DATASETS.get(dataset)
     settings = settings_for(tax_name)

@@ -84,6 +84,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
             await batcher.aclose()
+            app.state.slices.close()
             if owns_journal:
                 journal.close()
 

@@ -241,3 +241,59 @@ def test_once_the_eval_set_is_frozen_every_row_of_a_new_dataset_trains(cli_setti
     first, second = (int(registry.client.get_run(v.run_id).data.params["train_rows"]) for v in registry.versions())
     assert first == 300 - len(registry.eval_set()[1])  # its test split became the frozen eval set
     assert second == len(frame) - 300
+
+
+def test_loop_import_append_leaves_the_frozen_evaluation_set_out_of_the_pool(cli_settings: Settings, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch):
+    """A first import keeps the frozen evaluation texts out of the pool; an appended batch must too, or
+    reviewers label items whose labels training throws away."""
+    frozen = pd.DataFrame({"id": ["e1", "e2"], "text": ["eval text one", "eval text two"],
+                           "label": ["hate", "neither"]})
+    Registry(cli_settings).freeze_eval_set(frozen, "test")
+    batch = tmp_path / "batch.csv"
+    pd.DataFrame({"text": ["eval text one", "a new post", "eval text two", "another new post"]}).to_csv(batch,
+                                                                                                        index=False)
+    loop = FakePoolLoop()
+    monkeypatch.setattr(cli, "_loop", lambda settings, project=None: loop)
+    result = invoke("loop", "import", "--append", "--dataset", str(batch))
+    assert result.exit_code == 0, result.output
+    assert sorted(loop.imported[0]["text"]) == ["a new post", "another new post"]
+    assert "2 tasks appended" in result.output
+
+
+class FakePoolLoop:
+    """The loop's pool as ``loop import --append`` reads and extends it (ids map to existing tasks)."""
+
+    project_id = 7
+
+    def __init__(self, pool: pd.DataFrame | None = None):
+        self._pool = pool
+        self.imported: list[pd.DataFrame] = []
+
+    def pool(self) -> pd.DataFrame:
+        if self._pool is None:
+            raise FileNotFoundError("no pool")
+        return self._pool
+
+    def import_pool(self, items: pd.DataFrame) -> int:
+        self.imported.append(items)
+        return len(items)
+
+
+def test_loop_import_append_refuses_reused_ids_that_name_other_texts(cli_settings: Settings, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    """A file's own ids (1, 2, 3...) reused by a second batch would map its new texts onto the first batch's
+    tasks and lose them while reporting them appended; the same item again is skipped and said so."""
+    loop = FakePoolLoop(pd.DataFrame({"item_id": ["1", "2"], "text": ["first batch one", "first batch two"]}))
+    monkeypatch.setattr(cli, "_loop", lambda settings, project=None: loop)
+    clashing = tmp_path / "clashing.csv"
+    pd.DataFrame({"id": ["1", "3"], "text": ["a different text", "new"]}).to_csv(clashing, index=False)
+    result = invoke("loop", "import", "--append", "--dataset", str(clashing))
+    assert result.exit_code == 2 and "1 item id(s)" in result.output and "['1']" in result.output, result.output
+    assert loop.imported == []
+
+    again = tmp_path / "again.csv"
+    pd.DataFrame({"id": ["2", "3"], "text": ["first batch two", "new"]}).to_csv(again, index=False)
+    result = invoke("loop", "import", "--append", "--dataset", str(again))
+    assert result.exit_code == 0, result.output
+    assert "1 tasks appended" in result.output and "1 already in the pool" in result.output

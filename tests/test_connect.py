@@ -140,6 +140,16 @@ def test_connect_refuses_missing_settings_an_unreachable_label_studio_and_a_bad_
     assert status.exit_code == 0 and "warning: could not check the Label Studio connection" in status.output
 
 
+def test_the_default_backend_url_brackets_an_ipv6_bind_address():
+    def url(host: str) -> str:
+        return cli._backend_url(Settings(host=host, port=9090), None)
+
+    assert url("::1") == "http://[::1]:9090"
+    assert url("[::1]") == "http://[::1]:9090"
+    assert url("::") == url("0.0.0.0") == "http://127.0.0.1:9090"
+    assert url("10.0.0.5") == "http://10.0.0.5:9090"
+
+
 # --- against a real Label Studio and a real backend with auth on ----------------------------------------
 @pytest.mark.integration
 def test_connected_as_the_ui_does_webhooks_are_refused_until_labelloop_connect(

@@ -254,4 +254,5 @@ def test_train_warns_when_the_model_is_no_better_than_the_majority_class(cli_env
     assert collapsed.exit_code == 0, collapsed.output
     assert re.search(r"warning: macro-F1 0\.\d{4} is no better than predicting 'offensive' for every text "
                      r"\(0\.\d{4}; gain [+-]0\.0000 \[", collapsed.output), collapsed.output
+    assert "--mode fast" not in collapsed.output  # it is the mode that collapsed: no advice to switch to it
     assert "registered labelloop-hate-offensive:v2 as challenger" in collapsed.output

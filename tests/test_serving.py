@@ -539,6 +539,25 @@ def test_oversized_bodies_get_413(make_client, source: FakeSource):
 # ------------------------------------------------------------------------------------------------
 
 
+def test_an_audit_task_is_scored_without_a_choice_and_the_slice_store_closes_with_the_app(
+        base_settings: Settings, source: FakeSource, journal: Journal):
+    """A blind audit item must open with nothing pre-selected; the app's own SliceStore (an SQLite
+    connection) is closed when the app shuts down, as the journal it owns is."""
+    import sqlite3
+
+    from labelloop.slices import SliceItem, SliceStore
+
+    with SliceStore(base_settings.slices_path) as store:
+        store.add([SliceItem(project_id=3, task_id=2, item_id="i2", kind="audit")])
+    app = create_app(base_settings, model_source=source, journal=journal)
+    with TestClient(app) as client:
+        results = client.post("/predict", json=predict_body(["I hate it", "I hate it"])).json()["results"]
+        assert choice(results[0]) == "hate"
+        assert results[1]["result"] == [] and results[1]["score"] == pytest.approx(0.7)
+    with pytest.raises(sqlite3.ProgrammingError):
+        app.state.slices.kind_of(2)
+
+
 def test_no_champion_yet(make_client, journal: Journal):
     client = make_client(FakeSource({1: KeywordClassifier(TABLES[1])}, champion=None))
     health = client.get("/health").json()
