@@ -80,7 +80,7 @@ def plan_adjudication(candidates: pd.DataFrame | Iterable, annotations: pd.DataF
             reason = "already sent for adjudication"
         elif kinds.get(row.task_id) == "honeypot":
             reason = "a honeypot answer: measured against gold, never trained on"
-        elif row.disputed_label is None or row.text is None:
+        elif pd.isna(row.disputed_label) or pd.isna(row.text):  # the join turns a missing label into NaN
             reason = "the annotation carries no usable label"
         elif row.id in waiting:
             reason = f"item {row.id} already waits for adjudication"

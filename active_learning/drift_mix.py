@@ -57,7 +57,11 @@ def mix_drifted(batch: np.ndarray, windows: np.ndarray, drifted: Mapping[str, fl
 
 
 def drift_batch(batch: np.ndarray, scores: np.ndarray, unlabeled: pd.DataFrame, settings: Settings) -> np.ndarray:
-    """:func:`mix_drifted` with the open drift alerts of ``settings.drift_window`` windows (none: unchanged)."""
+    """:func:`mix_drifted` with the open drift alerts of ``settings.drift_window`` windows (none: unchanged).
+
+    The drifted picks then move right behind the batch's head: the loop cuts the quality slices' places
+    from the batch's end (``slices_push.plan_batch``), and that cut must come out of the strategy's own
+    picks, or the audit and overlap items would eat the drift share."""
     path = alerts_path(settings.state_dir)
     if settings.drift_query_share <= 0 or not path.exists() or "created_at" not in unlabeled.columns:
         return batch
@@ -66,4 +70,9 @@ def drift_batch(batch: np.ndarray, scores: np.ndarray, unlabeled: pd.DataFrame, 
     if not drifted:
         return batch
     windows = window_ids(unlabeled, settings.drift_window).to_numpy()
-    return mix_drifted(batch, windows, drifted, scores, settings.drift_query_share)
+    mixed = mix_drifted(batch, windows, drifted, scores, settings.drift_query_share)
+    if len(mixed) < 2:
+        return mixed
+    rest = mixed[1:]
+    in_drift = np.isin(windows[rest], list(drifted))
+    return np.concatenate([mixed[:1], rest[in_drift], rest[~in_drift]]).astype(np.int64)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from numbers import Number
 from pathlib import Path
 
 import numpy as np
@@ -111,11 +112,14 @@ def _created_at(items: pd.DataFrame) -> pd.Series:
     if "created_at" not in items.columns:
         return pd.Series(pd.NaT, index=range(len(items)), dtype="datetime64[ns, UTC]")
     raw = items["created_at"].reset_index(drop=True)
-    parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="mixed")
-    bad = parsed.isna() & raw.notna() & (raw.astype(str).str.strip() != "")
+    # a number would parse as nanoseconds since 1970 (epoch seconds land on 1970-01-01): refused like any
+    # other value that is not a date/time, since its unit cannot be known
+    numeric = raw.map(lambda v: isinstance(v, Number) and not isinstance(v, bool)) & raw.notna()
+    parsed = pd.to_datetime(raw.mask(numeric), utc=True, errors="coerce", format="mixed")
+    bad = numeric | (parsed.isna() & raw.notna() & (raw.astype(str).str.strip() != ""))
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} item(s) have a created_at that is not a date/time, "
-                         f"e.g. {raw[bad].astype(str).head(3).tolist()}")
+        raise ValueError(f"{int(bad.sum())} item(s) have a created_at that is not a date/time (ISO 8601; a bare "
+                         f"number's unit is unknown), e.g. {raw[bad].astype(str).head(3).tolist()}")
     return parsed
 
 

@@ -102,8 +102,10 @@ class SliceStore:
         for row in rows:
             if row["kind"] not in SLICE_KINDS:
                 raise ValueError(f"unknown slice kind {row['kind']!r}; expected one of {', '.join(SLICE_KINDS)}")
-        sql = (f"INSERT OR IGNORE INTO slice_items ({', '.join(COLUMNS)}) "
-               f"VALUES ({', '.join(':' + c for c in COLUMNS)})")
+        # only a task already recorded is skipped: OR IGNORE would also drop a row failing a CHECK (a
+        # honeypot without its gold label) without a word, and that task's answers would then train
+        sql = (f"INSERT INTO slice_items ({', '.join(COLUMNS)}) "
+               f"VALUES ({', '.join(':' + c for c in COLUMNS)}) ON CONFLICT (task_id) DO NOTHING")
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -255,7 +255,9 @@ class WindowDrift:
 
     @property
     def min_p_value(self) -> float:
-        return min((t.p_value for t in self.tests), default=1.0)
+        """The smallest p-value of the tests that decide drift (:data:`ALARM_TESTS`): the page draws it against
+        the alarm line, so a reported-only test below that line would show as an alarm that was not raised."""
+        return min((t.p_value for t in self.tests if t.name in ALARM_TESTS), default=1.0)
 
     @property
     def severity(self) -> float:
@@ -273,7 +275,10 @@ def evaluate_window(window: str, reference: Sample, current: Sample, labels: Seq
     share = np.bincount(current.proba.argmax(1), minlength=len(labels)) / max(len(current), 1)
     estimate = calibration.estimate(current.proba) if calibration is not None and len(current) else None
     evaluated = len(current) >= config.min_items
-    tests = compare(reference, current, config, np.random.default_rng(config.seed)) if evaluated else []
+    # a window is capped like the reference: the MMD kernel is quadratic in reference + window, and one
+    # day's import of a whole dataset would otherwise need gigabytes
+    tested = current.take(subsample(len(current), config.max_reference, config.seed))
+    tests = compare(reference, tested, config, np.random.default_rng(config.seed)) if evaluated else []
     failing = [t.name for t in tests if t.drifted(config.p_value)]
     alarming = [name for name in failing if name in ALARM_TESTS]
     reason = (f"{', '.join(failing)} below p={config.p_value}" if failing
@@ -322,7 +327,11 @@ class DriftMonitor:
         if self.project_id is None:
             raise ValueError("no Label Studio project: set LABELLOOP_LS_PROJECT_ID (or pass --project)")
         with Journal(self.settings.journal_path, get_taxonomy(self.settings.taxonomy)) as journal:
-            return ActiveLearningLoop(self.settings, None, self.project_id, journal).pool()
+            loop = ActiveLearningLoop(self.settings, None, self.project_id, journal)
+            try:  # the loop opens its own slice store; the scheduled evaluation must not leak one per run
+                return loop.pool()
+            finally:
+                loop.slices.close()
 
     def _sample(self, frame: pd.DataFrame, loaded) -> Sample:
         from active_learning.pool import ScoredPool
@@ -340,6 +349,9 @@ class DriftMonitor:
             if frame.empty:
                 raise ValueError(f"drift_reference {choice!r}: no pool items in that window "
                                  f"(windows: {sorted(set(windows))[:10]})")
+            if len(frame) < self.config.min_items:  # a handful of items is no reference (one crashes novelty)
+                raise ValueError(f"drift_reference {choice!r}: {len(frame)} item(s) in that window, fewer than "
+                                 f"drift_min_items={self.config.min_items}")
             return f"window {wanted} ({len(frame)} items)", frame[["id", "text"]]
         frozen = self.registry.eval_set()
         if frozen is None:

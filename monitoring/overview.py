@@ -329,9 +329,12 @@ def _backlog(context: MonitoringContext) -> tuple[int | None, str | None]:
     if context.project_id is None:
         return None, "no Label Studio project is configured (ls_project_id), so there is no pool to count"
     loop = ActiveLearningLoop(context.settings, None, context.project_id, context.journal)
-    if not loop.pool_path.exists():
-        return None, f"no pool imported for project {context.project_id} yet (labelloop loop import)"
-    return len(loop.unlabeled()), None
+    try:  # the loop opens its own slice store: close it, this runs on every page load
+        if not loop.pool_path.exists():
+            return None, f"no pool imported for project {context.project_id} yet (labelloop loop import)"
+        return len(loop.unlabeled()), None
+    finally:
+        loop.slices.close()
 
 
 def _job_results(context: MonitoringContext) -> list[tuple[str | None, dict | None]]:

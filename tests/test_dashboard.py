@@ -451,3 +451,36 @@ def test_one_page_load_reads_the_quality_table_once_and_still_equals_the_api(das
     assert len(figures) >= 5
     for figure in figures:
         assert json.loads(figure["data-value"]) == resolve(quality, figure["data-path"]), figure
+
+
+def test_the_overview_backlog_closes_the_slice_store_it_opens(settings: Settings, monkeypatch) -> None:
+    """Every overview and dashboard load counts the backlog through a loop, which opens a SQLite slice
+    store; one left open per request leaks a connection per page load."""
+    import active_learning.loop as loop_module
+    from labelloop.journal import Journal
+    from labelloop.slices import SliceStore
+    from labelloop.taxonomy import get_taxonomy
+    from monitoring.overview import MonitoringContext, _backlog
+
+    opened: list[SliceStore] = []
+
+    class Tracked(SliceStore):
+        def __init__(self, path):
+            super().__init__(path)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(loop_module, "SliceStore", Tracked)
+    settings = settings.model_copy(update={"ls_project_id": 5})
+    pool_path = settings.state_dir / "pools" / "project-5.parquet"
+    pool_path.parent.mkdir(parents=True)
+    pd.DataFrame({"item_id": ["a", "b"], "text": ["one", "two"], "task_id": [7, 8]}).to_parquet(pool_path)
+    with Journal(settings.journal_path, get_taxonomy(settings.taxonomy)) as journal:
+        context = MonitoringContext(settings, journal)
+        assert _backlog(context) == (2, None)
+        assert _backlog(context.__class__(settings.model_copy(update={"ls_project_id": 6}), journal))[0] is None
+    assert len(opened) == 2 and all(store.closed for store in opened)

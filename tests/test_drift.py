@@ -157,6 +157,37 @@ def test_small_windows_are_described_but_not_tested(rng, topics):
     assert abs(sum(report.predicted_share.values()) - 1) < 1e-6
 
 
+def test_a_large_window_is_tested_on_a_capped_sample(rng, topics, monkeypatch):
+    """The MMD kernel is (reference + window)²: an uncapped window of a whole day's import needs gigabytes."""
+    import monitoring.drift as drift_module
+
+    centres, _ = topics
+    emb = topic_embeddings(rng, 300, centres)
+    ref = Sample(emb, _proba_from(emb, centres))
+    big = topic_embeddings(rng, 900, centres)
+    seen: list[int] = []
+    real_compare = drift_module.compare
+    monkeypatch.setattr(drift_module, "compare", lambda r, c, *a: seen.append(len(c)) or real_compare(r, c, *a))
+    report = evaluate_window("big", ref, Sample(big, _proba_from(big, centres)), ["a", "b", "c"],
+                             DriftConfig(min_items=50, permutations=20, max_reference=250), None)
+    assert seen == [250]
+    assert report.evaluated and report.n_items == 900  # the window is still described in full
+    assert abs(sum(report.predicted_share.values()) - 1) < 1e-6
+
+
+def test_only_the_alarm_tests_set_the_smallest_p_value_and_severity():
+    """The page draws ``min_p_value`` against the alarm line and the queue orders drifted windows by
+    ``severity``: a reported-only test must move neither, or a window that raised no alert looks alarming."""
+    from monitoring.drift import TestResult, WindowDrift
+
+    window = WindowDrift("w", 500, None, None, True, False,
+                         [TestResult("prediction", 0.3, 1e-9), TestResult("embedding_mmd", 0.01, 0.4),
+                          TestResult("embedding_novelty", 0.05, 0.2), TestResult("confidence", 0.2, 1e-12)],
+                         {}, 0.8, None)
+    assert window.min_p_value == 0.2
+    assert window.severity == pytest.approx(-np.log10(0.2))
+
+
 # ------------------------------------------------------------------------------------------------
 # Alerts
 # ------------------------------------------------------------------------------------------------
@@ -312,7 +343,9 @@ def test_drift_batch_reads_open_alerts_from_the_store(settings):
     with AlertStore(alerts_path(settings.state_dir)) as store:
         store.raise_alert("drift:batch:b2", "drift", "b2 drifts", severity=4, window_kind="batch", window="b2")
         store.raise_alert("drift:day:2026-01-01", "drift", "other kind", window_kind="day", window="2026-01-01")
-    assert drift_batch(batch, scores, unlabeled, settings).tolist() == [0, 1, 6, 7]
+    # b2's best items replace the two least informative picks and move right behind the head, ahead of
+    # the end where the loop cuts places for the quality slices
+    assert drift_batch(batch, scores, unlabeled, settings).tolist() == [0, 6, 7, 1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,6 +398,14 @@ def test_a_bad_created_at_imports_nothing(loop):
     bad = pd.DataFrame({"id": ["a"], "text": ["one"], "created_at": ["not a date"]})
     with pytest.raises(ValueError, match="created_at"):
         loop.import_pool(bad)
+    assert loop.client.calls == 0 and not loop.pool_path.exists()
+
+
+def test_a_numeric_created_at_is_refused_not_read_as_1970(loop):
+    """Epoch seconds parsed by pandas are nanoseconds: every item would land in the window 1970-01-01."""
+    numbers = pd.DataFrame({"id": ["a", "b"], "text": ["one", "two"], "created_at": [1700000000, 1700003600]})
+    with pytest.raises(ValueError, match="2 item.*created_at.*not a date/time"):
+        loop.import_pool(numbers)
     assert loop.client.calls == 0 and not loop.pool_path.exists()
 
 
@@ -593,3 +634,73 @@ def test_loop_import_appends_timestamped_batches_to_a_real_project(settings, lab
     assert window_ids(forum, "week").tolist() == ["2026-W09", "2026-W10", "2026-W11"]  # ISO weeks start Monday
     tasks = label_studio.client.sdk.tasks.list(project=ls_project)
     assert {t.id for t in tasks} == set(pool["task_id"])  # the bad file imported nothing
+
+
+def test_reading_the_pool_for_drift_closes_the_slice_store_it_opens(settings, monkeypatch):
+    """The scheduled evaluation reads the pool through a loop, which opens a SQLite slice store: one
+    left open per evaluation is a connection leaked every period of ``labelloop serve``."""
+    import active_learning.loop as loop_module
+    from monitoring.drift import DriftMonitor
+
+    opened: list[SliceStore] = []
+
+    class Tracked(SliceStore):
+        def __init__(self, path):
+            super().__init__(path)
+            self.closed = False
+            opened.append(self)
+
+        def close(self):
+            self.closed = True
+            super().close()
+
+    monkeypatch.setattr(loop_module, "SliceStore", Tracked)
+    pool_path = settings.state_dir / "pools" / "project-5.parquet"
+    pool_path.parent.mkdir(parents=True)
+    pd.DataFrame({"item_id": ["a"], "text": ["one"], "task_id": [7]}).to_parquet(pool_path)
+    assert DriftMonitor(settings, 5).pool()["item_id"].tolist() == ["a"]
+    assert opened and all(store.closed for store in opened)
+
+
+def test_a_reference_window_smaller_than_the_minimum_is_refused_with_the_count(settings):
+    """A one-item reference window used to crash the novelty test with sklearn's own message; a handful of
+    items would give tests of nothing. The API turns this ValueError into a 409."""
+    from monitoring.drift import DriftMonitor
+
+    small = settings.model_copy(update={"drift_reference": "window:old"})
+    pool = pd.DataFrame({"item_id": ["a", "b"], "text": ["one", "two"], "task_id": [1, 2]})
+    with pytest.raises(ValueError, match=r"1 item\(s\) in that window, fewer than drift_min_items=50"):
+        DriftMonitor(small, 5).reference(pool, pd.Series(["old", "new"]))
+
+
+def test_push_queue_keeps_the_drift_share_when_slices_take_places(tmp_path, monkeypatch):
+    """The drifted picks are appended to the batch's end, and the slices' places are cut from that end:
+    without care, audit items silently ate the drift share."""
+    from sklearn.linear_model import LogisticRegression
+
+    from labelloop.config import Settings
+    from tests.test_strategies import FakeEncoder
+    from training.classifier import EmbeddingHeadClassifier
+    from training.registry import LoadedModel, ModelRef
+
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "none.toml"))
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", query_batch=10, queue_size=20,
+                        honeypot_rate=0, overlap_rate=0, audit_rate=0.3, drift_window="batch", drift_query_share=0.3)
+    taxonomy = get_taxonomy(settings.taxonomy)
+    encoder = FakeEncoder()
+    head = LogisticRegression().fit(encoder.embed([f"train {i}" for i in range(40)]), np.arange(40) % 3)
+    loaded = LoadedModel(ModelRef(settings.registered_model_name, 1),
+                         EmbeddingHeadClassifier(encoder, head, taxonomy.labels))
+    with Journal(settings.journal_path, taxonomy) as journal:
+        loop = ActiveLearningLoop(settings, QueueFake(), 1, journal)
+        loop.import_pool(pd.DataFrame({"id": [f"old{i}" for i in range(200)],
+                                       "text": [f"old text {'x' * i}" for i in range(200)]}), batch_id="old")
+        loop.import_pool(pd.DataFrame({"id": [f"new{i}" for i in range(10)],
+                                       "text": [f"new text {'y' * i}" for i in range(10)]}), batch_id="new")
+        new_tasks = set(loop.pool().query("batch_id == 'new'")["task_id"])
+        with AlertStore(alerts_path(settings.state_dir)) as store:
+            store.raise_alert("drift:batch:new", "drift", "new drifts", severity=3, window_kind="batch", window="new")
+        result = loop.push_queue(loaded)
+        audited = loop.slices.task_ids("audit", 1)
+    assert result.slices["audit"] == 3 and not audited & new_tasks  # the audit drew from the old batch only
+    assert len(result.queued_task_ids) == 7 and len(set(result.queued_task_ids) & new_tasks) == 3

@@ -214,6 +214,15 @@ def test_adjudication_plan_skips_repeats_and_honeypots_and_refuses_unknown_annot
         plan_adjudication([{"annotation_id": "one"}], frame, store, LABELS)
 
 
+def test_adjudication_plan_skips_a_skipped_answer_instead_of_disputing_nan():
+    """A skipped (cancelled) annotation has no label: joined from the journal it is NaN, not None, and
+    must not go out as an adjudication task disputing the label "nan"."""
+    frame = annotations([(1, 10, "a", None, 7, 1), (2, 20, "b", "hate", 7, 2)])
+    send, skipped = plan_adjudication([{"annotation_id": 1}, {"annotation_id": 2}], frame, slices([]), LABELS)
+    assert send["annotation_id"].tolist() == [2]
+    assert "no usable label" in skipped[1]
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _event(annotation_id: int, task_id: int, item_id: str, label: str, annotator: int) -> dict:
     result = [{"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [label]}}]
@@ -303,3 +312,19 @@ def test_adjudication_takes_the_quality_side_s_label_issues_as_they_come():
                        quality=0.01, text="text of a")
     send, skipped = plan_adjudication([issue], frame, slices([]), LABELS)
     assert send[["annotation_id", "disputed_label", "task_id"]].values.tolist() == [[1, "hate", 10]] and not skipped
+
+
+def test_slice_store_skips_a_recorded_task_but_refuses_a_honeypot_without_gold(tmp_path):
+    """A second record of a task keeps the first purpose; a honeypot row with no gold label is an error, not
+    a silent skip: unrecorded, that task's answers would train on the frozen evaluation set."""
+    import sqlite3
+
+    from labelloop.slices import SliceItem, SliceStore
+
+    with SliceStore(tmp_path / "slices.sqlite") as store:
+        assert store.add([SliceItem(1, 5, "a", "audit")]) == 1
+        assert store.add([SliceItem(1, 5, "a", "overlap", source_task_id=4), SliceItem(1, 6, "b", "audit")]) == 1
+        assert store.kind_of(5) == "audit"
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add([SliceItem(1, 7, "c", "audit"), SliceItem(1, 8, "gold-1", "honeypot")])
+        assert store.kind_of(7) is None  # nothing of the failed batch was written
