@@ -12,6 +12,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -120,6 +121,17 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, v: Path | None) -> Path | None:
         return v.expanduser().resolve() if v is not None else None
+
+    @field_validator("alert_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        """A typo in the alert URL must fail at start, not at the first alert, which it would then never send."""
+        if v is None or not v.strip():
+            return None
+        parsed = urlsplit(v.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, not {v!r}")
+        return v.strip()
 
     @field_validator("strategy")
     @classmethod

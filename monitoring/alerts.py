@@ -121,10 +121,24 @@ def deliver(store: AlertStore, url: str | None, client: httpx.Client | None = No
     return delivered, len(pending) - delivered
 
 
+def stale_keys(open_alerts: Iterable[Alert], report: dict[str, Any]) -> list[str]:
+    """Open alerts about windows the report no longer has (``drift_window`` changed, or the pool was
+    re-imported): nothing will ever re-test them, so left alone they would stay open for good, count on the
+    overview and keep steering the queue. A window that is in the report but too small to test keeps its
+    alert as it is."""
+    current = {(report["window_kind"], w["window"]) for w in report["windows"]}
+    return [a.key for a in open_alerts
+            if a.kind in ("drift", "accuracy") and (a.window_kind, a.window) not in current]
+
+
 def evaluate_alerts(store: AlertStore, report: dict[str, Any], *, accuracy_drop: float, alert_url: str | None,
                     client: httpx.Client | None = None) -> Transitions:
     """The whole step after a drift evaluation: decide, persist, deliver (and retry earlier failures)."""
     raised, cleared = apply_decisions(store, alert_decisions(report, accuracy_drop), notify=bool(alert_url))
+    for key in stale_keys(store.open_alerts(), report):
+        alert = store.clear_alert(key, notify=bool(alert_url))
+        if alert is not None:
+            cleared.append(alert)
     delivered, undelivered = deliver(store, alert_url, client)
     return Transitions(raised, cleared, delivered, undelivered)
 

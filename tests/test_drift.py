@@ -261,6 +261,17 @@ def test_untested_windows_neither_raise_nor_clear(tmp_path):
         assert [a.window for a in store.open_alerts()] == ["b1"]
 
 
+def test_alerts_about_windows_the_report_no_longer_has_are_cleared(tmp_path):
+    with AlertStore(alerts_path(tmp_path)) as store:
+        evaluate_alerts(store, _report({"b1": True, "b2": True}, estimate=0.6), accuracy_drop=0.1, alert_url=None)
+        assert len(store.open_alerts()) == 4  # drift and accuracy, two windows
+        t = evaluate_alerts(store, _report({"b2": True}, estimate=0.6), accuracy_drop=0.1, alert_url=None)
+        assert sorted(a.key for a in t.cleared) == ["accuracy:batch:b1", "drift:batch:b1"]
+        day_report = {**_report({"2026-11-30": False}), "window_kind": "day"}  # drift_window changed
+        evaluate_alerts(store, day_report, accuracy_drop=0.1, alert_url=None)
+        assert store.open_alerts() == [] and store.drifted_windows("batch") == {}
+
+
 def test_accuracy_alert_when_the_estimate_drops_past_the_threshold():
     decisions = {d.key: d for d in alert_decisions(_report({"b1": False}, estimate=0.65), accuracy_drop=0.1)}
     assert decisions["accuracy:batch:b1"].active and not decisions["drift:batch:b1"].active
@@ -704,3 +715,15 @@ def test_push_queue_keeps_the_drift_share_when_slices_take_places(tmp_path, monk
         audited = loop.slices.task_ids("audit", 1)
     assert result.slices["audit"] == 3 and not audited & new_tasks  # the audit drew from the old batch only
     assert len(result.queued_task_ids) == 7 and len(set(result.queued_task_ids) & new_tasks) == 3
+
+
+def test_a_malformed_alert_url_fails_when_settings_load():
+    from pydantic import ValidationError
+
+    from labelloop.config import Settings
+
+    for bad in ("hooks.example.com/alerts", "ftp://example.com/x", "http://"):
+        with pytest.raises(ValidationError, match="alert_url"):
+            Settings(alert_url=bad)
+    assert Settings(alert_url=" https://hooks.example.com/a ").alert_url == "https://hooks.example.com/a"
+    assert Settings(alert_url="").alert_url is None
