@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,9 @@ from training.registry import CHAMPION
 
 log = logging.getLogger("labelloop.service")
 
+#: how often a ``/setup`` from Label Studio may trigger a connection check
+SETUP_CHECK_SECONDS = 300.0
+
 
 class Service:
     """Everything ``labelloop serve`` runs, built once per process."""
@@ -49,9 +53,12 @@ class Service:
         self.runner = JobRunner(settings.state_dir / "jobs.sqlite", self._run_round)
         self.trigger = RetrainTrigger(self.journal, self.runner, settings.retrain_every)
         self.app: FastAPI = create_app(settings, journal=self.journal, on_event=self.trigger.on_event,
+                                       on_setup=self.on_setup,
                                        extra_routers=[jobs_router(self.runner), *extra_routers])
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
+        self._setup_checked_at: float | None = None
+        self._setup_lock = threading.Lock()
 
     # ------------------------------------------------------------------ wiring
     def _served_champion(self):
@@ -102,6 +109,22 @@ class Service:
         for problem in problems:
             log.warning("Label Studio project %s: %s", project_id, problem)
         return problems
+
+    def on_setup(self, project_id: str | None) -> None:
+        """Check the connection in the background when Label Studio calls ``/setup`` for our project.
+
+        Connecting the backend in Label Studio's UI ends with a ``/setup``, right after Label Studio made
+        a webhook without credentials, so this is when the warning helps. Label Studio also calls
+        ``/setup`` before every predict, hence at most one check per ``SETUP_CHECK_SECONDS``, off the
+        request (Label Studio waits for the answer)."""
+        if not self.loop.steers_queue or project_id != str(self.settings.ls_project_id):
+            return
+        with self._setup_lock:
+            now = time.monotonic()
+            if self._setup_checked_at is not None and now - self._setup_checked_at < SETUP_CHECK_SECONDS:
+                return
+            self._setup_checked_at = now
+        threading.Thread(target=self.check_connection, name="labelloop-setup-check", daemon=True).start()
 
     def _at_start(self) -> None:
         """Check the connection, and on a project with no champion yet run a round at once: it pushes the

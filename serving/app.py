@@ -35,7 +35,7 @@ from serving.champion import Champion, ModelSource, RegistryModelSource
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.protocol import ErrorResponse
 from serving.quantize import prepare_for_serving
-from serving.routes import BACKEND_ROUTERS, EventHandler, ProjectConfigs
+from serving.routes import BACKEND_ROUTERS, EventHandler, ProjectConfigs, SetupHandler
 from training.registry import LoadedModel
 
 _PROJECT_CONFIGS_KEPT = 256
@@ -51,11 +51,13 @@ def create_app(
     model_source: ModelSource | None = None,
     journal: Journal | None = None,
     on_event: EventHandler | None = None,
+    on_setup: SetupHandler | None = None,
     extra_routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
     """Build the backend. ``model_source`` defaults to the MLflow registry named by ``settings``,
     ``journal`` to the annotation journal under ``settings.state_dir``; ``on_event`` is told about every
-    webhook payload after it is journaled (the active-learning loop schedules retraining there)."""
+    webhook payload after it is journaled (the active-learning loop schedules retraining there); ``on_setup``
+    hears the project id of every ``/setup`` (the service checks the project's webhook there)."""
     credentials = Credentials(settings)
     source = model_source or RegistryModelSource(settings)
     owns_journal = journal is None
@@ -106,6 +108,7 @@ def create_app(
     app.state.model_source = source
     app.state.project_configs = ProjectConfigs(_PROJECT_CONFIGS_KEPT)
     app.state.on_event = on_event
+    app.state.on_setup = on_setup
     app.state.slices = SliceStore(settings.slices_path)  # which tasks are blind audit items
 
     @app.exception_handler(RequestValidationError)

@@ -61,6 +61,8 @@ from training.registry import LoadedModel
 log = logging.getLogger("serving.app")
 
 EventHandler = Callable[[dict, RecordResult], None]
+#: told the project of every ``/setup``: the composition checks Label Studio's side of the connection there
+SetupHandler = Callable[[str | None], None]
 _MISMATCH: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "the config's choices do not match the model's labels"}}
 
@@ -127,6 +129,10 @@ def get_slices(request: Request) -> SliceStore:
     return request.app.state.slices
 
 
+def get_setup_handler(request: Request) -> SetupHandler | None:
+    return getattr(request.app.state, "on_setup", None)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChampionDep = Annotated[Champion, Depends(get_champion)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
@@ -136,6 +142,7 @@ ModelSourceDep = Annotated[ModelSource, Depends(get_model_source)]
 ProjectConfigsDep = Annotated[ProjectConfigs, Depends(get_project_configs)]
 EventHandlerDep = Annotated[EventHandler | None, Depends(get_event_handler)]
 SlicesDep = Annotated[SliceStore, Depends(get_slices)]
+SetupHandlerDep = Annotated[SetupHandler | None, Depends(get_setup_handler)]
 
 
 def _bind(label_config: str, model: LoadedModel) -> ConfigBinding | None:
@@ -165,10 +172,15 @@ label_studio_router.get("/health", response_model=HealthResponse)(health)
 
 # ------------------------------------------------------------------------------------------ setup
 @label_studio_router.post("/setup", response_model=SetupResponse, responses=_MISMATCH)
-async def setup(request: SetupRequest, champion: ChampionDep, configs: ProjectConfigsDep) -> SetupResponse:
+async def setup(request: SetupRequest, champion: ChampionDep, configs: ProjectConfigsDep,
+                on_setup: SetupHandlerDep) -> SetupResponse:
     """Label Studio calls this before every predict/train and adopts the returned ``model_version``,
     so a moved champion alias makes it re-predict. A config whose choices contradict the model's
-    labels is refused here, which Label Studio shows as the backend's error."""
+    labels is refused here, which Label Studio shows as the backend's error. ``on_setup`` hears of the
+    call: connecting in Label Studio's UI ends with a ``/setup``, which is when a webhook without
+    credentials has just been made (the handler must not block: Label Studio waits for this answer)."""
+    if on_setup is not None:
+        on_setup(ProjectConfigs.project_id(request.project))
     model = champion.current
     if request.label_config:
         configs.remember(request.project, request.label_config)

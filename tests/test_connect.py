@@ -150,6 +150,30 @@ def test_the_default_backend_url_brackets_an_ipv6_bind_address():
     assert url("10.0.0.5") == "http://10.0.0.5:9090"
 
 
+class CountingClient:
+    """Stands in for Label Studio: a project whose webhook was made by the UI, without credentials."""
+
+    def __init__(self):
+        self.checks = 0
+
+    def connection_problems(self, project_id, accepts, backend_url=None):
+        self.checks += 1
+        return [f"webhook 3 to http://backend/webhook has no credentials (project {project_id})"]
+
+
+def test_setup_from_label_studio_checks_the_connection_once_per_period_off_the_request(settings, caplog):
+    client = CountingClient()
+    service = Service(settings.model_copy(update={"ls_project_id": 7}), client=client)
+    try:
+        with TestClient(service.app) as http, caplog.at_level(logging.WARNING, logger="labelloop.service"):
+            for project in ("7.1700000000", "7.1700000000", "8.1700000000"):
+                assert http.post("/setup", json={"project": project, "schema": "<View></View>"}).status_code == 200
+            wait_for(lambda: "has no credentials (project 7)" in caplog.text, "the warning after /setup", 10)
+        assert client.checks == 1  # the second /setup falls in the same period; project 8 is not ours
+    finally:
+        service.close()
+
+
 # --- against a real Label Studio and a real backend with auth on ----------------------------------------
 @pytest.mark.integration
 def test_connected_as_the_ui_does_webhooks_are_refused_until_labelloop_connect(
