@@ -25,26 +25,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from labelloop.journal import LABEL_COLUMNS, Journal
+from labelloop.journal import LABEL_COLUMNS, Journal, vote
 from labelloop.slices import COLUMNS as SLICE_COLUMNS
 from labelloop.slices import SliceStore
-
-
-def _vote(usable: pd.DataFrame) -> pd.DataFrame:
-    """One row per item ``id``: the winning label, described by its latest annotation."""
-    has_truth = usable.groupby("id")["ground_truth"].transform("any")
-    considered = usable[usable["ground_truth"] | ~has_truth]
-    votes = (
-        considered.groupby(["id", "label"], as_index=False)
-        .agg(n=("annotation_id", "size"), latest=("updated_at", "max"))
-        .sort_values(["id", "n", "latest"], ascending=[True, False, False])
-        .drop_duplicates("id")
-    )
-    return (
-        considered.merge(votes[["id", "label"]], on=["id", "label"])
-        .sort_values(["id", "updated_at", "annotation_id"])
-        .drop_duplicates("id", keep="last")
-    )
 
 
 def derive_training_labels(annotations: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
@@ -60,8 +43,8 @@ def derive_training_labels(annotations: pd.DataFrame, slices: pd.DataFrame) -> p
     kind = kind[kind != "honeypot"]
     if usable.empty:
         return pd.DataFrame(columns=LABEL_COLUMNS)
-    adjudicated = _vote(usable[kind == "adjudication"])
-    ordinary = _vote(usable[kind != "adjudication"])
+    adjudicated = vote(usable[kind == "adjudication"], "id")
+    ordinary = vote(usable[kind != "adjudication"], "id")
     chosen = pd.concat([adjudicated, ordinary[~ordinary["id"].isin(adjudicated["id"])]])
     counts = usable.groupby("id").size().rename("n_annotations")
     chosen = chosen.join(counts, on="id").sort_values(["task_id", "id"])

@@ -457,19 +457,7 @@ class Journal:
         usable = usable[usable["label"].notna()]
         if usable.empty:
             return pd.DataFrame(columns=LABEL_COLUMNS)
-        has_truth = usable.groupby("task_id")["ground_truth"].transform("any")
-        considered = usable[usable["ground_truth"] | ~has_truth]
-        votes = (
-            considered.groupby(["task_id", "label"], as_index=False)
-            .agg(n=("annotation_id", "size"), latest=("updated_at", "max"))
-            .sort_values(["task_id", "n", "latest"], ascending=[True, False, False])
-            .drop_duplicates("task_id")
-        )
-        chosen = (
-            considered.merge(votes[["task_id", "label"]], on=["task_id", "label"])
-            .sort_values(["task_id", "updated_at", "annotation_id"])
-            .drop_duplicates("task_id", keep="last")
-        )
+        chosen = vote(usable, "task_id")
         counts = usable.groupby("task_id").size().rename("n_annotations")
         return chosen.join(counts, on="task_id")[LABEL_COLUMNS].reset_index(drop=True)
 
@@ -711,6 +699,27 @@ class Journal:
 
 
 # --- pure helpers ------------------------------------------------------------------------------
+
+
+def vote(usable: pd.DataFrame, key: str) -> pd.DataFrame:
+    """One row per ``key`` (a task, or an item across its tasks): the winning label, as its latest annotation.
+
+    Ground-truth annotations, where a group has any, are the only ones considered; otherwise the majority
+    wins, and a tie goes to the label whose latest annotation is the most recent (the freshest judgement,
+    often a reviewer's correction). ``usable`` holds only annotations with a label."""
+    has_truth = usable.groupby(key)["ground_truth"].transform("any")
+    considered = usable[usable["ground_truth"] | ~has_truth]
+    votes = (
+        considered.groupby([key, "label"], as_index=False)
+        .agg(n=("annotation_id", "size"), latest=("updated_at", "max"))
+        .sort_values([key, "n", "latest"], ascending=[True, False, False])
+        .drop_duplicates(key)
+    )
+    return (
+        considered.merge(votes[[key, "label"]], on=[key, "label"])
+        .sort_values([key, "updated_at", "annotation_id"])
+        .drop_duplicates(key, keep="last")
+    )
 
 
 def _check_source(source: str) -> None:
