@@ -12,14 +12,14 @@ Windowing is here for the same reason: the loop and monitoring must put a pool i
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+
+from labelloop.sqlite_store import SQLiteStore
 
 WindowKind = Literal["day", "week", "batch"]
 WINDOW_KINDS: tuple[WindowKind, ...] = ("day", "week", "batch")
@@ -89,26 +89,10 @@ class Alert:
         return cls(**values)
 
 
-class AlertStore:
+class AlertStore(SQLiteStore):
     """SQLite under ``state_dir``; safe to share between threads and processes."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> AlertStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    SCHEMA = _SCHEMA
 
     def _select(self, where: str = "", params: tuple = ()) -> list[Alert]:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM alerts {where}"
@@ -150,25 +134,18 @@ class AlertStore:
         """Open an alert for ``key``, or refresh the open one's message, severity and details.
         Returns the alert and whether it was newly raised."""
         body = json.dumps(details or {}, default=str)
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._conn.execute("SELECT id FROM alerts WHERE key = ? AND cleared_at IS NULL",
-                                         (key,)).fetchone()
-                if row:
-                    self._conn.execute("UPDATE alerts SET message = ?, severity = ?, details = ? WHERE id = ?",
-                                       (message, severity, body, row[0]))
-                    alert_id, new = row[0], False
-                else:
-                    cur = self._conn.execute(
-                        "INSERT INTO alerts (key, kind, window_kind, window, message, severity, details, raised_at,"
-                        " notify_raise) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (key, kind, window_kind, window, message, severity, body, _now(), int(notify)))
-                    alert_id, new = cur.lastrowid, True
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            row = conn.execute("SELECT id FROM alerts WHERE key = ? AND cleared_at IS NULL", (key,)).fetchone()
+            if row:
+                conn.execute("UPDATE alerts SET message = ?, severity = ?, details = ? WHERE id = ?",
+                             (message, severity, body, row[0]))
+                alert_id, new = row[0], False
+            else:
+                cur = conn.execute(
+                    "INSERT INTO alerts (key, kind, window_kind, window, message, severity, details, raised_at,"
+                    " notify_raise) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (key, kind, window_kind, window, message, severity, body, _now(), int(notify)))
+                alert_id, new = cur.lastrowid, True
         return self.get(alert_id), new
 
     def clear_alert(self, key: str, *, notify: bool = False) -> Alert | None:

@@ -14,15 +14,14 @@ most one purpose.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Literal
 
 import pandas as pd
+
+from labelloop.sqlite_store import SQLiteStore
 
 SliceKind = Literal["audit", "honeypot", "overlap", "adjudication"]
 SLICE_KINDS: tuple[SliceKind, ...] = ("audit", "honeypot", "overlap", "adjudication")
@@ -72,26 +71,10 @@ class SliceItem:
 COLUMNS = [f.name for f in fields(SliceItem)]
 
 
-class SliceStore:
+class SliceStore(SQLiteStore):
     """An append-only SQLite table of :class:`SliceItem` rows, shared safely between threads and processes."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> SliceStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    SCHEMA = _SCHEMA
 
     def add(self, items: Iterable[SliceItem]) -> int:
         """Record items; a task already recorded keeps its first purpose. Returns how many were new."""
@@ -106,16 +89,10 @@ class SliceStore:
         # honeypot without its gold label) without a word, and that task's answers would then train
         sql = (f"INSERT INTO slice_items ({', '.join(COLUMNS)}) "
                f"VALUES ({', '.join(':' + c for c in COLUMNS)}) ON CONFLICT (task_id) DO NOTHING")
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                before = self._conn.total_changes
-                self._conn.executemany(sql, rows)
-                added = self._conn.total_changes - before
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(sql, rows)
+            added = conn.total_changes - before
         return added
 
     def kind_of(self, task_id: int) -> SliceKind | None:
