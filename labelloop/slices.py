@@ -101,6 +101,17 @@ class SliceStore(SQLiteStore):
             row = self._conn.execute("SELECT kind FROM slice_items WHERE task_id = ?", (task_id,)).fetchone()
         return row[0] if row else None
 
+    def of_kind(self, kind: SliceKind, task_ids: Iterable[int]) -> set[int]:
+        """Which of ``task_ids`` have this purpose: one query for a whole ``/predict`` request."""
+        ids = sorted(set(task_ids))
+        if not ids:
+            return set()
+        marks = ", ".join("?" * len(ids))
+        with self._lock:
+            rows = self._conn.execute(f"SELECT task_id FROM slice_items WHERE kind = ? AND task_id IN ({marks})",
+                                      [kind, *ids]).fetchall()
+        return {r[0] for r in rows}
+
     def task_ids(self, kind: SliceKind, project_id: int | None = None) -> set[int]:
         sql, params = "SELECT task_id FROM slice_items WHERE kind = ?", [kind]
         if project_id is not None:

@@ -213,14 +213,15 @@ async def predict(request: PredictRequest, settings: SettingsDep, champion: Cham
             positions.append(i)
             texts.append(text[: settings.max_text_chars])
     proba = binding.restrict(await batcher.predict(model, texts))
+    task_ids = [_task_id(task.id) for task in tasks]
+    blind = slices.of_kind("audit", (t for t in task_ids if t is not None))
     results = [TaskPrediction(model_version=model.ref.label, score=0.0, result=[]) for _ in tasks]
     for row, i in zip(proba, positions, strict=True):
         best = int(row.argmax())
         region = ChoicesRegion(from_name=binding.from_name, to_name=binding.to_name,
                                value=ChoicesValue(choices=[binding.labels[best]]))
-        blind = _task_id(tasks[i].id) is not None and slices.kind_of(_task_id(tasks[i].id)) == "audit"
         results[i] = TaskPrediction(model_version=model.ref.label, score=float(row[best]),
-                                    result=[] if blind else [region])
+                                    result=[] if task_ids[i] in blind else [region])
     return PredictResponse(results=results)
 
 
