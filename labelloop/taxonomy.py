@@ -8,9 +8,12 @@ fails if they drift apart.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
+
+import numpy as np
 
 LABEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "label_studio_config"
 
@@ -22,16 +25,37 @@ TEXT_FIELD = "text"
 
 @dataclass(frozen=True)
 class Taxonomy:
+    """A label policy. ``labels`` are what the model predicts; in a multi-label taxonomy an item carries
+    any subset of them (a frame's ``label`` cell is then a tuple of names in taxonomy order, the empty
+    tuple meaning "none of these"), and ``none_label`` is the reviewers' explicit choice for that empty
+    set, never a model output."""
+
     name: str
     title: str
     labels: tuple[str, ...]
     hints: tuple[str, ...]
+    multi: bool = False
+    none_label: str | None = None
 
     def index(self, label: str) -> int:
         try:
             return self.labels.index(label)
         except ValueError:
             raise UnknownLabelError(label, self) from None
+
+    def encode(self, label_sets: Iterable[Iterable[str]]) -> np.ndarray:
+        """Label sets → an (n, K) 0/1 matrix in taxonomy order (multi-label training targets)."""
+        rows = list(label_sets)
+        out = np.zeros((len(rows), len(self.labels)), dtype=np.int8)
+        for i, labels in enumerate(rows):
+            for label in labels:
+                if label != self.none_label:
+                    out[i, self.index(label)] = 1
+        return out
+
+    def decode(self, row: Sequence[int] | np.ndarray) -> tuple[str, ...]:
+        """A 0/1 row → the label set, in taxonomy order."""
+        return tuple(label for label, on in zip(self.labels, row, strict=True) if on)
 
 
 class UnknownLabelError(ValueError):
