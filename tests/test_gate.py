@@ -189,3 +189,119 @@ def test_bad_predictions_are_rejected(y_true):
         judge(y_true, good, np.full(N, 3), LABELS, GatePolicy())
     with pytest.raises(ValueError, match="non-empty"):
         judge(np.array([], dtype=int), np.array([], dtype=int), np.array([], dtype=int), LABELS, GatePolicy())
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-label: (n, K) 0/1 label sets, one yes/no decision per label
+# ------------------------------------------------------------------------------------------------
+
+ML_LABELS = ("violence", "gender", "race", "religion")
+ML_N = 3000
+
+
+@pytest.fixture(scope="module")
+def y_sets() -> np.ndarray:
+    """Label sets with ETHOS-like prevalences (a third violence, a fifth or less for each target)."""
+    rng = np.random.default_rng(21)
+    return (rng.random((ML_N, 4)) < np.array([0.33, 0.2, 0.18, 0.17])).astype(np.int8)
+
+
+def ml_model(y: np.ndarray, recall: tuple[float, ...], false_positive: float, seed: int) -> np.ndarray:
+    """Decisions that find each label's positives at the given rate and add false positives at
+    ``false_positive`` among its negatives."""
+    rng = np.random.default_rng(seed)
+    draw = rng.random(y.shape)
+    return np.where(y == 1, draw < np.asarray(recall), draw < false_positive).astype(np.int8)
+
+
+def ml_macro_f1(y: np.ndarray, pred: np.ndarray) -> float:
+    from training.evaluate import evaluate_multilabel
+
+    return evaluate_multilabel(pred.astype(float), y, ML_LABELS, np.full(4, 0.5)).macro_f1
+
+
+def test_multilabel_big_gain_is_promoted_and_numbers_match_the_evaluation(y_sets):
+    champion = ml_model(y_sets, (0.5, 0.5, 0.5, 0.5), 0.10, seed=1)
+    challenger = ml_model(y_sets, (0.85, 0.85, 0.85, 0.85), 0.05, seed=2)
+
+    verdict = judge(y_sets, champion, challenger, ML_LABELS, GatePolicy())
+
+    assert verdict.promoted, verdict.reason
+    assert verdict.macro_f1_gain.low > 0.2
+    assert verdict.macro_f1_gain.estimate == pytest.approx(ml_macro_f1(y_sets, challenger)
+                                                           - ml_macro_f1(y_sets, champion))
+    assert f"over {ML_N} eval items" in verdict.reason
+    assert [c.label for c in verdict.classes] == list(ML_LABELS)
+    assert all(c.guarded for c in verdict.classes)
+
+
+def test_multilabel_recall_drop_on_a_label_the_champion_is_good_at_is_refused(y_sets):
+    """The challenger is much better on three labels (a clear macro-F1 gain) but loses a third of
+    the champion's 'race' recall."""
+    champion = ml_model(y_sets, (0.5, 0.5, 0.9, 0.5), 0.08, seed=3)
+    challenger = ml_model(y_sets, (0.9, 0.9, 0.6, 0.9), 0.04, seed=4)
+
+    verdict = judge(y_sets, champion, challenger, ML_LABELS, GatePolicy(max_recall_drop=0.05))
+
+    race = check(verdict, "race")
+    assert race.guarded and race.recall_delta.high < -0.05
+    assert verdict.macro_f1_gain.low > 0  # refused by the recall rule, not the gain rule
+    assert not verdict.promoted
+    assert verdict.reason.startswith("recall of 'race' changes by -0.")
+    assert judge(y_sets, champion, challenger, ML_LABELS, GatePolicy(max_recall_drop=0.5)).promoted
+
+
+def test_multilabel_noise_is_refused(y_sets):
+    """On each label the challenger finds 30 positives the champion missed and misses 29 it found:
+    one net item better per label."""
+    champion = ml_model(y_sets, (0.7, 0.6, 0.6, 0.6), 0.06, seed=5)
+    challenger = champion.copy()
+    for k in range(len(ML_LABELS)):
+        missed = np.flatnonzero((y_sets[:, k] == 1) & (champion[:, k] == 0))
+        found = np.flatnonzero((y_sets[:, k] == 1) & (champion[:, k] == 1))
+        challenger[missed[:30], k] = 1
+        challenger[found[:29], k] = 0
+
+    verdict = judge(y_sets, champion, challenger, ML_LABELS, GatePolicy())
+
+    assert 0 < verdict.macro_f1_gain.estimate < 0.005
+    assert verdict.macro_f1_gain.low < 0 < verdict.macro_f1_gain.high
+    assert not verdict.promoted and "lower bound must exceed" in verdict.reason
+
+
+def test_multilabel_recall_of_a_label_the_champion_predicts_everywhere_is_not_guarded(y_sets):
+    """'always violence' is chance level on violence: losing that recall must not block a better model."""
+    champion = ml_model(y_sets, (1.0, 0.5, 0.5, 0.5), 0.08, seed=7)
+    champion[:, 0] = 1
+    challenger = ml_model(y_sets, (0.7, 0.9, 0.9, 0.9), 0.04, seed=8)
+
+    verdict = judge(y_sets, champion, challenger, ML_LABELS, GatePolicy())
+
+    violence = check(verdict, "violence")
+    assert not violence.guarded and violence.recall_delta.high < -0.05
+    assert violence.champion_f1_over_chance.estimate == pytest.approx(0.0, abs=1e-12)
+    assert verdict.promoted, verdict.reason
+    assert "recall not guarded for 'violence'" in verdict.reason
+
+
+def test_multilabel_gain_over_the_empty_set_baseline(y_sets):
+    empty = np.zeros_like(y_sets)
+    good = ml_model(y_sets, (0.8, 0.8, 0.8, 0.8), 0.05, seed=9)
+    assert macro_f1_gain(y_sets, empty, good, 4, GatePolicy()).low > 0.5
+    assert macro_f1_gain(y_sets, empty, empty.copy(), 4, GatePolicy()).estimate == 0.0
+
+
+def test_multilabel_bad_decisions_are_rejected(y_sets):
+    good = ml_model(y_sets, (0.8, 0.8, 0.8, 0.8), 0.05, seed=9)
+    with pytest.raises(ValueError, match="shape"):
+        judge(y_sets, good[:, :3], good, ML_LABELS, GatePolicy())
+    with pytest.raises(ValueError, match="0/1"):
+        judge(y_sets, good, good * 0.7, ML_LABELS, GatePolicy())
+
+
+def test_multilabel_gate_is_fast_on_thousands_of_items(y_sets):
+    champion = ml_model(y_sets, (0.5, 0.5, 0.5, 0.5), 0.10, seed=1)
+    challenger = ml_model(y_sets, (0.6, 0.6, 0.6, 0.6), 0.08, seed=2)
+    started = time.perf_counter()
+    judge(y_sets, champion, challenger, ML_LABELS, GatePolicy(n_bootstrap=1000))
+    assert time.perf_counter() - started < 1.0

@@ -1,5 +1,5 @@
 """Fast mode for active-learning rounds: frozen encoder embeddings, cached on disk, plus a
-scikit-learn logistic-regression head.
+scikit-learn logistic-regression head (one per label, with tuned thresholds, for a multi-label taxonomy).
 
 Embedding is the only slow step (~160 texts/s on two cores, ~2 minutes for a 20k pool), and a text's
 embedding never changes for a given encoder, so each text is embedded once, ever; after that a round
@@ -13,15 +13,19 @@ import os
 import re
 import threading
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold, cross_val_predict
+from sklearn.multiclass import OneVsRestClassifier
 
 from labelloop.taxonomy import Taxonomy
 from training.classifier import EmbeddingHeadClassifier, Encoder
+from training.evaluate import tune_thresholds
 
 #: Inverse regularisation of the head. Fast mode mostly trains active-learning rounds on a few hundred
 #: labels: on Davidson (6 paired seeds, margin -> k-means) C=1 gave macro-F1 0.662 / 0.677 at 500 / 1,000
@@ -128,14 +132,71 @@ def fit_head(embeddings: np.ndarray, y: np.ndarray, *, seed: int, C: float = DEF
     return head.fit(embeddings, y)
 
 
+class UntrainedLabelWarning(UserWarning):
+    """A multi-label model was trained without a single positive example of some labels: it gives
+    those labels probability 0 until labelled examples of them arrive."""
+
+
+def warn_untrained(labels: Sequence[str], y: np.ndarray) -> None:
+    """Name the labels no training item carries (an (n, K) 0/1 ``y``): a reviewer's first example of a
+    new label otherwise goes unnoticed as the model keeps predicting it nowhere."""
+    untrained = [label for label, present in zip(labels, np.asarray(y).any(0), strict=True) if not present]
+    if untrained:
+        warnings.warn(f"no training item carries {', '.join(map(repr, untrained))}: the model gives "
+                      f"{'that label' if len(untrained) == 1 else 'those labels'} probability 0 until "
+                      "labelled examples arrive", UntrainedLabelWarning, stacklevel=3)
+
+
+def fit_multilabel_head(embeddings: np.ndarray, y: np.ndarray, *, seed: int, C: float = DEFAULT_C
+                        ) -> OneVsRestClassifier:
+    """One class-balanced logistic regression per label on an (n, K) 0/1 matrix of label sets: each
+    label's probability is its own sigmoid, and a label's rarity is balanced within its own yes/no
+    problem. A label that is never (or always) present in ``y`` gets a constant probability of 0 (or 1)
+    instead of a regression; :func:`train_fast` says so."""
+    y = np.asarray(y)
+    if y.ndim != 2 or len(embeddings) != len(y):
+        raise ValueError(f"{len(embeddings)} embeddings but label sets of shape {y.shape}")
+    if not (y.any(0) & ~y.all(0)).any():
+        raise ValueError("the training set needs items with and items without at least one label")
+    head = OneVsRestClassifier(LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed))
+    with warnings.catch_warnings():
+        # sklearn's "Label not k is present in all training examples": train_fast names the labels itself
+        warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
+        return head.fit(embeddings, y)
+
+
+def out_of_fold_proba(embeddings: np.ndarray, y: np.ndarray, *, seed: int, C: float = DEFAULT_C,
+                      folds: int = 5) -> np.ndarray:
+    """Each training item's per-label probabilities from a head fitted without it (k-fold): held-out
+    scores for every labelled row, to tune thresholds on."""
+    cv = KFold(n_splits=min(folds, len(y)), shuffle=True, random_state=seed)
+    head = OneVsRestClassifier(LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Label .* is present in all training examples")
+        return cross_val_predict(head, embeddings, y, cv=cv, method="predict_proba")
+
+
 def train_fast(train: pd.DataFrame, taxonomy: Taxonomy, *, encoder: Encoder,
-               cache: EmbeddingCache | None = None, seed: int = 13,
-               C: float = DEFAULT_C) -> EmbeddingHeadClassifier:
-    """Train the fast-mode classifier on ``train`` (columns ``text``, ``label`` by name)."""
+               cache: EmbeddingCache | None = None, seed: int = 13, C: float = DEFAULT_C) -> EmbeddingHeadClassifier:
+    """Train the fast-mode classifier on ``train`` (columns ``text``, ``label`` by name; tuples of names
+    for a multi-label taxonomy).
+
+    A multi-label model's per-label thresholds are tuned on out-of-fold predictions over ``train`` (five
+    more fits of the head: fractions of a second), so every labelled row serves both the head and the
+    thresholds. Fast mode has no early stopping to keep a validation split for, and thresholds tuned on
+    a small one alone cost macro-F1 on ETHOS (bench/results/multilabel_thresholds.md)."""
     if cache is not None and cache.encoder is not encoder:
         raise ValueError("the embedding cache belongs to a different encoder")
-    y = np.array([taxonomy.index(label) for label in train["label"]], dtype=int)
     texts = train["text"].tolist()
     embeddings = cache.get(texts) if cache is not None else encoder.embed(texts)
-    head = fit_head(embeddings, y, seed=seed, C=C)
-    return EmbeddingHeadClassifier(encoder, head, taxonomy.labels)
+    if not taxonomy.multi:
+        y = np.array([taxonomy.index(label) for label in train["label"]], dtype=int)
+        return EmbeddingHeadClassifier(encoder, fit_head(embeddings, y, seed=seed, C=C), taxonomy.labels)
+
+    y = taxonomy.encode(train["label"])
+    head = fit_multilabel_head(embeddings, y, seed=seed, C=C)
+    warn_untrained(taxonomy.labels, y)
+    classifier = EmbeddingHeadClassifier(encoder, head, taxonomy.labels)
+    classifier.multi_label = True
+    classifier.thresholds = tune_thresholds(out_of_fold_proba(embeddings, y, seed=seed, C=C), y)
+    return classifier

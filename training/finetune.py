@@ -38,7 +38,8 @@ from transformers.utils import logging as hf_logging
 from labelloop.config import DEFAULT_BASE_MODEL
 from labelloop.taxonomy import Taxonomy
 from training.classifier import FineTunedClassifier, resolve_model_path
-from training.evaluate import evaluate_proba
+from training.evaluate import score_proba, tune_thresholds
+from training.fast import warn_untrained
 
 Progress = Callable[[str, int, int], None]
 ClassWeighting = Literal["balanced", "sqrt", "none"]
@@ -67,6 +68,7 @@ class FineTuneConfig:
     min_steps: int = 0  # train at least this many optimiser steps (more epochs on small data); 0: off
     class_weighting: ClassWeighting = "sqrt"
     seed: int = 13
+    device: str = "auto"  # auto: cuda when torch sees a GPU, else cpu (training.classifier.resolve_device)
     eval_every: int | None = None  # also evaluate every this many optimiser steps
     max_seconds: float | None = None  # wall-time budget: stop (after a final evaluation) once spent
 
@@ -115,6 +117,23 @@ def class_weights(y: np.ndarray, n_classes: int, scheme: ClassWeighting) -> np.n
     return weights * counts.sum() / (weights * counts).sum()
 
 
+def positive_weights(y: np.ndarray, scheme: ClassWeighting) -> np.ndarray:
+    """Per-label ``pos_weight`` of the multi-label BCE loss: how much a positive counts against a
+    negative of the same label. ``balanced`` is negatives / positives, which makes each label's
+    positives weigh as much as its negatives in total; ``sqrt`` its square root (the default, as for
+    single-label); ``none`` 1. A label with no positives gets 1: it has no positive term to weigh."""
+    y = np.asarray(y, dtype=np.float64)
+    positives = y.sum(0)
+    ratio = np.where(positives > 0, (len(y) - positives) / np.maximum(positives, 1), 1.0)
+    if scheme == "balanced":
+        return ratio
+    if scheme == "sqrt":
+        return np.sqrt(ratio)
+    if scheme == "none":
+        return np.ones_like(ratio)
+    raise ValueError(f"unknown class weighting {scheme!r}")
+
+
 def planned_epochs(rows: int, config: FineTuneConfig) -> int:
     """``config.epochs``, or as many more as ``rows`` need to reach ``config.min_steps`` optimiser steps."""
     steps_per_epoch = max(1, math.ceil(rows / config.batch_size))
@@ -158,12 +177,17 @@ def _seed_everything(seed: int) -> None:
 
 
 def _label_ids(frame: pd.DataFrame, taxonomy: Taxonomy) -> np.ndarray:
+    """Targets: label ids, or an (n, K) 0/1 matrix of label sets for a multi-label taxonomy."""
+    if taxonomy.multi:
+        return taxonomy.encode(frame["label"])
     return np.array([taxonomy.index(label) for label in frame["label"]], dtype=np.int64)
 
 
 def _score_validation(classifier: FineTunedClassifier, texts: list[str], y: np.ndarray, batch_size: int,
                       progress: Progress | None) -> float:
-    """Validation macro-F1 of the model as it stands (the early-stopping criterion)."""
+    """Validation macro-F1 of the model as it stands (the early-stopping criterion). A multi-label
+    model is scored with per-label thresholds tuned on this same pass, which are set on it: the weights
+    and the thresholds that go with them are kept together as the best checkpoint."""
     done = 0
 
     def step(n: int) -> None:
@@ -173,7 +197,9 @@ def _score_validation(classifier: FineTunedClassifier, texts: list[str], y: np.n
             progress("validate", done, len(texts))
 
     proba = classifier.predict_proba(texts, batch_size=max(64, batch_size), progress=step)
-    return evaluate_proba(proba, y, classifier.labels).macro_f1
+    if classifier.multi_label:
+        classifier.thresholds = tune_thresholds(proba, y)
+    return score_proba(classifier, proba, y).macro_f1
 
 
 def _optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -193,6 +219,7 @@ def _load_model(config: FineTuneConfig, taxonomy: Taxonomy
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(taxonomy.labels),
+            problem_type="multi_label_classification" if taxonomy.multi else "single_label_classification",
             id2label=dict(enumerate(taxonomy.labels)),
             label2id={label: i for i, label in enumerate(taxonomy.labels)},
         )
@@ -209,6 +236,11 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     ``config.max_seconds`` bounds the wall time: once spent, the model is evaluated one last time and
     training ends (the learning-rate schedule still assumes all epochs, so prefer fewer epochs to a
     budget that cuts deep).
+
+    A multi-label taxonomy (``label`` cells are tuples of names) trains independent sigmoids with a
+    BCE loss whose per-label ``pos_weight`` follows ``config.class_weighting``; each evaluation tunes
+    per-label thresholds on the validation set and scores macro-F1 with them, and the best
+    checkpoint's thresholds are kept with its weights (0.5 each without a validation set).
     """
     started = time.perf_counter()
     if train.empty:
@@ -216,12 +248,15 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     _seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
     y_train = _label_ids(train, taxonomy)
+    if taxonomy.multi:
+        warn_untrained(taxonomy.labels, y_train)
     has_validation = validation is not None and not validation.empty
     val_texts = validation["text"].tolist() if has_validation else []
     y_val = _label_ids(validation, taxonomy) if has_validation else np.zeros(0, dtype=np.int64)
 
     model, tokenizer = _load_model(config, taxonomy)
-    classifier = FineTunedClassifier(model, tokenizer, taxonomy.labels, config.max_length)
+    classifier = FineTunedClassifier(model, tokenizer, taxonomy.labels, config.max_length).to(config.device)
+    classifier.multi_label = taxonomy.multi
     input_ids = tokenizer(train["text"].tolist(), truncation=True, max_length=config.max_length)["input_ids"]
     lengths = np.array([len(ids) for ids in input_ids])
 
@@ -231,19 +266,25 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     optimizer = _optimizer(model, config.lr, config.weight_decay)
     warmup_steps = round(config.warmup_ratio * total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    weights = torch.tensor(class_weights(y_train, len(taxonomy.labels), config.class_weighting),
-                           dtype=torch.float32)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    labels_t = torch.from_numpy(y_train)
+    if taxonomy.multi:
+        pos_weight = torch.tensor(positive_weights(y_train, config.class_weighting), dtype=torch.float32)
+        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        labels_t = torch.from_numpy(y_train.astype(np.float32))
+    else:
+        weights = torch.tensor(class_weights(y_train, len(taxonomy.labels), config.class_weighting),
+                               dtype=torch.float32)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+        labels_t = torch.from_numpy(y_train)
+    loss_fn, labels_t = loss_fn.to(classifier.device), labels_t.to(classifier.device)
 
     history: list[dict] = []
-    best_f1, best_epoch, best_state = -math.inf, float(epochs), None
+    best_f1, best_epoch, best_state, best_thresholds = -math.inf, float(epochs), None, None
     evals_without_gain = 0
     step, loss_sum, loss_n = 0, 0.0, 0
 
     def checkpoint() -> bool:
         """Record train loss (and validation F1); return True when early stopping says stop."""
-        nonlocal best_f1, best_epoch, best_state, evals_without_gain, loss_sum, loss_n
+        nonlocal best_f1, best_epoch, best_state, best_thresholds, evals_without_gain, loss_sum, loss_n
         entry = {"epoch": round(step / steps_per_epoch, 4), "step": step,
                  "train_loss": loss_sum / max(loss_n, 1), "seconds": round(time.perf_counter() - started, 2)}
         loss_sum, loss_n = 0.0, 0
@@ -258,6 +299,7 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
         if f1 > best_f1:
             best_f1, best_epoch, evals_without_gain = f1, entry["epoch"], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_thresholds = classifier.thresholds.copy()
             return False
         evals_without_gain += 1
         return evals_without_gain >= config.patience and step >= config.min_steps
@@ -269,7 +311,8 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
     stop = False
     for _ in range(epochs):
         for batch_idx in length_bucketed_batches(lengths, config.batch_size, rng):
-            batch = tokenizer.pad({"input_ids": [input_ids[i] for i in batch_idx]}, return_tensors="pt")
+            batch = tokenizer.pad({"input_ids": [input_ids[i] for i in batch_idx]}, return_tensors="pt").to(
+                classifier.device)
             loss = loss_fn(model(**batch).logits, labels_t[batch_idx])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -291,6 +334,8 @@ def finetune(train: pd.DataFrame, validation: pd.DataFrame | None, taxonomy: Tax
 
     if best_state is not None:
         model.load_state_dict(best_state)
+        if classifier.multi_label:
+            classifier.thresholds = best_thresholds
     model.eval()
     return FineTuneResult(
         classifier=classifier,

@@ -23,10 +23,15 @@ eval items, both models scored on each resample):
    challenger) exceeds ``max_recall_drop``: the class loses more than is allowed, and the loss is not
    noise. An unguarded class's recall is reported but never blocks.
 
-Resampling only ever changes how many eval items fall into each (true label, champion's label,
-challenger's label) cell, and every statistic here is a function of those cell counts; so one
-multinomial draw over the ``K**3`` cells per resample is the same bootstrap as resampling item indices,
-at a cost that does not grow with the number of eval items.
+Multi-label taxonomies use the same rule on (n, K) 0/1 label sets: each label is a yes/no decision
+with its own recall and F1, macro-F1 is their mean (as in ``training.evaluate``), and a label of
+prevalence ``p`` has the same chance-level F1 ``2p / (1 + p)`` (predicting it for every item).
+
+Resampling only ever changes how many eval items fall into each distinct outcome — a (true label,
+champion's label, challenger's label) cell, or a (true set, champion's set, challenger's set) row for
+multi-label — and every statistic here is a function of those counts; so one multinomial draw over
+the outcomes per resample is the same bootstrap as resampling item indices, at a cost that grows with
+the number of distinct outcomes, not of eval items.
 """
 
 from __future__ import annotations
@@ -97,17 +102,62 @@ def _as_label_ids(predictions: np.ndarray, n: int, k: int, what: str) -> np.ndar
     return ids
 
 
-def _scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-class recall and F1, macro-F1 and each class's chance-level F1 from confusion matrices
-    (``[..., true, predicted]``). Zero divisions give 0, as in ``training.evaluate`` (sklearn's
-    ``zero_division=0``), so the full-sample numbers match the registry's cached metrics."""
-    tp = np.diagonal(confusion, axis1=-2, axis2=-1).astype(np.float64)
-    support = confusion.sum(-1).astype(np.float64)
-    predicted = confusion.sum(-2).astype(np.float64)
+def _as_label_sets(matrix: np.ndarray, n: int, k: int, what: str) -> np.ndarray:
+    """An (n, K) 0/1 matrix of label sets, checked."""
+    matrix = np.asarray(matrix)
+    if matrix.shape != (n, k):
+        raise ValueError(f"{what} has shape {matrix.shape}; expected ({n}, {k}) 0/1 label sets")
+    if not np.isin(matrix, (0, 1)).all():
+        raise ValueError(f"{what}: multi-label decisions must be 0/1 (threshold the probabilities first)")
+    return matrix.astype(np.int8)
+
+
+@dataclass(frozen=True)
+class _Outcomes:
+    """The eval set compressed to its distinct per-item outcomes: ``counts[u]`` items had outcome ``u``,
+    which adds ``tally[u]`` to the five per-label counts every statistic is built from: support, items
+    the champion / challenger predicted the label for, and the champion's / challenger's hits."""
+
+    counts: np.ndarray  # (U,)
+    tally: np.ndarray  # (U, 5, K)
+
+
+def _single_label_outcomes(y_true: np.ndarray, champion: np.ndarray, challenger: np.ndarray, k: int) -> _Outcomes:
+    """Outcomes are the ``K**3`` (true label, champion's label, challenger's label) cells."""
+    n = len(y_true)
+    a = _as_label_ids(champion, n, k, "champion predictions")
+    b = _as_label_ids(challenger, n, k, "challenger predictions")
+    if n and (y_true.min() < 0 or y_true.max() >= k):
+        raise ValueError(f"true label ids must lie in 0..{k - 1}")
+    counts = np.bincount((y_true * k + a) * k + b, minlength=k**3)
+    t, c1, c2 = (np.eye(k)[i] for i in np.unravel_index(np.arange(k**3), (k, k, k)))
+    return _Outcomes(counts, np.stack([t, c1, c2, t * c1, t * c2], axis=1))
+
+
+def _multi_label_outcomes(y_true: np.ndarray, champion: np.ndarray, challenger: np.ndarray, k: int) -> _Outcomes:
+    """Outcomes are the distinct (true set, champion's set, challenger's set) rows that occur: at most
+    one per item, and far fewer in practice since most items carry no label and get none."""
+    n = len(y_true)
+    y = _as_label_sets(y_true, n, k, "true label sets")
+    a = _as_label_sets(champion, n, k, "champion predictions")
+    b = _as_label_sets(challenger, n, k, "challenger predictions")
+    rows, counts = np.unique(np.concatenate([y, a, b], axis=1), axis=0, return_counts=True)
+    y, a, b = np.split(rows.astype(np.float64), 3, axis=1)
+    return _Outcomes(counts, np.stack([y, a, b, y * a, y * b], axis=1))
+
+
+def _scores(tally: np.ndarray, n: int, model: int) -> dict[str, np.ndarray]:
+    """Per-label recall and F1, macro-F1 and each label's chance-level F1 of model 0 (champion) or 1
+    (challenger) from summed tallies (``[..., 5, K]``). Zero divisions give 0, as in
+    ``training.evaluate`` (sklearn's ``zero_division=0``), so the full-sample numbers match the
+    registry's cached metrics."""
+    support = tally[..., 0, :]
+    predicted = tally[..., 1 + model, :]
+    tp = tally[..., 3 + model, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         recall = np.where(support > 0, tp / support, 0.0)
         f1 = np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
-        share = support / support.sum(-1, keepdims=True)
+    share = support / n
     return {"recall": recall, "f1": f1, "macro_f1": f1.mean(-1), "chance_f1": 2 * share / (1 + share)}
 
 
@@ -122,21 +172,26 @@ def paired_bootstrap(y_true: np.ndarray, champion: np.ndarray, challenger: np.nd
                                                   dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Scores of both models on the full eval set and on ``policy.n_bootstrap`` paired resamples of it:
     ``(champion_full, challenger_full, champion_resampled, challenger_resampled)``, each as returned by
-    :func:`_scores` (resampled arrays have a leading resample axis)."""
+    :func:`_scores` (resampled arrays have a leading resample axis).
+
+    Single-label: ``y_true`` holds label ids and each model's predictions are label ids or class
+    probabilities. Multi-label: ``y_true`` is an (n, K) 0/1 matrix of label sets and so is each
+    model's decisions."""
     k = n_classes
-    y_true = np.asarray(y_true, dtype=np.int64)
+    y_true = np.asarray(y_true)
     n = len(y_true)
     if n == 0:
         raise ValueError("the gate needs a non-empty evaluation set")
-    a = _as_label_ids(champion, n, k, "champion predictions")
-    b = _as_label_ids(challenger, n, k, "challenger predictions")
-    if y_true.min() < 0 or y_true.max() >= k:
-        raise ValueError(f"true label ids must lie in 0..{k - 1}")
-    observed = np.bincount((y_true * k + a) * k + b, minlength=k**3)
+    if y_true.ndim == 2:
+        outcomes = _multi_label_outcomes(y_true, champion, challenger, k)
+    else:
+        outcomes = _single_label_outcomes(y_true.astype(np.int64), champion, challenger, k)
+    tally = outcomes.tally.reshape(len(outcomes.counts), -1)
     rng = np.random.default_rng(policy.seed)
-    draws = rng.multinomial(n, observed / n, size=policy.n_bootstrap).reshape(-1, k, k, k)
-    cells = observed.reshape(k, k, k)
-    return (_scores(cells.sum(2)), _scores(cells.sum(1)), _scores(draws.sum(3)), _scores(draws.sum(2)))
+    draws = rng.multinomial(n, outcomes.counts / n, size=policy.n_bootstrap)
+    full = (outcomes.counts @ tally).reshape(5, k)
+    resampled = (draws @ tally).reshape(-1, 5, k)
+    return (_scores(full, n, 0), _scores(full, n, 1), _scores(resampled, n, 0), _scores(resampled, n, 1))
 
 
 def macro_f1_gain(y_true: np.ndarray, baseline: np.ndarray, candidate: np.ndarray, n_classes: int,
@@ -151,8 +206,9 @@ def judge(y_true: np.ndarray, champion: np.ndarray, challenger: np.ndarray, labe
           policy: GatePolicy) -> GateVerdict:
     """Decide whether ``challenger`` replaces ``champion`` (see the module docstring for the rule).
 
-    ``y_true`` holds label ids into ``labels``; each model's predictions are label ids or a probability
-    matrix (rows: eval items in the same order, columns: ``labels``).
+    ``y_true`` holds label ids into ``labels``, and each model's predictions are label ids or a
+    probability matrix (rows: eval items in the same order, columns: ``labels``); or, for a multi-label
+    taxonomy, ``y_true`` and both models' decisions are (n, K) 0/1 label-set matrices.
     """
     labels = tuple(labels)
     champ, chall, champ_rs, chall_rs = paired_bootstrap(y_true, champion, challenger, len(labels), policy)

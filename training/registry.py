@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import mlflow
 import numpy as np
@@ -38,10 +38,11 @@ from mlflow.tracking import MlflowClient
 
 from labelloop.config import Settings
 from labelloop.data import snapshot_id
-from labelloop.taxonomy import get_taxonomy
+from labelloop.taxonomy import Taxonomy, get_taxonomy
 from training.classifier import TextClassifier
-from training.evaluate import EvalReport, evaluate_proba, plot_confusion, report_text
+from training.evaluate import EvalReport, plot_confusion, report_text, score_proba, true_labels
 from training.gate import GatePolicy, judge
+from training.pyfunc_model import output_frame
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -50,6 +51,10 @@ _EVAL_SET_TAG = "eval_set.id"
 _EVAL_SET_RUN_TAG = "eval_set.run_id"
 _PREDICTIONS_TAG = "eval_predictions."  # + eval set id -> the artifact path of the predictions on it
 _PREDICTIONS_DIR = "evaluation/predictions"
+# What the registered model's outputs and frozen eval set's labels mean (labelloop.taxonomy.Taxonomy.fingerprint):
+# on the registered model (set with the eval set) and on every version.
+_FINGERPRINT_TAG = "taxonomy.fingerprint"
+_TAXONOMY_NAME_TAG = "taxonomy.name"
 _PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 # Declared, not inferred: mlflow's inference re-imports the model in a subprocess (~20 s a version).
 _REQUIREMENTS = ("torch", "transformers", "tokenizers", "scikit-learn", "numpy", "pandas", "mlflow",
@@ -96,6 +101,7 @@ class ModelRef:
 class LoadedModel:
     ref: ModelRef
     classifier: TextClassifier
+    serving: dict[str, Any] | None = None  # how serving runs it and why (serving/quantize.py); None: as loaded
 
 
 @dataclass
@@ -114,8 +120,8 @@ class GateDecision:
 
 @dataclass
 class EvalOutcome:
-    """A version on the frozen evaluation set: its flat metrics and its predicted label per eval item
-    (in the eval set's row order)."""
+    """A version on the frozen evaluation set: its flat metrics and its predicted label (a tuple of
+    labels for a multi-label taxonomy) per eval item, in the eval set's row order."""
 
     metrics: dict[str, float]
     predicted: np.ndarray
@@ -134,15 +140,39 @@ class VersionInfo:
         return float(value) if value is not None else None
 
 
-def predictions_frame(eval_frame: pd.DataFrame, proba: np.ndarray, labels: tuple[str, ...]) -> pd.DataFrame:
-    """What is cached of a model's run over the frozen set: eval item id, predicted label and every
-    class probability, so later gates (or a calibration check) need not load the model again."""
+def predictions_frame(eval_frame: pd.DataFrame, proba: np.ndarray, classifier: TextClassifier) -> pd.DataFrame:
+    """What is cached of a model's run over the frozen set: eval item id, the model's decision and every
+    class probability, so later gates (or a calibration check) need not load the model again. A
+    multi-label decision (the labels at or above the model's own thresholds) is stored as a JSON list
+    in taxonomy order, the journal's canonical form of a label set."""
     proba = np.asarray(proba, dtype=np.float32)
+    decided = classifier.decide(proba)
     frame = pd.DataFrame({"id": eval_frame["id"].to_numpy(),
-                          "label": np.asarray(labels, dtype=object)[proba.argmax(1)]})
-    for i, label in enumerate(labels):
+                          "label": [json.dumps(list(d)) for d in decided] if classifier.multi_label else decided})
+    for i, label in enumerate(classifier.labels):
         frame[f"p_{label}"] = proba[:, i]
     return frame
+
+
+def _stored_labels(labels: pd.Series, taxonomy: Taxonomy) -> pd.Series:
+    """Labels as a parquet file keeps them: label sets become JSON lists (parquet has no tuples)."""
+    return labels.map(lambda s: json.dumps(list(s))) if taxonomy.multi else labels
+
+
+def _loaded_labels(labels: pd.Series, taxonomy: Taxonomy) -> pd.Series:
+    """The inverse of :func:`_stored_labels`: JSON lists back to tuples of names."""
+    return labels.map(lambda s: tuple(json.loads(s))) if taxonomy.multi else labels
+
+
+def _decisions(labels: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """Labels as the gate takes them: ids, or a 0/1 matrix of label sets (tuples of names) for a
+    multi-label taxonomy. Unknown labels raise ``ValueError``."""
+    if taxonomy.multi:
+        return taxonomy.encode(labels)
+    ids = pd.Series(labels).map({label: i for i, label in enumerate(taxonomy.labels)})
+    if ids.isna().any():
+        raise ValueError("labels outside the taxonomy")
+    return ids.to_numpy(dtype=int)
 
 
 def _pip_requirements() -> list[str]:
@@ -191,6 +221,32 @@ class Registry:
                 if e2.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise  # else created concurrently
 
+    # ------------------------------------------------------------------ the taxonomy it was built for
+    def taxonomy_fingerprint(self) -> str | None:
+        """The fingerprint of the taxonomy this registered model's eval set and versions are labelled in;
+        None before the first frozen eval set (or for a registry made before fingerprints were recorded)."""
+        try:
+            return self.client.get_registered_model(self.name).tags.get(_FINGERPRINT_TAG)
+        except MlflowException as e:
+            _raise_unless_absent(e)
+            return None
+
+    def check_taxonomy(self) -> None:
+        """Refuse to train, promote or serve for a taxonomy other than the one the registry was built for:
+        a renamed or added label would otherwise mix two meanings in one model line and one eval set."""
+        recorded = self.taxonomy_fingerprint()
+        if recorded is not None:
+            self._check_fingerprint(recorded, f"model {self.name!r} and its frozen evaluation set")
+
+    def _check_fingerprint(self, recorded: str, what: str) -> None:
+        current = get_taxonomy(self.settings.taxonomy)
+        if recorded != current.fingerprint:
+            raise RegistryError(
+                f"{what} were built for another version of the taxonomy (fingerprint {recorded}), but "
+                f"taxonomy {current.name!r} ({self.settings.taxonomy}) now has fingerprint {current.fingerprint}: "
+                "run `labelloop taxonomy migrate --to <new taxonomy file> --label-map old=new,...` to start a "
+                "new model line for it, or point the taxonomy setting back at the file it was built with")
+
     # ------------------------------------------------------------------ the frozen evaluation set
     def eval_set(self) -> tuple[str, pd.DataFrame] | None:
         """``(id, frame)`` of the frozen evaluation set, or None before the first training run."""
@@ -209,26 +265,33 @@ class Registry:
             with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".download-") as tmp:
                 local = self.client.download_artifacts(tags[_EVAL_SET_RUN_TAG], "eval_set.parquet", tmp)
                 Path(local).replace(cached)
-        return eval_id, pd.read_parquet(cached)
+        frame = pd.read_parquet(cached)
+        frame["label"] = _loaded_labels(frame["label"], self._taxonomy())
+        return eval_id, frame
 
     def freeze_eval_set(self, frame: pd.DataFrame, source: str) -> tuple[str, pd.DataFrame]:
         """Freeze ``frame`` as the gate's evaluation set unless one is frozen already (which wins)."""
         with _lock:
+            self.check_taxonomy()
             existing = self.eval_set()
             if existing is not None:
                 return existing
             self._ensure_registered_model()
             frame = frame[["id", "text", "label"]].reset_index(drop=True)
-            eval_id = snapshot_id(frame)
+            stored = frame.assign(label=_stored_labels(frame["label"], self._taxonomy()))
+            eval_id = snapshot_id(stored)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "eval_set.parquet"
-                frame.to_parquet(path)
+                stored.to_parquet(path)
                 with mlflow.start_run(experiment_id=self.experiment_id(), run_name="frozen-eval-set",
                                       tags={"labelloop.kind": "eval_set", "data_snapshot": eval_id}) as run:
                     mlflow.log_params({"source": source, "rows": len(frame)})
                     mlflow.log_artifact(str(path))
                 self.settings.eval_sets_dir.mkdir(parents=True, exist_ok=True)
-                frame.to_parquet(self.settings.eval_sets_dir / f"{eval_id}.parquet")
+                stored.to_parquet(self.settings.eval_sets_dir / f"{eval_id}.parquet")
+            taxonomy = get_taxonomy(self.settings.taxonomy)
+            self.client.set_registered_model_tag(self.name, _FINGERPRINT_TAG, taxonomy.fingerprint)
+            self.client.set_registered_model_tag(self.name, _TAXONOMY_NAME_TAG, taxonomy.name)
             self.client.set_registered_model_tag(self.name, _EVAL_SET_RUN_TAG, run.info.run_id)
             self.client.set_registered_model_tag(self.name, _EVAL_SET_TAG, eval_id)
             return eval_id, frame
@@ -251,8 +314,10 @@ class Registry:
 
         ``eval_predictions`` (:func:`predictions_frame` on the frozen set ``eval_id``) spares the gate
         from loading the model to predict the frozen set again."""
+        self.check_taxonomy()
         self._ensure_registered_model()
         data_snapshot = snapshot_id(train_frame)
+        fingerprint = get_taxonomy(self.settings.taxonomy).fingerprint
         with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(
             experiment_id=self.experiment_id(),
             run_name=run_name,
@@ -275,8 +340,8 @@ class Registry:
             # The signature needs column names and types only: a uniform row avoids a model call per round.
             example = pd.DataFrame({"text": train_frame["text"].head(1).tolist()})
             k = len(classifier.labels)
-            output = pd.DataFrame(np.full((1, k), 1.0 / k), columns=[f"p_{label}" for label in classifier.labels])
-            output.insert(0, "label", [classifier.labels[0]])
+            # all ones for multi-label: every label chosen, so the labels column's type is list of str
+            output = output_frame(classifier, np.full((1, k), 1.0 if classifier.multi_label else 1.0 / k))
             warnings.filterwarnings("ignore", message=".*input example was not provided")
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -287,8 +352,9 @@ class Registry:
             )
             # inside the run: if registering fails, the run ends FAILED instead of looking complete
             mv = self.client.create_model_version(
-                self.name, info.model_uri, run_id=run.info.run_id,
+                self.name, info.model_uri, run_id=run.info.run_id, model_id=info.model_id,  # a tracking server needs it
                 tags={"data_snapshot": data_snapshot, "model_kind": classifier.kind, "eval_set": eval_id,
+                      _FINGERPRINT_TAG: fingerprint,
                       **{f"eval.{eval_id}.{k}": f"{v:.6f}" for k, v in report.metrics().items()},
                       **predictions_tag},
             )
@@ -322,8 +388,11 @@ class Registry:
 
     def load(self, alias_or_version: str | int) -> LoadedModel:
         mv = self._resolve(alias_or_version)
+        if _FINGERPRINT_TAG in mv.tags:
+            self._check_fingerprint(mv.tags[_FINGERPRINT_TAG], f"v{mv.version} of {self.name!r}")
         pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{mv.version}")
-        return LoadedModel(ModelRef(self.name, int(mv.version), mv.run_id), pyfunc.unwrap_python_model().classifier)
+        classifier = pyfunc.unwrap_python_model().classifier.to(self.settings.device)
+        return LoadedModel(ModelRef(self.name, int(mv.version), mv.run_id), classifier)
 
     def versions(self) -> list[VersionInfo]:
         aliases = self.aliases()
@@ -352,9 +421,12 @@ class Registry:
         return sorted(events, key=lambda e: e.at)
 
     # ------------------------------------------------------------------ the gate
+    def _taxonomy(self) -> Taxonomy:
+        return get_taxonomy(self.settings.taxonomy)
+
     def _gate_metrics(self) -> set[str]:
         """The cached metrics a gate decision reads and records."""
-        labels = get_taxonomy(self.settings.taxonomy).labels
+        labels = self._taxonomy().labels
         return {"macro_f1", *(f"{m}_{label}" for m in ("recall", "f1") for label in labels)}
 
     def _cached_predictions(self, mv: ModelVersion, eval_id: str, eval_frame: pd.DataFrame) -> np.ndarray | None:
@@ -367,7 +439,7 @@ class Registry:
             frame = pd.read_parquet(self.client.download_artifacts(mv.run_id, path, tmp))
         if frame["id"].tolist() != eval_frame["id"].tolist():
             return None
-        return frame["label"].to_numpy(dtype=object)
+        return _loaded_labels(frame["label"], self._taxonomy()).to_numpy(dtype=object)
 
     def _eval_outcome(self, version: int, eval_id: str, eval_frame: pd.DataFrame) -> EvalOutcome:
         """Metrics and predictions of a version on the frozen set: cached on the version when it was
@@ -381,13 +453,17 @@ class Registry:
             if predicted is not None:
                 return EvalOutcome(cached, predicted)
         classifier = self.load(version).classifier
-        proba = classifier.predict_proba(eval_frame["text"].tolist())
-        y_true = eval_frame["label"].map({label: i for i, label in enumerate(classifier.labels)})
-        if y_true.isna().any():
+        if classifier.multi_label != self._taxonomy().multi:
+            raise RegistryError(f"v{version} is a {'multi' if classifier.multi_label else 'single'}-label model "
+                                f"but taxonomy {self.settings.taxonomy!r} is not")
+        try:
+            y_true = true_labels(classifier, eval_frame["label"])
+        except ValueError:
             raise RegistryError(f"v{version}'s labels {list(classifier.labels)} do not cover the frozen "
-                                f"evaluation set's {sorted(set(eval_frame['label']))}")
-        metrics = evaluate_proba(proba, y_true.to_numpy(dtype=int), classifier.labels).metrics()
-        predictions = predictions_frame(eval_frame, proba, classifier.labels)
+                                f"evaluation set's {sorted(set(eval_frame['label']))}") from None
+        proba = classifier.predict_proba(eval_frame["text"].tolist())
+        metrics = score_proba(classifier, proba, y_true).metrics()
+        predictions = predictions_frame(eval_frame, proba, classifier)
         if mv.run_id is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{eval_id}.parquet"
@@ -397,7 +473,7 @@ class Registry:
                                               f"{_PREDICTIONS_DIR}/{path.name}")
         for k, v in metrics.items():
             self.client.set_model_version_tag(self.name, str(version), f"{prefix}{k}", f"{v:.6f}")
-        return EvalOutcome(metrics, predictions["label"].to_numpy(dtype=object))
+        return EvalOutcome(metrics, _loaded_labels(predictions["label"], self._taxonomy()).to_numpy(dtype=object))
 
     def gate_policy(self) -> GatePolicy:
         s = self.settings
@@ -415,6 +491,7 @@ class Registry:
         ``force`` skips the comparison (an operator's override) but is still recorded as such.
         """
         with _lock:
+            self.check_taxonomy()
             candidate = version if version is not None else self.alias_version(CHALLENGER)
             if candidate is None:
                 raise RegistryError(f"model {self.name!r} has no challenger to promote; train one first")
@@ -445,14 +522,14 @@ class Registry:
             return True, "forced by operator (gate skipped)", *metrics
         if cand is None or champ is None:
             return False, "no frozen evaluation set to compare on", *metrics
-        labels = get_taxonomy(self.settings.taxonomy).labels
-        index = {label: i for i, label in enumerate(labels)}
-        ids = [pd.Series(a).map(index) for a in (frozen[1]["label"].to_numpy(), champ.predicted, cand.predicted)]
-        if any(i.isna().any() for i in ids):
+        taxonomy = self._taxonomy()
+        try:
+            y_true, champ_ids, cand_ids = (_decisions(a, taxonomy) for a in (
+                frozen[1]["label"].to_numpy(dtype=object), champ.predicted, cand.predicted))
+        except (ValueError, TypeError):
             raise RegistryError(f"the frozen evaluation set or a model's predictions use labels outside "
-                                f"taxonomy {self.settings.taxonomy!r} {list(labels)}")
-        y_true, champ_ids, cand_ids = (i.to_numpy(dtype=int) for i in ids)
-        verdict = judge(y_true, champ_ids, cand_ids, labels, self.gate_policy())
+                                f"taxonomy {self.settings.taxonomy!r} {list(taxonomy.labels)}") from None
+        verdict = judge(y_true, champ_ids, cand_ids, taxonomy.labels, self.gate_policy())
         return verdict.promoted, verdict.reason, *metrics
 
     def rollback(self) -> GateDecision:
