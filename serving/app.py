@@ -29,18 +29,22 @@ from labelloop.config import Settings
 from labelloop.journal import Journal
 from labelloop.slices import SliceStore
 from labelloop.taxonomy import get_taxonomy
-from serving.auth import AuthMiddleware, BodySizeLimitMiddleware, Credentials
-from serving.batching import MicroBatcher
+from serving.auth import AuthMiddleware, BodySizeLimitMiddleware, Credentials, SingleValuedQueryMiddleware
+from serving.batching import AdmissionPolicy, ClientDisconnected, Lane, MicroBatcher, Overloaded
 from serving.champion import Champion, ModelSource, RegistryModelSource
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.protocol import ErrorResponse
 from serving.quantize import prepare_for_serving
-from serving.routes import BACKEND_ROUTERS, EventHandler, ProjectConfigs, SetupHandler
+from serving.routes import BACKEND_ROUTERS, EventHandler, JournalHealth, ProjectConfigs, SetupHandler
 from training.registry import LoadedModel
 
 _PROJECT_CONFIGS_KEPT = 256
-_MERGE_BATCHES = 64  # a merged model call holds at most this many batch_size batches
-_QUANTIZE_CHECK_TEXTS = 500  # an int8 copy must keep the top label on >= 99 % of these (see quantize.py)
+_FIRST_LOAD_WAIT_SECONDS = 120.0  # start serves once the first champion load ends, or after this long without it
+#: a merged model call holds at most this many batch_size batches. Small enough that a call ends soon: the
+#: worker picks the next call's jobs between calls, so Label Studio's lane overtakes a flood and work of a
+#: client that hung up is dropped only then; merging more buys little once batches are length-sorted.
+_MERGE_BATCHES = 8
+_QUANTIZE_CHECK_TEXTS = 500  # a faster path must keep the top label on >= 99 % of these (see quantize.py)
 
 __all__ = ["EventHandler", "create_app"]
 
@@ -61,30 +65,34 @@ def create_app(
     credentials = Credentials(settings)
     source = model_source or RegistryModelSource(settings)
     owns_journal = journal is None
-    journal = journal or Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
+    journal = journal or Journal(settings.journal_path, get_taxonomy(settings.taxonomy),
+                                 policy=settings.review_policy)
     metrics = ServingMetrics()
 
     def prepare(loaded: LoadedModel) -> LoadedModel:
         texts = source.check_texts(_QUANTIZE_CHECK_TEXTS) if settings.quantize != "none" else []
-        return prepare_for_serving(loaded, settings.quantize, texts)
+        return prepare_for_serving(loaded, settings.quantize, texts, cache_dir=settings.cache_dir / "onnx",
+                                   device=settings.device, batch_size=settings.batch_size)
 
-    champion = Champion(source, prepare=prepare, on_swap=lambda m: metrics.observe_swap(m.ref.label))
-    batcher = MicroBatcher(settings.batch_size, settings.batch_size * _MERGE_BATCHES, metrics.observe_batch)
+    champion = Champion(source, prepare=prepare, on_swap=lambda m: metrics.observe_swap(m.ref.label),
+                        backoff=(settings.backoff_first_seconds, settings.backoff_max_seconds))
+    policy = AdmissionPolicy({Lane.API: settings.max_queued_texts,
+                              Lane.LABEL_STUDIO: settings.max_queued_texts_label_studio})
+    batcher = MicroBatcher(settings.batch_size, settings.batch_size * _MERGE_BATCHES, metrics, policy)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         app.state.loop = asyncio.get_running_loop()  # for threads (retrain jobs) that trigger a refresh
-        await champion.refresh()
-        poller = None
-        if settings.poll_seconds > 0:
-            poller = asyncio.create_task(champion.poll_forever(settings.poll_seconds))
+        # The first load runs in the background task that then polls and retries: an MLflow that is down
+        # or hangs must not keep the backend from starting (it serves without a champion and says why).
+        poller = champion.start(settings.poll_seconds)
+        await champion.wait_first_attempt(_FIRST_LOAD_WAIT_SECONDS)
         try:
             yield
         finally:
-            if poller:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
             await batcher.aclose()
             app.state.slices.close()
             if owns_journal:
@@ -94,10 +102,12 @@ def create_app(
         title="labelloop ML backend",
         summary="Label Studio ML backend serving the MLflow champion text classifier",
         lifespan=lifespan,
-        responses={401: {"model": ErrorResponse, "description": "missing or wrong credentials"},
+        responses={400: {"model": ErrorResponse, "description": "the body cannot be parsed (not UTF-8 JSON)"},
+                   401: {"model": ErrorResponse, "description": "missing or wrong credentials"},
                    413: {"model": ErrorResponse, "description": "body larger than max_request_bytes"}},
     )
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(SingleValuedQueryMiddleware)
     app.add_middleware(AuthMiddleware, credentials=credentials)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.state.settings = settings
@@ -109,6 +119,8 @@ def create_app(
     app.state.project_configs = ProjectConfigs(_PROJECT_CONFIGS_KEPT)
     app.state.on_event = on_event
     app.state.on_setup = on_setup
+    #: what /health reports on, by name; the service adds label_studio (reconciliation)
+    app.state.health_reporters = {"registry": champion, "journal": JournalHealth(journal)}
     app.state.slices = SliceStore(settings.slices_path)  # which tasks are blind audit items
 
     @app.exception_handler(RequestValidationError)
@@ -116,6 +128,21 @@ def create_app(
         """422 that names each problem without echoing the (possibly large, possibly sensitive) input."""
         errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
         return JSONResponse(status_code=422, content=jsonable_encoder({"detail": errors}))
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        """503 at once, before any model work: a client told to come back in ``Retry-After`` seconds can
+        go elsewhere or wait, instead of timing out on a queue that only grows."""
+        route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+        metrics.observe_refusal(route)
+        return JSONResponse(status_code=503, content={"detail": str(exc)},
+                            headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        """Nobody reads this answer; 499 (nginx's "client closed request") keeps such requests apart from
+        real errors in the request metrics."""
+        return JSONResponse(status_code=499, content={"detail": str(exc)})
 
     for router in (*BACKEND_ROUTERS, *extra_routers):
         app.include_router(router)

@@ -37,11 +37,26 @@ class ServingMetrics:
                              registry=r)
         self.webhook_events = Counter("labelloop_webhook_events", "webhook payloads by journal outcome",
                                       ["status"], registry=r)
+        self.queue_texts = Gauge("labelloop_model_queue_texts", "texts admitted and not yet answered (waiting "
+                                 "or in the running model call), by admission lane", ["lane"], registry=r)
+        self.refusals = Counter("labelloop_admission_refusals", "requests refused with 503 because their lane's "
+                                "queue was full, by route template", ["route"], registry=r)
+        self.dropped = Counter("labelloop_admission_dropped", "requests dropped before reaching the model "
+                               "because the client disconnected, by admission lane", ["lane"], registry=r)
 
     def observe_batch(self, n_texts: int, seconds: float) -> None:
         self.batch_size.observe(n_texts)
         self.inference_seconds.observe(seconds)
         self.texts.inc(n_texts)
+
+    def observe_queue(self, lane: str, texts: int) -> None:
+        self.queue_texts.labels(lane=lane).set(texts)
+
+    def observe_drop(self, lane: str) -> None:
+        self.dropped.labels(lane=lane).inc()
+
+    def observe_refusal(self, route: str) -> None:
+        self.refusals.labels(route=route).inc()
 
     def observe_swap(self, model_version: str) -> None:
         self.model_info.clear()

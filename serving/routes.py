@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import anyio
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
@@ -29,15 +29,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from labelloop.config import Settings
-from labelloop.journal import Journal, RecordResult
+from labelloop.journal import Journal, JournalUnavailable, RecordResult
 from labelloop.slices import SliceStore
-from serving.batching import MicroBatcher
+from labelloop.taxonomy import Taxonomy
+from serving.batching import Lane, MicroBatcher
 from serving.champion import Champion, ModelSource
 from serving.metrics import CONTENT_TYPE, ServingMetrics
 from serving.protocol import (
     ChoicesRegion,
     ChoicesValue,
     ConfigBinding,
+    DependencyHealth,
     ErrorResponse,
     HealthResponse,
     LabelMismatchError,
@@ -47,6 +49,7 @@ from serving.protocol import (
     SetupRequest,
     SetupResponse,
     TaskPrediction,
+    V1MultiPrediction,
     V1Prediction,
     V1PredictRequest,
     V1PredictResponse,
@@ -54,6 +57,7 @@ from serving.protocol import (
     WebhookResponse,
     WebhookResult,
     bind_config,
+    bind_multi_label,
 )
 from serving.quantize import precision
 from training.registry import LoadedModel
@@ -64,7 +68,21 @@ EventHandler = Callable[[dict, RecordResult], None]
 #: told the project of every ``/setup``: the composition checks Label Studio's side of the connection there
 SetupHandler = Callable[[str | None], None]
 _MISMATCH: dict[int | str, dict[str, Any]] = {
-    422: {"model": ErrorResponse, "description": "the config's choices do not match the model's labels"}}
+    422: {"model": ErrorResponse, "description": "the label config is unusable: not XML, no <Choices> bound to a "
+                                                 "<Text>, choices that do not match the model's labels, or no "
+                                                 "config known for this project (none sent, no /setup before)"}}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds until the queued work is done at the model's current "
+                                "rate (admission refusals only)", "schema": {"type": "integer", "minimum": 1}}}
+_OVERLOADED = "the model's queue for this route is full (max_queued_texts): retry after Retry-After seconds"
+_NO_CHAMPION = ("the registry's champion could not be loaded (MLflow unreachable, or the load failed; `/health` "
+                "says why and when it is retried)")
+
+
+async def _until_disconnected(http: Request) -> None:
+    """Returns when the client hangs up. The body has been read by then, so the next ASGI message is the
+    disconnect (or the end of the response, when this watcher is cancelled anyway)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 class ProjectConfigs:
@@ -133,6 +151,35 @@ def get_setup_handler(request: Request) -> SetupHandler | None:
     return getattr(request.app.state, "on_setup", None)
 
 
+class HealthReporter(Protocol):
+    """A dependency ``/health`` reports on (the registry, the journal, Label Studio's reconciliation)."""
+
+    def health(self) -> DependencyHealth: ...
+
+
+class JournalHealth:
+    """The journal as a dependency: unavailable while it cannot be written (webhooks get 503 meanwhile)."""
+
+    def __init__(self, journal: Journal):
+        self.journal = journal
+
+    def health(self) -> DependencyHealth:
+        problem = self.journal.write_problem
+        if problem is None:
+            return DependencyHealth(status="ok")
+        return DependencyHealth(status="unavailable", detail=problem, since=self.journal.write_problem_since)
+
+
+def get_health_reporters(request: Request) -> dict[str, HealthReporter]:
+    """``app.state.health_reporters``: the app registers the registry and the journal; a composition adds more."""
+    return request.app.state.health_reporters
+
+
+def get_served_taxonomy(request: Request) -> Taxonomy:
+    """The policy this backend serves: the journal's, which the app builds from ``settings.taxonomy``."""
+    return request.app.state.journal.taxonomy
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChampionDep = Annotated[Champion, Depends(get_champion)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
@@ -143,11 +190,14 @@ ProjectConfigsDep = Annotated[ProjectConfigs, Depends(get_project_configs)]
 EventHandlerDep = Annotated[EventHandler | None, Depends(get_event_handler)]
 SlicesDep = Annotated[SliceStore, Depends(get_slices)]
 SetupHandlerDep = Annotated[SetupHandler | None, Depends(get_setup_handler)]
+TaxonomyDep = Annotated[Taxonomy, Depends(get_served_taxonomy)]
+HealthReportersDep = Annotated[dict[str, HealthReporter], Depends(get_health_reporters)]
 
 
-def _bind(label_config: str, model: LoadedModel) -> ConfigBinding | None:
+def _bind(label_config: str, model: LoadedModel, taxonomy: Taxonomy) -> ConfigBinding | None:
     try:
-        return bind_config(label_config, tuple(model.classifier.labels))
+        return bind_config(label_config, tuple(model.classifier.labels), model.classifier.multi_label,
+                           taxonomy.none_label)
     except LabelMismatchError as e:
         raise HTTPException(422, f"{model.ref.label}: {e}") from None
 
@@ -158,12 +208,18 @@ operations_router = APIRouter(tags=["operations"])
 
 
 # ------------------------------------------------------------------------------------------ health
-def health(champion: ChampionDep) -> HealthResponse:
+def health(champion: ChampionDep, reporters: HealthReportersDep) -> HealthResponse:
+    """Always 200 with ``status: UP`` while the process serves (Label Studio reads that); what is degraded
+    is in ``champion_error`` and ``dependencies``."""
     model = champion.current  # read once: a swap meanwhile must not mix two versions in one answer
     detail = None if model else (champion.last_error or "no champion in the registry yet: predictions are empty")
+    error = champion.last_error
     return HealthResponse(model_class=type(model.classifier).__name__ if model else "none",
                           model_version=model.ref.label if model else None, model_loaded=model is not None,
-                          precision=precision(model.classifier) if model else None, detail=detail)
+                          precision=precision(model.classifier) if model else None, detail=detail,
+                          serving_path=model.serving if model else None,
+                          champion_error=error, retry_in_s=champion.retry_in() if error else None,
+                          dependencies={name: reporter.health() for name, reporter in reporters.items()})
 
 
 label_studio_router.get("/", response_model=HealthResponse)(health)
@@ -173,7 +229,7 @@ label_studio_router.get("/health", response_model=HealthResponse)(health)
 # ------------------------------------------------------------------------------------------ setup
 @label_studio_router.post("/setup", response_model=SetupResponse, responses=_MISMATCH)
 async def setup(request: SetupRequest, champion: ChampionDep, configs: ProjectConfigsDep,
-                on_setup: SetupHandlerDep) -> SetupResponse:
+                on_setup: SetupHandlerDep, taxonomy: TaxonomyDep) -> SetupResponse:
     """Label Studio calls this before every predict/train and adopts the returned ``model_version``,
     so a moved champion alias makes it re-predict. A config whose choices contradict the model's
     labels is refused here, which Label Studio shows as the backend's error. ``on_setup`` hears of the
@@ -185,25 +241,32 @@ async def setup(request: SetupRequest, champion: ChampionDep, configs: ProjectCo
     if request.label_config:
         configs.remember(request.project, request.label_config)
         if model is not None:
-            _bind(request.label_config, model)
+            _bind(request.label_config, model, taxonomy)
     return SetupResponse(model_version=champion.label)
 
 
 # ------------------------------------------------------------------------------------------ predict
-@label_studio_router.post("/predict", response_model=PredictResponse, responses=_MISMATCH)
-async def predict(request: PredictRequest, settings: SettingsDep, champion: ChampionDep, batcher: BatcherDep,
-                  configs: ProjectConfigsDep, slices: SlicesDep) -> PredictResponse:
+@label_studio_router.post("/predict", response_model=PredictResponse, responses={
+    **_MISMATCH, 503: {"model": ErrorResponse, "description": f"{_NO_CHAMPION}, or {_OVERLOADED}",
+                       "headers": _RETRY_AFTER}})
+async def predict(request: PredictRequest, http: Request, settings: SettingsDep, champion: ChampionDep,
+                  batcher: BatcherDep, configs: ProjectConfigsDep, slices: SlicesDep,
+                  taxonomy: TaxonomyDep) -> PredictResponse:
     """One prediction per task, in order. Tasks without text get an empty prediction (score 0);
-    no champion, or a config without ``<Choices>`` on a ``<Text>``, gives ``results: []``. A blind audit
-    task (``labelloop.slices``) gets its score but no choice: opening it must not show a suggestion."""
+    no champion yet, or a config without ``<Choices>`` on a ``<Text>``, gives ``results: []``; a champion
+    that cannot be loaded (MLflow unreachable, a failed load) gives 503 with the reason. A blind audit
+    task (``labelloop.slices``) gets its score but no choice: opening it must not show a suggestion.
+    A multi-label model pre-selects its whole label set in a ``choice="multiple"`` config."""
     model = champion.current  # read once: the whole request uses this model
     tasks = request.task_list()
+    if model is None and champion.last_error is not None and tasks:
+        raise HTTPException(503, f"no champion is served: {champion.last_error}")
     if model is None or not tasks:
         return PredictResponse(results=[])
     label_config = request.label_config or configs.get(request.project)
     if not label_config:
         raise HTTPException(422, "no label_config in the request, and /setup sent none for this project")
-    binding = _bind(label_config, model)
+    binding = _bind(label_config, model, taxonomy)
     if binding is None:
         return PredictResponse(results=[])
     positions, texts = [], []
@@ -212,16 +275,17 @@ async def predict(request: PredictRequest, settings: SettingsDep, champion: Cham
         if isinstance(text, str) and text.strip():
             positions.append(i)
             texts.append(text[: settings.max_text_chars])
-    proba = binding.restrict(await batcher.predict(model, texts))
+    proba = await batcher.predict(model, texts, Lane.LABEL_STUDIO, disconnected=lambda: _until_disconnected(http))
+    decisions = binding.decisions(proba, model.classifier)
     task_ids = [_task_id(task.id) for task in tasks]
     blind = slices.of_kind("audit", (t for t in task_ids if t is not None))
     results = [TaskPrediction(model_version=model.ref.label, score=0.0, result=[]) for _ in tasks]
-    for row, i in zip(proba, positions, strict=True):
-        best = int(row.argmax())
+    for decision, i in zip(decisions, positions, strict=True):
         region = ChoicesRegion(from_name=binding.from_name, to_name=binding.to_name,
-                               value=ChoicesValue(choices=[binding.labels[best]]))
-        results[i] = TaskPrediction(model_version=model.ref.label, score=float(row[best]),
-                                    result=[] if task_ids[i] in blind else [region])
+                               value=ChoicesValue(choices=list(decision.choices)))
+        shown = decision.choices and task_ids[i] not in blind
+        results[i] = TaskPrediction(model_version=model.ref.label, score=decision.score,
+                                    result=[region] if shown else [])
     return PredictResponse(results=results)
 
 
@@ -233,10 +297,12 @@ def _task_id(value: int | str | None) -> int | None:
 
 @api_router.post("/v1/predict", response_model=V1PredictResponse,
                  responses={422: {"model": ErrorResponse, "description": "empty list, blank or over-long text"},
-                            503: {"model": ErrorResponse, "description": "no champion model yet"}})
-async def predict_v1(request: V1PredictRequest, settings: SettingsDep, champion: ChampionDep,
+                            503: {"model": ErrorResponse, "description": f"no champion model yet, or {_OVERLOADED}",
+                                  "headers": _RETRY_AFTER}})
+async def predict_v1(request: V1PredictRequest, http: Request, settings: SettingsDep, champion: ChampionDep,
                      batcher: BatcherDep) -> V1PredictResponse:
-    """Classify texts with the champion: label, its probability, and every label's probability."""
+    """Classify texts with the champion: label, its probability, and every label's probability; for a
+    multi-label champion the chosen label set (per-label thresholds), its score and each label's probability."""
     errors = []
     for i, text in enumerate(request.texts):
         if not text.strip():
@@ -250,8 +316,14 @@ async def predict_v1(request: V1PredictRequest, settings: SettingsDep, champion:
     model = champion.current
     if model is None:
         raise HTTPException(503, champion.last_error or "no champion model in the registry yet")
-    proba = await batcher.predict(model, request.texts)
+    proba = await batcher.predict(model, request.texts, Lane.API, disconnected=lambda: _until_disconnected(http))
     labels = model.classifier.labels
+    if model.classifier.multi_label:
+        decisions = bind_multi_label(labels).decisions(proba, model.classifier)
+        return V1PredictResponse(model_version=model.ref.label, multi_label=True, predictions=[
+            V1MultiPrediction(labels=list(d.choices), score=d.score,
+                              probabilities={label: float(p) for label, p in zip(labels, row, strict=True)})
+            for d, row in zip(decisions, proba, strict=True)])
     predictions = [
         V1Prediction(label=labels[int(row.argmax())], score=float(row.max()),
                      probabilities={label: float(p) for label, p in zip(labels, row, strict=True)})
@@ -261,12 +333,20 @@ async def predict_v1(request: V1PredictRequest, settings: SettingsDep, champion:
 
 
 # ------------------------------------------------------------------------------------------ webhook
-@label_studio_router.post("/webhook", response_model=WebhookResponse, status_code=201)
+@label_studio_router.post("/webhook", response_model=WebhookResponse, status_code=201, responses={
+    503: {"model": ErrorResponse, "description": "the journal cannot be written (read-only, disk full): the event "
+          "was not recorded; the reconciler pulls it from Label Studio once the journal is writable again"}})
 async def webhook(payload: Annotated[dict[str, Any], Body()], journal: JournalDep, metrics: MetricsDep,
                   on_event: EventHandlerDep) -> WebhookResponse:
     """Journal the event (durably, before answering), hand it to ``on_event``, answer at once.
-    Training never runs here: Label Studio waits at most one second for a webhook."""
-    result: RecordResult = await anyio.to_thread.run_sync(journal.record, payload)
+    Training never runs here: Label Studio waits at most one second for a webhook. A journal that cannot
+    be written gets 503, never 201: no acknowledgement without a durable write."""
+    try:
+        result: RecordResult = await anyio.to_thread.run_sync(journal.record, payload)
+    except JournalUnavailable as e:
+        metrics.webhook_events.labels("unavailable").inc()
+        raise HTTPException(503, f"{e}; the event was not recorded (the reconciler pulls it from Label Studio "
+                                 "once the journal can be written)") from None
     metrics.webhook_events.labels(result.status).inc()
     if on_event is not None:
         try:

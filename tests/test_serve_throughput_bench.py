@@ -1,5 +1,5 @@
-"""bench/serve_throughput.py when serving's int8 guard keeps a champion in fp32: the benchmark says so and
-why, and leaves that server out of the timings, instead of raising "unexpected served precision"."""
+"""bench/serve_throughput.py records which path each champion was served on and why, and reports a champion
+whose faster paths were all refused (or failed) instead of crashing."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import sys
 
 import httpx
 import pytest
-import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from labelloop.config import REPO_ROOT, Settings
-from training.classifier import FineTunedClassifier, resolve_model_path
-from training.registry import LoadedModel, ModelRef
+from tests.test_classifier_kinds import tiny_finetuned
+from tests.test_fast_path import TinySource
+from training.classifier import AutoTokenizer, resolve_model_path
 
 
 @pytest.fixture(scope="module")
@@ -26,89 +25,71 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-class TinyChampion:
-    """A model source holding one small fine-tuned-kind model (the guard only quantises that kind)."""
-
-    model_name = "labelloop-hate-offensive"
-
-    def __init__(self):
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=32, num_labels=3)
-        torch.manual_seed(0)
-        self.model = FineTunedClassifier(BertForSequenceClassification(config), tokenizer,
-                                         ("hate", "offensive", "neither"), 16)
-
-    def current_version(self) -> int:
-        return 1
-
-    def load(self, version: int) -> LoadedModel:
-        return LoadedModel(ModelRef(self.model_name, version), self.model)
-
-    def aliases(self) -> dict[str, int]:
-        return {"champion": 1}
-
-    def versions(self) -> list[int]:
-        return [1]
-
-    def check_texts(self, limit: int) -> list[str]:
-        return ["you are great", "some words here", "a b c d e f"][:limit]
+def row(texts_per_s: float) -> dict:
+    return {"requests": 3, "texts": 300, "seconds": 1.0, "texts_per_s": texts_per_s, "p50_ms": 20.0, "p95_ms": 30.0}
 
 
-AGREEMENT = {"texts": 2000, "top_label_agreement": 0.978, "max_abs_prob_diff": 0.2, "mean_abs_prob_diff": 0.01}
+def champion(bench, seed: int, chosen: str, ours: float, pipeline: float, agreement: float) -> dict:
+    candidates = [{"path": "torch-fp32", "agreement": 1.0, "texts_per_s": 150.0, "error": None},
+                  {"path": "onnx-int8", "agreement": 0.978, "texts_per_s": 300.0, "error": None},
+                  {"path": "onnx-fp32", "agreement": None, "texts_per_s": None,
+                   "error": "ImportError: import of onnxruntime halted"}]
+    entry = {"seed": seed, "version": f"m:v{seed}",
+             "serving": {"loaded": True, "precision": chosen, "chosen": chosen, "reason": "because",
+                         "candidates": candidates},
+             "agreement": {"texts": 1000, "top_label": agreement},
+             "sequential": {n: {bench.OURS: row(ours), bench.PIPELINE: row(pipeline),
+                                "ratio": round(ours / pipeline, 2)} for n in ("100", "1")},
+             "concurrent_single_task": {bench.OURS: {**row(ours), "concurrency": 8},
+                                        bench.PIPELINE: {**row(pipeline), "concurrency": 8}, "ratio": 1.5}}
+    entry["goal_met"] = bench.goal_met(entry)
+    return entry
 
 
-def fake_result(bench, precision: dict) -> dict:
-    row = {"requests": 4, "texts": 4, "seconds": 0.1, "texts_per_s": 40.0, "p50_ms": 20.0, "p95_ms": 30.0}
-    timed = [name for name in ("labelloop fp32", "labelloop int8", "upstream pipeline")
-             if precision.get(name, {"timed": True})["timed"]]
-    return {
-        "model": {"version": "labelloop-hate-offensive:v1", "kind": "FineTunedClassifier", "max_length": 64,
-                  "train_rows": 300},
-        "texts": {"source": "Davidson", "tokens_mean": 30.0, "tokens_p95": 56},
-        "machine": {"cpus": 2, "torch": "2.13", "torch_threads": 2, "load_average_start": [1, 1, 1],
-                    "load_average_end": [1, 1, 1]},
-        "rounds": 1, "precision": precision,
-        "sequential": {name: {str(n): row for n in bench.SIZES} for name in timed},
-        "throughput_ratio_vs_pipeline": {name: {str(n): 1.0 for n in bench.SIZES} for name in timed
-                                         if name != "upstream pipeline"},
-        "concurrent_single_text": {name: {"requests": 16, "concurrency": 8, "texts_per_s": 50.0, "p50_ms": 90.0,
-                                          "p95_ms": 100.0} for name in timed},
-        "int8_vs_fp32": AGREEMENT, "int8_vs_fp32_embedding_head": AGREEMENT,
-        "served_fp32_label_matches_direct_predict": 1.0,
-    }
+def fake_result(bench, champions: list[dict]) -> dict:
+    return {"goal": bench.GOAL,
+            "recipe": {"base_model": "all-MiniLM-L6-v2", "train_rows": 300, "epochs": 1, "min_steps": 20,
+                       "seeds": [c["seed"] for c in champions], "quick": True},
+            "texts": {"source": "Davidson", "tokens_mean": 30.0, "tokens_p95": 56},
+            "machine": {"cpus": 2, "torch": "2.13", "torch_threads": 2, "load_average_start": [9, 9, 9],
+                        "load_average_end": [9, 9, 9], "platform": "linux"},
+            "rounds": 1, "champions": champions}
 
 
-def test_a_guard_that_serves_fp32_is_reported_with_its_reason(bench, tmp_path, monkeypatch):
-    """The real guard, on a real server of the benchmark's kind, told that int8 agrees on 97.8 %."""
+def test_the_goal_needs_speed_ratio_and_agreement(bench):
+    assert champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995)["goal_met"]
+    assert not champion(bench, 2, "onnx-fp32", 240.0, 40.0, 0.995)["goal_met"]  # under 250 texts/s
+    assert not champion(bench, 3, "onnx-fp32", 300.0, 100.0, 0.995)["goal_met"]  # 3x
+    assert not champion(bench, 4, "onnx-int8", 300.0, 60.0, 0.98)["goal_met"]  # agreement
+
+
+def test_every_champion_is_reported_with_its_path_even_refused_or_failed(bench):
+    refused = champion(bench, 2, "torch-fp32", 150.0, 60.0, 1.0)  # the guard refused the faster paths
+    broken = {"seed": 3, "error": "RuntimeError: registry unreachable"}
+    report = bench.markdown(fake_result(bench, [champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995), refused, broken]))
+    assert "| 1 | onnx-fp32 | 99.50% (1000 texts) | 300.0 | 60.0 | 5.0× |" in report
+    assert "| 2 | torch-fp32 | 100.00% (1000 texts) | 150.0 | 60.0 | 2.5× |" in report and "| no |" in report
+    assert "| 3 | – |" in report and "RuntimeError: registry unreachable" in report
+    assert "| onnx-int8 | 97.80% | 300 |" in report
+    assert "| onnx-fp32 | – | – | ImportError: import of onnxruntime halted |" in report
+    assert "shared with other engineers" in report
+
+
+def test_the_path_is_read_from_a_real_servers_health(bench, tmp_path, monkeypatch):
+    """A real server whose ONNX candidates cannot run (no onnxruntime): the bench records that, and the path
+    actually served, without raising."""
     from serving.app import create_app
 
-    monkeypatch.setattr("serving.quantize.top_label_agreement", lambda a, b, texts: 0.978)
-    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", quantize="int8", poll_seconds=0,
-                        basic_user=None, basic_password=None, api_token=None)
-    app = create_app(settings, model_source=TinyChampion())
-    with bench.GuardLog() as guard, bench.ServerThread(app) as server:
-        served = httpx.get(f"{server.url}/health").json()["precision"]
-    assert served == "fp32"
-
-    precision = bench.precision_report({"labelloop fp32": "fp32", "labelloop int8": served}, guard.messages, AGREEMENT)
-    assert precision["labelloop fp32"] == {"requested": "fp32", "served": "fp32", "timed": True}
-    int8 = precision["labelloop int8"]
-    assert int8["served"] == "fp32" and int8["timed"] is False
-    assert guard.messages and all(message in int8["reason"] for message in guard.messages)  # the guard's own words
-    assert "97.8" in guard.messages[0]
-    assert "97.80% (the guard requires 99%" in int8["reason"]
-
-    report = bench.markdown(fake_result(bench, precision))
-    assert "## Precision served" in report and int8["reason"] in report
-    assert "| labelloop int8 |" not in report and "| 1 | labelloop int8 |" not in report
-    assert "| 1 | labelloop fp32 | 40.0 |" in report
-
-
-def test_when_int8_is_served_nothing_is_left_out(bench):
-    said = ["labelloop-hate-offensive:v1: serving int8 (top label agrees with fp32 on 99.40% of 500 check texts)"]
-    precision = bench.precision_report({"labelloop fp32": "fp32", "labelloop int8": "int8"}, said, AGREEMENT)
-    assert all(entry["timed"] and "reason" not in entry for entry in precision.values())
-    assert precision["labelloop int8"]["guard_log"] == said
-    report = bench.markdown(fake_result(bench, precision))
-    assert "Precision served" not in report and "| 1 | labelloop int8 | 40.0 |" in report
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", quantize="auto", poll_seconds=0,
+                        basic_user=None, basic_password=None, api_token=None, device="cpu")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    app = create_app(settings, model_source=TinySource(tiny_finetuned(tokenizer)))
+    with bench.ServerThread(app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        path = bench.served_path(client)
+        texts = ["you are great", "some words here"]
+        agreement = bench.served_agreement(client, texts, tiny_finetuned(tokenizer).predict(texts))
+    assert path["loaded"] and path["chosen"] in ("torch-fp32", "torch-int8")
+    errors = {c["path"]: c["error"] for c in path["candidates"]}
+    assert "onnxruntime" in errors["onnx-fp32"] and "onnxruntime" in errors["onnx-int8"]
+    assert agreement == {"texts": 2, "top_label": 1.0}

@@ -1,0 +1,203 @@
+"""Serving's fast path: the policy that picks a candidate, the measurement that never lets a candidate's
+failure stop serving, a real ONNX Runtime export that keeps PyTorch's labels, and /health reporting it."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from labelloop.config import Settings
+from serving import quantize
+from serving.quantize import (
+    MIN_AGREEMENT,
+    TORCH_FP32,
+    Candidate,
+    OnnxCandidates,
+    Trial,
+    choose_for_serving,
+    choose_path,
+    measure,
+)
+from tests.test_classifier_kinds import TEXTS, LengthClassifier, tiny_embedding_head, tiny_finetuned
+from training.classifier import AutoTokenizer, resolve_model_path
+from training.registry import LoadedModel, ModelRef
+
+CHECK = [f"check text {i} " + "word " * (i % 17) for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+# --- the policy -----------------------------------------------------------------------------------
+
+
+def test_the_fastest_passing_candidate_wins():
+    trials = [Trial(TORCH_FP32, 1.0, 150.0), Trial("torch-int8", 0.978, 220.0), Trial("onnx-fp32", 1.0, 260.0),
+              Trial("onnx-int8", 0.995, 300.0)]
+    choice = choose_path(trials, 500)
+    assert choice.chosen == "onnx-int8"
+    assert "300 texts/s" in choice.reason and "99.50% of 500" in choice.reason
+    assert "torch-int8 refused (97.80% agreement)" in choice.reason
+    assert [c["path"] for c in choice.as_dict()["candidates"]] == [t.path for t in trials]
+
+
+def test_a_guard_refusal_at_the_threshold_edge():
+    just_below = MIN_AGREEMENT - 1e-4
+    choice = choose_path([Trial(TORCH_FP32, 1.0, 100.0), Trial("onnx-int8", just_below, 500.0),
+                          Trial("onnx-fp32", MIN_AGREEMENT, 120.0)], 100)
+    assert choice.chosen == "onnx-fp32"
+
+
+def test_when_nothing_passes_fp32_torch_is_served():
+    choice = choose_path([Trial("torch-int8", 0.9, 300.0), Trial("onnx-int8", None, None, "ImportError: no")], 10)
+    assert choice.chosen == TORCH_FP32
+    assert "no candidate passed" in choice.reason and "onnx-int8 failed (ImportError: no)" in choice.reason
+
+
+def test_a_slower_fp32_torch_is_not_chosen_over_a_faster_exact_path():
+    choice = choose_path([Trial(TORCH_FP32, 1.0, 100.0), Trial("onnx-fp32", 1.0, 101.0)], 10)
+    assert choice.chosen == "onnx-fp32" and "torch-fp32 100 texts/s" in choice.reason
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+
+def test_a_candidate_that_raises_is_recorded_and_skipped():
+    toy = LengthClassifier(cut=20)  # about half of CHECK is longer
+
+    def broken():
+        raise RuntimeError("export exploded")
+
+    flipped = LengthClassifier(cut=0)  # calls every text "b": disagrees on most
+    trials, built = measure([Candidate(TORCH_FP32, lambda: toy), Candidate("onnx-fp32", broken),
+                             Candidate("torch-int8", lambda: flipped)], CHECK, CHECK[:8], 16)
+    by_path = {t.path: t for t in trials}
+    assert by_path["onnx-fp32"].error == "RuntimeError: export exploded" and "onnx-fp32" not in built
+    assert by_path[TORCH_FP32].agreement == 1.0 and by_path[TORCH_FP32].texts_per_s > 0
+    assert by_path["torch-int8"].agreement < MIN_AGREEMENT
+    assert choose_path(trials, len(CHECK)).chosen == TORCH_FP32
+
+
+def test_a_broken_reference_is_a_load_failure_not_a_silent_choice():
+    def broken():
+        raise RuntimeError("weights missing")
+
+    with pytest.raises(RuntimeError, match="weights missing"):
+        measure([Candidate(TORCH_FP32, broken)], CHECK, CHECK[:4], 16)
+
+
+def test_without_onnxruntime_the_onnx_candidates_are_skipped(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    served, choice = choose_for_serving(tiny_finetuned(tokenizer), "auto", CHECK, tmp_path)
+    errors = {c["path"]: c["error"] for c in choice.as_dict()["candidates"]}
+    assert "onnxruntime" in errors["onnx-fp32"] and "onnxruntime" in errors["onnx-int8"]
+    assert choice.chosen in (TORCH_FP32, "torch-int8") and served.precision in ("fp32", "int8")
+
+
+def test_mode_none_and_no_check_texts_serve_fp32_torch(tokenizer, tmp_path):
+    model = tiny_finetuned(tokenizer)
+    assert choose_for_serving(model, "none", CHECK, tmp_path)[0] is model
+    served, choice = choose_for_serving(model, "auto", [], tmp_path)
+    assert served is model and choice.chosen == TORCH_FP32 and "no check texts" in choice.reason
+
+
+def test_int8_mode_tries_torch_int8_only(tokenizer, tmp_path):
+    _, choice = choose_for_serving(tiny_finetuned(tokenizer), "int8", CHECK, tmp_path)
+    assert [c["path"] for c in choice.as_dict()["candidates"]] == [TORCH_FP32, "torch-int8"]
+
+
+# --- a real ONNX Runtime export -------------------------------------------------------------------
+
+
+def test_onnx_export_keeps_pytorch_labels_and_is_cached(tokenizer, tmp_path, monkeypatch):
+    model = tiny_finetuned(tokenizer)
+    reference = model.predict_proba(CHECK)
+    onnx_fp32 = OnnxCandidates(model, tmp_path).build("fp32")
+    assert onnx_fp32.precision == "onnx-fp32" and model.precision == "fp32"
+    proba = onnx_fp32.predict_proba(CHECK)
+    assert (proba.argmax(1) == reference.argmax(1)).all()
+    assert np.abs(proba - reference).max() < 1e-4
+    assert OnnxCandidates(model, tmp_path).build("int8").predict_proba(CHECK).shape == reference.shape
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a cached export must not be exported again")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = OnnxCandidates(tiny_finetuned(tokenizer), tmp_path).build("fp32")  # same weights: same files
+    assert np.allclose(again.predict_proba(CHECK), proba)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_an_onnx_copy_still_samples_mc_dropout_from_torch(tokenizer, tmp_path):
+    model = tiny_finetuned(tokenizer, hidden_dropout_prob=0.5)
+    served = OnnxCandidates(model, tmp_path).build("fp32")
+    mc = served.stochastic_proba(TEXTS, 4, seed=1)
+    assert mc.std(axis=0).max() > 1e-3  # real dropout, not four copies of one deterministic answer
+    assert np.allclose(mc, model.stochastic_proba(TEXTS, 4, seed=1))
+    assert not served.model.training
+
+
+def test_the_embedding_head_kind_accelerates_its_encoder(tokenizer, tmp_path):
+    model = tiny_embedding_head(tokenizer)
+    shared = model.encoder.model
+    served = OnnxCandidates(model, tmp_path).build("fp32")
+    assert model.encoder.model is shared  # the process-wide encoder is not touched
+    assert np.abs(served.embed(CHECK) - model.embed(CHECK)).max() < 1e-4
+    assert (served.predict_proba(CHECK).argmax(1) == model.predict_proba(CHECK).argmax(1)).all()
+
+
+# --- /health --------------------------------------------------------------------------------------
+
+
+class TinySource:
+    model_name = "labelloop-hate-offensive"
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def current_version(self) -> int:
+        return 1
+
+    def load(self, version: int) -> LoadedModel:
+        return LoadedModel(ModelRef(self.model_name, version), self.classifier)
+
+    def aliases(self) -> dict[str, int]:
+        return {"champion": 1}
+
+    def versions(self) -> list[int]:
+        return [1]
+
+    def check_texts(self, limit: int) -> list[str]:
+        return CHECK[:limit]
+
+
+def test_health_reports_the_chosen_path_and_why(tokenizer, tmp_path, monkeypatch):
+    from serving.app import create_app
+
+    real_measure = quantize.measure
+
+    def slow_onnx_int8(options, *args, **kwargs):  # fixes which path wins, whatever the machine's load
+        trials, built = real_measure(options, *args, **kwargs)
+        speeds = {TORCH_FP32: 100.0, "torch-int8": 150.0, "onnx-fp32": 300.0, "onnx-int8": 200.0}
+        return [Trial(t.path, t.agreement, speeds[t.path], t.error) for t in trials], built
+
+    monkeypatch.setattr(quantize, "measure", slow_onnx_int8)
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", quantize="auto", poll_seconds=0,
+                        basic_user=None, basic_password=None, api_token=None, device="cpu")
+    app = create_app(settings, model_source=TinySource(tiny_finetuned(tokenizer)))
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+        predicted = client.post("/v1/predict", json={"texts": TEXTS[:2]})
+    path = health["serving_path"]
+    assert health["precision"] == "onnx-fp32" and path["chosen"] == "onnx-fp32"
+    assert [c["path"] for c in path["candidates"]] == [TORCH_FP32, "torch-int8", "onnx-fp32", "onnx-int8"]
+    assert all(c["agreement"] is not None for c in path["candidates"])
+    assert "300 texts/s" in path["reason"] and path["check_texts"] == len(CHECK)
+    assert predicted.status_code == 200
+    assert list((settings.cache_dir / "onnx").iterdir())  # exported under the cache, for the next start
