@@ -18,11 +18,20 @@ anything Label Studio failed to deliver is found later by the reconciler
     the annotation's ``parent_prediction`` id and, when the payload holds that prediction, its label
     and ``model_version``. Webhook payloads carry only the id (their task has no ``predictions``); the
     reconciler's listing carries the predictions, so its pass fills in the label and version of an
-    annotation a webhook already applied, without counting as a new version.
+    annotation a webhook already applied, without counting as a new version. In a multi-label
+    taxonomy the label (and a suggested label) is a set, stored as a JSON list in taxonomy order (the
+    none label as ``[]``): the column keeps its type, so no schema change, and equal sets are equal text.
 ``quarantine``
     One row per annotation (or payload) that could not be used, with the reason. A separate table
     because one event (``ANNOTATIONS_CREATED``) can carry several annotations, each with its own
-    problem.
+    problem. A review mark that cannot be used (a severity off the scale, an escalation without a
+    required reason) is quarantined on its own, reason prefixed ``severity:`` or ``escalation:``, while
+    the label is kept: the event stays ``accepted``.
+``escalations``
+    One row per escalated annotation (:mod:`labelloop.policy` reads the severity, escalate, reason and
+    reveal controls), inserted in the transaction that journals the annotation, so an acknowledged
+    escalation is as durable as its label; a later version of the same annotation never escalates
+    again. ``labelloop.escalations`` copies new rows into its outbox and delivers them.
 
 Exactly-once rules, applied inside one write transaction per call:
 
@@ -43,6 +52,12 @@ acknowledged webhook is never lost, and Label Studio does not resend, so every c
 The cost is one fsync per webhook, negligible at human labeling rates; reconcile passes mostly
 find duplicates, which commit nothing.
 
+Unwritable: a journal whose file, directory or disk refuses writes (read-only, full, I/O errors) is
+opened read-only (empty, if not even that works), so that everything that only reads keeps working;
+each write then raises :class:`JournalUnavailable` and nothing is recorded, so the webhook answers
+503 rather than acknowledging an event it could not store. ``write_problem`` says why; the next write
+tries again (reopening read-write when the file was read-only) and clears it once a commit succeeds.
+
 Concurrency: one connection per :class:`Journal`, serialised by a lock (so any number of threads
 may share one instance), every write in ``BEGIN IMMEDIATE`` so that a second process (the
 reconciler) waits on the database lock (``busy_timeout``) instead of failing or interleaving a
@@ -56,6 +71,8 @@ import logging
 import math
 import sqlite3
 import threading
+import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -65,6 +82,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from labelloop.policy import ReviewMarks, ReviewPolicy, is_review_item, read_marks
 from labelloop.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -74,7 +92,7 @@ Source = Literal["webhook", "reconcile"]
 STATUSES: tuple[Status, ...] = ("accepted", "duplicate", "ignored", "quarantined")
 SOURCES: tuple[Source, ...] = ("webhook", "reconcile")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
 
 #: actions that carry annotations to apply (``ANNOTATIONS_CREATED`` carries lists)
@@ -126,6 +144,9 @@ CREATE TABLE IF NOT EXISTS annotations (
     prediction_id  INTEGER,
     suggested_label TEXT,
     suggested_model_version TEXT,
+    severity       TEXT,
+    escalated      INTEGER NOT NULL DEFAULT 0,
+    revealed       INTEGER NOT NULL DEFAULT 0,
     -- only a tombstone (deleted before it was ever seen) may lack the task fields
     CHECK (deleted = 1 OR (task_id IS NOT NULL AND item_id IS NOT NULL AND updated_at IS NOT NULL)),
     -- a label is never stored next to a reason it is unusable, nor on a skipped annotation
@@ -134,6 +155,25 @@ CREATE TABLE IF NOT EXISTS annotations (
 CREATE INDEX IF NOT EXISTS annotations_task ON annotations (task_id);
 CREATE INDEX IF NOT EXISTS annotations_project ON annotations (project_id);
 CREATE INDEX IF NOT EXISTS annotations_label_event ON annotations (label_event_id);
+
+-- one row per escalated annotation, written in the transaction that journals it: the durable record that
+-- labelloop.escalations' outbox copies (by escalation_id, monotonic) and delivers. Never updated or deleted.
+CREATE TABLE IF NOT EXISTS escalations (
+    escalation_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid           TEXT    NOT NULL UNIQUE,
+    annotation_id INTEGER NOT NULL UNIQUE,
+    event_id      INTEGER NOT NULL REFERENCES events (event_id),
+    project_id    INTEGER,
+    task_id       INTEGER NOT NULL,
+    item_id       TEXT    NOT NULL,
+    text          TEXT,
+    label         TEXT,
+    severity      TEXT,
+    reason        TEXT,
+    annotator     INTEGER,
+    escalated_at  TEXT    NOT NULL,
+    recorded_at   TEXT    NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS quarantine (
     quarantine_id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -146,16 +186,18 @@ CREATE TABLE IF NOT EXISTS quarantine (
 
 LABEL_COLUMNS = [
     "id", "text", "label", "task_id", "project_id", "annotation_id", "annotator", "updated_at",
-    "n_annotations",
+    "n_annotations", "severity", "severity_weight",
 ]
 ANNOTATION_COLUMNS = [
     "annotation_id", "task_id", "project_id", "id", "text", "label", "annotator", "created_at",
     "updated_at", "cancelled", "ground_truth", "problem", "source", "lead_time", "prediction_id",
-    "suggested_label", "suggested_model_version",
+    "suggested_label", "suggested_model_version", "severity", "escalated", "revealed", "severity_weight",
 ]
 #: columns added after schema 1: (name, SQL type); an older journal gets them by ALTER TABLE and a backfill
+#: (schema 3's review marks need none: no generated config had those controls before, so old rows have none)
 _ADDED_COLUMNS = (("lead_time", "REAL"), ("prediction_id", "INTEGER"), ("suggested_label", "TEXT"),
-                  ("suggested_model_version", "TEXT"))
+                  ("suggested_model_version", "TEXT"), ("severity", "TEXT"),
+                  ("escalated", "INTEGER NOT NULL DEFAULT 0"), ("revealed", "INTEGER NOT NULL DEFAULT 0"))
 
 
 @dataclass(frozen=True)
@@ -169,6 +211,10 @@ class RecordResult:
 
 class JournalError(RuntimeError):
     """The journal file cannot be used (newer schema, not a journal); never raised for bad payloads."""
+
+
+class JournalUnavailable(JournalError):
+    """The journal cannot be written now (read-only, disk full, I/O error): nothing was recorded."""
 
 
 class _Malformed(ValueError):
@@ -195,6 +241,7 @@ class _Version:
     prediction_id: int | None = None
     suggested_label: str | None = None
     suggested_model_version: str | None = None
+    marks: ReviewMarks = ReviewMarks()
 
     @property
     def is_label(self) -> bool:
@@ -204,27 +251,81 @@ class _Version:
 class Journal:
     """The persistent annotation journal for one taxonomy (any number of Label Studio projects)."""
 
-    def __init__(self, path: Path, taxonomy: Taxonomy, text_field: str = "text"):
+    def __init__(self, path: Path, taxonomy: Taxonomy, text_field: str = "text",
+                 policy: ReviewPolicy | None = None):
+        """``policy``: how severity and escalation marks are read (``Settings.review_policy``); the
+        default scale and rules when None, which matter only to writers (readers see stored marks)."""
         self.path = Path(path)
         self.taxonomy = taxonomy
         self.text_field = text_field
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.policy = (policy or ReviewPolicy()).check(taxonomy.labels)
+        self._codec = _codec_for(taxonomy)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        self._conn.row_factory = sqlite3.Row
+        #: why writes fail now (None: they do not); ``write_problem_since`` is when that began (UTC)
+        self.write_problem: str | None = None
+        self.write_problem_since: str | None = None
+        self._read_only = False
         try:
-            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            self._conn = self._open_writable()
+        except (sqlite3.OperationalError, OSError) as e:
+            if not _unwritable(e):
+                raise
+            self._conn = self._open_read_only(e)
+
+    def _open_writable(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise JournalError(f"{self.path}: could not switch SQLite to WAL mode (got {mode!r})")
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate(conn)
         except BaseException:
-            self._conn.close()
+            conn.close()
             raise
+        return conn
+
+    def _open_read_only(self, error: BaseException) -> sqlite3.Connection:
+        """Serve reads from a journal that cannot be written: read-only, else immutable (a read-only
+        directory where SQLite cannot create the WAL index), else an empty in-memory journal (the file
+        does not exist and cannot be created). Writes are refused until :meth:`_write` can reopen it."""
+        self._read_only = True
+        self._unwritable_now(error)
+        uri = self.path.resolve().as_uri()
+        for suffix in ("?mode=ro", "?immutable=1"):
+            try:
+                conn = sqlite3.connect(uri + suffix, uri=True, isolation_level=None, check_same_thread=False)
+            except sqlite3.OperationalError:
+                continue
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.OperationalError:
+                conn.close()
+                continue
+            if version != SCHEMA_VERSION:
+                conn.close()
+                raise JournalError(f"{self.path} has journal schema {version} and cannot be written to "
+                                   f"migrate it to {SCHEMA_VERSION}: {self.write_problem}")
+            conn.row_factory = sqlite3.Row
+            return conn
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _unwritable_now(self, error: BaseException) -> JournalUnavailable:
+        """Record that writes fail (logged once per outage, not per write) and the error to raise."""
+        problem = f"the journal {self.path} cannot be written: {error}"
+        if self.write_problem is None:
+            log.error("%s; webhooks are refused with 503 until it can", problem)
+            self.write_problem_since = _now()
+        self.write_problem = problem
+        return JournalUnavailable(problem)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -238,8 +339,8 @@ class Journal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _migrate(self) -> None:
-        with self._write() as conn:
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        with _immediate(conn):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(
@@ -281,16 +382,25 @@ class Journal:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken before reading so check-then-write is atomic across processes."""
+        """One write transaction, taken before reading so check-then-write is atomic across processes.
+
+        A failure of the file or disk (not of a payload) raises :class:`JournalUnavailable`."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+                if self._read_only:
+                    reopened = self._open_writable()
+                    self._conn.close()
+                    self._conn, self._read_only = reopened, False
+                with _immediate(self._conn) as conn:
+                    yield conn
+            except (sqlite3.OperationalError, OSError) as e:
+                if not _unwritable(e):
+                    raise
+                raise self._unwritable_now(e) from e
+            if self.write_problem is not None:
+                log.warning("the journal %s can be written again (it could not since %s)", self.path,
+                            self.write_problem_since)
+                self.write_problem = self.write_problem_since = None
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -307,8 +417,9 @@ class Journal:
     def record(self, payload: Any, source: Source = "webhook") -> RecordResult:
         """Journal one raw Label Studio webhook payload; durable (fsynced) when this returns.
 
-        Never raises for a bad payload: it is stored and quarantined with the reason. Raises only
-        when the database itself fails (I/O, disk full), in which case nothing was acknowledged.
+        Never raises for a bad payload: it is stored and quarantined with the reason. Raises
+        :class:`JournalUnavailable` when the file or disk refuses the write (read-only, full, I/O), in
+        which case nothing was recorded and the event must not be acknowledged.
         """
         _check_source(source)
         action = payload.get("action") if isinstance(payload, dict) else None
@@ -419,11 +530,15 @@ class Journal:
         ``problem`` say why a row carries no label. ``lead_time`` is Label Studio's seconds spent;
         ``prediction_id`` the pre-label the annotator started from (None: no suggestion was taken up),
         with its ``suggested_label`` and ``suggested_model_version`` once a payload has shown them.
+        ``severity`` (None when not given or off the scale), ``escalated`` and ``revealed`` are the review
+        marks (:mod:`labelloop.policy`; ``revealed`` stays true once any version revealed the original,
+        because the reviewer saw it); ``severity_weight`` is the severity's training weight under this
+        journal's policy (1 without a severity).
         """
         sql = (
             "SELECT annotation_id, task_id, project_id, item_id AS id, text, label, annotator, created_at, "
             "updated_at, cancelled, ground_truth, problem, source, lead_time, prediction_id, suggested_label, "
-            "suggested_model_version FROM annotations WHERE deleted = 0"
+            "suggested_model_version, severity, escalated, revealed, NULL FROM annotations WHERE deleted = 0"
         )
         params: tuple = ()
         if project_id is not None:
@@ -432,16 +547,46 @@ class Journal:
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY annotation_id", params).fetchall()
         frame = pd.DataFrame([tuple(r) for r in rows], columns=ANNOTATION_COLUMNS)
+        frame["label"] = frame["label"].map(self._codec.cell, na_action="ignore")
+        frame["suggested_label"] = frame["suggested_label"].map(self._codec.cell, na_action="ignore")
+        frame["severity_weight"] = [self.policy.severity.weight(s) for s in frame["severity"]]
         return frame.astype({"annotation_id": "int64", "task_id": "int64", "project_id": "Int64",
                              "annotator": "Int64", "cancelled": bool, "ground_truth": bool,
-                             "lead_time": "float64", "prediction_id": "Int64"})
+                             "lead_time": "float64", "prediction_id": "Int64", "escalated": bool,
+                             "revealed": bool, "severity_weight": "float64"})
+
+    def escalations(self, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """Escalations recorded after ``after_id``, oldest first (the outbox copies them from here)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT escalation_id, uid, annotation_id, event_id, project_id, task_id, item_id, text, label, "
+                "severity, reason, annotator, escalated_at, recorded_at FROM escalations "
+                "WHERE escalation_id > ? ORDER BY escalation_id LIMIT ?", (after_id, limit)).fetchall()
+        return [{**dict(row), "label": None if row["label"] is None else self._codec.cell(row["label"])}
+                for row in rows]
+
+    def review_marks_since(self, after_event_id: int) -> list[dict[str, Any]]:
+        """Annotations last changed by an event after ``after_event_id``, skipped and deleted ones included (a
+        reviewer who skipped an item, or whose annotation was deleted, still saw it), oldest change first,
+        with what exposure accounting reads:
+        ``annotation_id, task_id, annotator, created_at, updated_at, label, severity, revealed, event_id``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT annotation_id, task_id, annotator, created_at, updated_at, label, severity, revealed, "
+                "suggested_label, event_id FROM annotations WHERE task_id IS NOT NULL AND event_id > ? "
+                "ORDER BY event_id, annotation_id", (after_event_id,)).fetchall()
+        return [{**dict(row), "revealed": bool(row["revealed"]),
+                 "label": None if row["label"] is None else self._codec.cell(row["label"]),
+                 "suggested_label": None if row["suggested_label"] is None
+                 else self._codec.cell(row["suggested_label"])} for row in rows]
 
     def labels(self, project_id: int | None = None) -> pd.DataFrame:
         """The training labels: one row per Label Studio task that holds at least one usable label.
 
         Columns: ``id`` (``task.data.item_id``, else ``ls-<task id>``), ``text``, ``label``,
         ``task_id``, ``project_id``, ``annotation_id``, ``annotator``, ``updated_at``,
-        ``n_annotations``. Per task:
+        ``n_annotations``, and the chosen annotation's ``severity`` and ``severity_weight`` (a training
+        weight the trainer may use). Per task:
 
         * annotations marked ground truth by a reviewer, when there are any, are the only ones
           considered (that is what the flag means in Label Studio);
@@ -451,13 +596,15 @@ class Journal:
         * ``annotation_id``/``annotator``/``updated_at``/``text`` come from the latest annotation
           carrying the winning label; ``n_annotations`` counts all usable ones on the task.
 
-        The same item imported into two tasks yields two rows with the same ``id``.
+        The same item imported into two tasks yields two rows with the same ``id``. For a multi-label
+        taxonomy ``label`` is a tuple of names in taxonomy order (``()``: none of these), each label voted
+        on by itself: in the set when strictly more than half of the considered annotations select it.
         """
         usable = self.annotations(project_id)
         usable = usable[usable["label"].notna()]
         if usable.empty:
             return pd.DataFrame(columns=LABEL_COLUMNS)
-        chosen = vote(usable, "task_id")
+        chosen = vote(usable, "task_id", self.taxonomy)
         counts = usable.groupby("task_id").size().rename("n_annotations")
         return chosen.join(counts, on="task_id")[LABEL_COLUMNS].reset_index(drop=True)
 
@@ -521,6 +668,8 @@ class Journal:
         if not isinstance(annotations, list) or not isinstance(tasks, list):
             return self._quarantine(conn, event_id, None, None,
                                     "'annotation' and 'task' must both be objects or both be lists")
+        if not annotations:
+            return "ignored", f"{payload['action']} with an empty 'annotation' list"
         by_task = {_dict_int(t, "id"): t for t in tasks if isinstance(t, dict)}
         only_task = tasks[0] if len(tasks) == 1 else None
         project_id = _project_id_of(payload)
@@ -554,6 +703,9 @@ class Journal:
             and (current["label"], current["text"]) == (version.label, version.text)
         )
         label_event_id = (current["label_event_id"] if unchanged else event_id) if version.is_label else None
+        # a reveal is something that happened: a later version that clears the toggle does not undo it
+        revealed = version.marks.revealed or (current is not None and not current["deleted"]
+                                              and bool(current["revealed"]))
         if (current is not None and not current["deleted"] and version.suggested_label is None
                 and version.prediction_id is not None and version.prediction_id == current["prediction_id"]):
             # a webhook names the prediction by id only; the same id is the same prediction, already read
@@ -562,18 +714,37 @@ class Journal:
         conn.execute(
             "INSERT OR REPLACE INTO annotations (annotation_id, project_id, task_id, item_id, text, label, "
             "annotator, created_at, updated_at, cancelled, ground_truth, deleted, problem, source, event_id, "
-            "label_event_id, lead_time, prediction_id, suggested_label, suggested_model_version) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "label_event_id, lead_time, prediction_id, suggested_label, suggested_model_version, severity, "
+            "escalated, revealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (version.annotation_id, version.project_id, version.task_id, version.item_id, version.text,
              version.label, version.annotator, version.created_at, version.updated_at, int(version.cancelled),
              int(version.ground_truth), version.problem, source, event_id, label_event_id, version.lead_time,
-             version.prediction_id, version.suggested_label, version.suggested_model_version),
+             version.prediction_id, version.suggested_label, version.suggested_model_version,
+             version.marks.severity, int(version.marks.escalated), int(revealed)),
         )
+        parts = self._store_marks(conn, event_id, version)
         if version.problem is not None:
             return self._quarantine(conn, event_id, version.annotation_id, version.task_id, version.problem)
         if version.cancelled:
             return "accepted", f"annotation {version.annotation_id} was skipped: recorded, not a label"
-        return "accepted", None
+        return "accepted", "; ".join(parts) or None
+
+    def _store_marks(self, conn: sqlite3.Connection, event_id: int, version: _Version) -> list[str]:
+        """Record the escalation (once per annotation: a later version never escalates again, so a receiver
+        is not told twice about one judgement) and quarantine each unusable review mark on its own, keeping
+        the label. Returns what was quarantined."""
+        marks = version.marks
+        if marks.escalated:
+            conn.execute(
+                "INSERT OR IGNORE INTO escalations (uid, annotation_id, event_id, project_id, task_id, item_id, "
+                "text, label, severity, reason, annotator, escalated_at, recorded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (uuid.uuid4().hex, version.annotation_id, event_id, version.project_id, version.task_id,
+                 version.item_id, version.text, version.label, marks.severity, marks.reason, version.annotator,
+                 version.updated_at, _now()))
+        for problem in marks.problems:
+            self._quarantine(conn, event_id, version.annotation_id, version.task_id, problem)
+        return [f"quarantined {problem}" for problem in marks.problems]
 
     def _delete_payload(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: dict
                         ) -> tuple[Status, str | None]:
@@ -640,6 +811,7 @@ class Journal:
             cancelled=cancelled, ground_truth=annotation.get("ground_truth") is True,
             problem=problem, lead_time=lead_time, prediction_id=prediction_id,
             suggested_label=suggested_label, suggested_model_version=suggested_model_version,
+            marks=read_marks(annotation.get("result"), self.policy, labelled=label is not None),
         )
 
     def _suggestion_of(self, annotation: dict, task: Any
@@ -664,7 +836,7 @@ class Journal:
             predictions = task.get("predictions") if isinstance(task, dict) else None
             predictions = predictions if isinstance(predictions, list) and prediction_id is not None else []
             prediction = next((p for p in predictions if _dict_int(p, "id") == prediction_id), None)
-        if prediction is None:
+        if prediction is None or not prediction.get("result"):  # a bare review priority suggests nothing
             return lead_time, prediction_id, None, None
         label, problem = self._label_of(prediction.get("result"))
         version = prediction.get("model_version")
@@ -672,6 +844,35 @@ class Journal:
                 version if isinstance(version, str) and version else None)
 
     def _label_of(self, result: Any) -> tuple[str | None, str | None]:
+        """The label as stored (a taxonomy label, or a canonical label set), or the reason there is none.
+        Review controls (severity, escalate, reason, reveal) are left out first: their values are never
+        labels, and a severity level that happened to equal a label name must not be read as one."""
+        if isinstance(result, list):
+            result = [item for item in result if not is_review_item(item)]
+        return self._codec.parse(result)
+
+
+class _LabelCodec(ABC):
+    """How one kind of taxonomy reads a Label Studio ``result`` into the ``label`` column and back."""
+
+    def __init__(self, taxonomy: Taxonomy):
+        self.taxonomy = taxonomy
+
+    @abstractmethod
+    def parse(self, result: Any) -> tuple[str | None, str | None]:
+        """``(stored label, None)``, or ``(None, why it is unusable)``."""
+
+    def cell(self, stored: str) -> Any:
+        """The stored label as a frame cell."""
+        return stored
+
+    def text(self, cell: Any) -> str:
+        """A frame cell as the label is stored (the inverse of :meth:`cell`)."""
+        return cell
+
+
+class _SingleLabel(_LabelCodec):
+    def parse(self, result: Any) -> tuple[str | None, str | None]:
         """The single taxonomy label in a result, or the reason there is none.
 
         Choices controls whose values are all outside the taxonomy are ignored (a config may hold
@@ -697,18 +898,109 @@ class Journal:
             return None, f"several taxonomy labels in one annotation: {sorted(set(found))}"
         return found[0], None
 
+    def cell(self, stored: str) -> str:
+        """A label set (a JSON list) means the journal was written for a multi-label taxonomy: read as a name,
+        ``'["a", "b"]'`` would be exported and trained on as if it were one label."""
+        if stored.startswith("[") and stored not in self.taxonomy.labels:
+            try:
+                is_set = isinstance(json.loads(stored), list)
+            except ValueError:
+                is_set = False
+            if is_set:
+                raise JournalError(
+                    f"journal label {stored!r} is a label set, but taxonomy {self.taxonomy.name!r} is single-label: "
+                    "this journal was written for a multi-label taxonomy (see `labelloop taxonomy migrate`)")
+        return stored
+
+
+class _LabelSet(_LabelCodec):
+    """A multi-label taxonomy: the label is a set, stored as a JSON list in taxonomy order (``[]``: none of
+    these), so equal sets are equal strings and an unchanged answer keeps its ``label_event_id``."""
+
+    def parse(self, result: Any) -> tuple[str | None, str | None]:
+        """The label set of a result, or the reason there is none.
+
+        A choices control whose values are all outside the taxonomy is ignored (a config may hold other
+        questions) when another names taxonomy labels; one that mixes taxonomy labels with unknown ones is
+        refused rather than trained on in part (a renamed label, say). The none label with any other label
+        contradicts itself. Without a none label in the taxonomy, an answer that selects nothing is the
+        empty set; with one, reviewers say "none of these" by choosing it, so selecting nothing is refused.
+        """
+        if not isinstance(result, list):
+            return None, "annotation 'result' is not a list"
+        allowed = (*self.taxonomy.labels, *((self.taxonomy.none_label,) if self.taxonomy.none_label else ()))
+        chosen: set[str] = set()
+        outside: list[Any] = []
+        controls = 0
+        for item in result:
+            value = item.get("value") if isinstance(item, dict) else None
+            choices = value.get("choices") if isinstance(value, dict) else None
+            if not isinstance(choices, list):
+                continue
+            controls += 1
+            known = [c for c in choices if isinstance(c, str) and c in allowed]
+            unknown = [c for c in choices if not (isinstance(c, str) and c in allowed)]
+            if known and unknown:
+                return None, (f"label(s) {sorted(map(str, unknown))} not in taxonomy {self.taxonomy.name!r} "
+                              f"next to {sorted(known)} (expected labels from {list(allowed)})")
+            chosen.update(known)
+            outside.extend(unknown)
+        if not chosen and outside:
+            return None, (f"label(s) {sorted(map(str, outside))} not in taxonomy {self.taxonomy.name!r} "
+                          f"(expected labels from {list(allowed)})")
+        none = self.taxonomy.none_label
+        if none is not None and none in chosen and len(chosen) > 1:
+            return None, f"{none!r} (none of these) chosen together with {sorted(chosen - {none})}"
+        if not chosen and (none is not None or (controls == 0 and result)):
+            return None, ("annotation result has no choices value"
+                          + (f" (choose {none!r} for none of these)" if none is not None else ""))
+        return json.dumps([label for label in self.taxonomy.labels if label in chosen]), None
+
+    def text(self, cell: Any) -> str:
+        return json.dumps([label for label in self.taxonomy.labels if label in set(cell)])
+
+    def cell(self, stored: str) -> tuple[str, ...]:
+        try:
+            names = json.loads(stored)
+        except ValueError:
+            names = None
+        if not isinstance(names, list):
+            raise JournalError(
+                f"journal label {stored!r} is not a label set, but taxonomy {self.taxonomy.name!r} is multi-label: "
+                "this journal was written for a single-label taxonomy (see `labelloop taxonomy migrate`)")
+        return tuple(names)
+
 
 # --- pure helpers ------------------------------------------------------------------------------
 
 
-def vote(usable: pd.DataFrame, key: str) -> pd.DataFrame:
+def label_text(taxonomy: Taxonomy, label: str | tuple[str, ...]) -> str:
+    """A frame's label cell as the journal stores it: the name, or a label set's JSON list in taxonomy order.
+    For other stores that keep labels as text (a honeypot's gold label), so they compare with the journal's."""
+    return _codec_for(taxonomy).text(label)
+
+
+def label_cell(taxonomy: Taxonomy, stored: str) -> str | tuple[str, ...]:
+    """A label kept as text elsewhere (a honeypot's gold, a disputed label) as a frame cell, the inverse of
+    :func:`label_text`: a label set's JSON list becomes the tuple the journal's frames carry."""
+    return _codec_for(taxonomy).cell(stored)
+
+
+def _codec_for(taxonomy: Taxonomy) -> _LabelCodec:
+    return _LabelSet(taxonomy) if taxonomy.multi else _SingleLabel(taxonomy)
+
+
+def vote(usable: pd.DataFrame, key: str, taxonomy: Taxonomy | None = None) -> pd.DataFrame:
     """One row per ``key`` (a task, or an item across its tasks): the winning label, as its latest annotation.
 
     Ground-truth annotations, where a group has any, are the only ones considered; otherwise the majority
     wins, and a tie goes to the label whose latest annotation is the most recent (the freshest judgement,
-    often a reviewer's correction). ``usable`` holds only annotations with a label."""
+    often a reviewer's correction). ``usable`` holds only annotations with a label. For a multi-label
+    ``taxonomy`` each label is voted on by itself (see :func:`_vote_sets`)."""
     has_truth = usable.groupby(key)["ground_truth"].transform("any")
     considered = usable[usable["ground_truth"] | ~has_truth]
+    if taxonomy is not None and taxonomy.multi:
+        return _vote_sets(considered, key, taxonomy)
     votes = (
         considered.groupby([key, "label"], as_index=False)
         .agg(n=("annotation_id", "size"), latest=("updated_at", "max"))
@@ -720,6 +1012,43 @@ def vote(usable: pd.DataFrame, key: str) -> pd.DataFrame:
         .sort_values([key, "updated_at", "annotation_id"])
         .drop_duplicates(key, keep="last")
     )
+
+
+def _vote_sets(considered: pd.DataFrame, key: str, taxonomy: Taxonomy) -> pd.DataFrame:
+    """Majority per label: a label is in the group's set when strictly more than half of the considered
+    annotations select it, so two annotators who disagree on a label leave it out rather than let the
+    later one win; the row (text, annotator, time) is the group's latest annotation."""
+    selected = pd.DataFrame(taxonomy.encode(considered["label"]), index=considered.index)
+    share = selected.groupby(considered[key].to_numpy()).mean()
+    voted = {k: taxonomy.decode(row > 0.5) for k, row in zip(share.index, share.to_numpy(), strict=True)}
+    latest = (considered.sort_values([key, "updated_at", "annotation_id"])
+              .drop_duplicates(key, keep="last").copy())
+    latest["label"] = [voted[k] for k in latest[key]]
+    return latest
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+#: SQLite result codes that mean the file or its disk refuses writes, never that a payload is bad
+_UNWRITABLE_CODES = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM",
+                     "SQLITE_BUSY", "SQLITE_LOCKED")
+
+
+def _unwritable(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return True
+    return (isinstance(error, sqlite3.OperationalError)
+            and str(getattr(error, "sqlite_errorname", "")).startswith(_UNWRITABLE_CODES))
 
 
 def _check_source(source: str) -> None:

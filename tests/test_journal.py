@@ -14,8 +14,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from labelloop.journal import SCHEMA_VERSION, Journal, RecordResult
-from labelloop.taxonomy import get_taxonomy
+from labelloop.journal import SCHEMA_VERSION, Journal, JournalError, RecordResult
+from labelloop.taxonomy import Taxonomy, get_taxonomy
 
 TAXONOMY = get_taxonomy("hate_offensive")
 PROJECT = 7
@@ -84,7 +84,7 @@ def label_map(journal: Journal) -> dict[int, str]:
 def test_file_is_wal_and_schema_versioned(journal: Journal, path: Path) -> None:
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
 
 
@@ -547,3 +547,123 @@ def test_an_absurd_lead_time_is_dropped_not_the_label(journal: Journal) -> None:
     assert res.status == "accepted"
     assert label_map(journal) == {10: "hate"} and suggestion_columns(journal)["lead_time"] is None
     assert journal.record(event(ann={**annotation(2, 11), "lead_time": -(10**400)})).status == "accepted"
+
+
+# --- multi-label taxonomies: labels are sets ----------------------------------------------------
+
+MULTI = Taxonomy("targets", "Who is targeted", ("gender", "race", "religion"), ("G", "R", "Rel"), multi=True,
+                 none_label="none_of_these")
+
+
+@pytest.fixture
+def multi_journal(tmp_path: Path):
+    with Journal(tmp_path / "multi.sqlite", MULTI) as j:
+        yield j
+
+
+def multi_event(ann_id: int, task_id: int, *choices: str, minute: int = 0, annotator: int = 1,
+                ground_truth: bool = False) -> dict:
+    ann = annotation(ann_id, task_id, minute=minute, annotator=annotator, ground_truth=ground_truth,
+                     result_=result(*choices))
+    return event(ann=ann)
+
+
+def test_a_multi_label_annotation_is_journaled_as_a_set_in_taxonomy_order(multi_journal: Journal) -> None:
+    assert multi_journal.record(multi_event(1, 10, "religion", "gender")).status == "accepted"
+    assert multi_journal.record(multi_event(2, 11, "none_of_these")).status == "accepted"
+    frame = multi_journal.annotations().set_index("annotation_id")
+    assert frame.loc[1, "label"] == ("gender", "religion")
+    assert frame.loc[2, "label"] == ()  # the none label is the empty set, never a label of its own
+    assert label_map(multi_journal) == {10: ("gender", "religion"), 11: ()}
+    stored = sqlite3.connect(multi_journal.path).execute(
+        "SELECT label FROM annotations ORDER BY annotation_id").fetchall()
+    assert stored == [('["gender", "religion"]',), ("[]",)]
+
+
+def test_the_same_set_in_another_order_is_not_a_new_label(multi_journal: Journal) -> None:
+    multi_journal.record(multi_event(1, 10, "race", "gender"))
+    mark = multi_journal.last_event_id()
+    assert multi_journal.record(multi_event(1, 10, "gender", "race", minute=2)).status == "accepted"
+    assert multi_journal.new_label_count(mark) == 0
+    multi_journal.record(multi_event(1, 10, "gender", minute=3))
+    assert multi_journal.new_label_count(mark) == 1
+
+
+@pytest.mark.parametrize("choices, reason", [
+    (("ethnicity",), "not in taxonomy"),
+    (("gender", "ethnicity"), "not in taxonomy"),  # part of a set is never trained on
+    (("none_of_these", "race"), "none of these"),
+    ((), "no choices value"),  # with a none label, selecting nothing is not an answer
+])
+def test_unusable_label_sets_are_quarantined_with_the_reason(multi_journal: Journal, choices, reason) -> None:
+    res = multi_journal.record(multi_event(1, 10, *choices))
+    assert res.status == "quarantined" and reason in res.reason
+    assert multi_journal.labels().empty
+    assert reason in multi_journal.quarantined()[0]["reason"]
+
+
+def test_without_a_none_label_an_answer_that_selects_nothing_is_the_empty_set(tmp_path: Path) -> None:
+    taxonomy = Taxonomy("t", "T", ("a", "b"), ("A", "B"), multi=True)
+    with Journal(tmp_path / "j.sqlite", taxonomy) as j:
+        assert j.record(multi_event(1, 10)).status == "accepted"
+        assert label_map(j) == {10: ()}
+
+
+def test_votes_across_annotators_take_the_majority_per_label(multi_journal: Journal) -> None:
+    for ann_id, choices in ((1, ("gender", "race")), (2, ("gender",)), (3, ("race", "religion"))):
+        multi_journal.record(multi_event(ann_id, 10, *choices, minute=ann_id, annotator=ann_id))
+    # two annotators who disagree on every label: no label has more than half
+    multi_journal.record(multi_event(4, 11, "gender", annotator=1))
+    multi_journal.record(multi_event(5, 11, "race", minute=1, annotator=2))
+    labels = multi_journal.labels().set_index("task_id")
+    assert labels.loc[10, "label"] == ("gender", "race") and labels.loc[10, "n_annotations"] == 3
+    assert labels.loc[11, "label"] == ()
+    assert labels.loc[10, "annotation_id"] == 3  # the row is the latest annotation's
+
+
+def test_ground_truth_decides_a_multi_label_vote(multi_journal: Journal) -> None:
+    multi_journal.record(multi_event(1, 10, "gender", "race", annotator=1))
+    multi_journal.record(multi_event(2, 10, "gender", "race", minute=1, annotator=2))
+    multi_journal.record(multi_event(3, 10, "religion", minute=2, annotator=3, ground_truth=True))
+    assert label_map(multi_journal) == {10: ("religion",)}
+
+
+def test_training_labels_vote_multi_label_sets_per_item(multi_journal: Journal, tmp_path: Path) -> None:
+    from active_learning.training_labels import training_labels
+    from labelloop.slices import SliceStore
+
+    multi_journal.record(multi_event(1, 10, "gender", "race", annotator=1))
+    multi_journal.record(event(ann=annotation(2, 12, minute=1, annotator=2, result_=result("race")),
+                               tsk={**task(12), "data": {"text": "you people are awful", "item_id": "ls-10"}}))
+    multi_journal.record(multi_event(3, 11, "none_of_these"))
+    store = SliceStore(tmp_path / "slices.sqlite")
+    try:
+        frame = training_labels(multi_journal, store, PROJECT)
+    finally:
+        store.close()
+    assert dict(zip(frame["id"], frame["label"], strict=True)) == {"ls-10": ("race",), "ls-11": ()}
+
+
+def test_a_single_label_journal_is_not_read_as_label_sets(path: Path) -> None:
+    with Journal(path, TAXONOMY) as j:
+        j.record(event())
+    with Journal(path, Taxonomy("hate_offensive", "x", ("hate", "offensive"), ("h", "o"), multi=True)) as j:
+        with pytest.raises(JournalError, match="single-label"):
+            j.labels()
+
+
+def test_a_multi_label_journal_is_not_read_as_single_labels(multi_journal: Journal) -> None:
+    """Read as names, the stored sets would be exported and trained on as labels such as '["race"]'."""
+    multi_journal.record(multi_event(1, 10, "race"))
+    with Journal(multi_journal.path, TAXONOMY) as j:
+        with pytest.raises(JournalError, match="multi-label"):
+            j.labels()
+
+
+def test_label_text_is_the_journals_stored_form(multi_journal: Journal) -> None:
+    from labelloop.journal import label_text
+
+    multi_journal.record(multi_event(1, 10, "religion", "gender"))
+    stored = sqlite3.connect(multi_journal.path).execute("SELECT label FROM annotations").fetchone()[0]
+    assert label_text(MULTI, ("religion", "gender")) == stored
+    assert label_text(MULTI, ()) == "[]" and label_text(TAXONOMY, "hate") == "hate"
