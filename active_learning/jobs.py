@@ -29,6 +29,7 @@ log = logging.getLogger("labelloop.jobs")
 
 JobStateName = Literal["queued", "running", "done", "failed"]
 ReportProgress = Callable[[float, str], None]
+_ERROR_CHARS = 1000  # a job's error is one line; the traceback's tail is in its message
 #: the work of one job: reports progress, returns a JSON-able summary
 JobWork = Callable[[ReportProgress], dict[str, Any]]
 
@@ -167,9 +168,10 @@ class JobRunner:
 
         try:
             result = self._work(progress)
-        except Exception as e:  # a failed job is reported, the worker lives on
-            log.error("job %s failed: %s", job.id, e)
-            job = job.model_copy(update={"state": "failed", "error": f"{type(e).__name__}: {e}",
+        except BaseException as e:  # noqa: BLE001 - even SystemExit from a library: report it, the worker lives on
+            first = (str(e).strip().splitlines() or [""])[0][:_ERROR_CHARS]
+            log.error("job %s failed: %s: %s", job.id, type(e).__name__, first)
+            job = job.model_copy(update={"state": "failed", "error": f"{type(e).__name__}: {first}".rstrip(": "),
                                          "message": traceback.format_exc(limit=3)[-2000:]})
         else:
             job = job.model_copy(update={"state": "done", "progress": 1.0, "result": json.loads(
@@ -218,15 +220,17 @@ def jobs_router(runner: JobRunner) -> APIRouter:
     def list_jobs(limit: int = 20) -> JobList:
         return JobList(jobs=runner.list(limit=max(1, min(limit, 200))))
 
-    @router.get("/jobs/{job_id}", response_model=Job)
+    # before /jobs/{job_id}: Starlette answers a wrong method with the Allow header of the first route
+    # whose path matches, and "retrain" also matches {job_id}
+    @router.post("/jobs/retrain", response_model=Job, status_code=202)
+    def retrain(request: RetrainRequest) -> Job:
+        return runner.submit(request.reason)
+
+    @router.get("/jobs/{job_id}", response_model=Job, responses={404: {"description": "no job with this id"}})
     def get_job(job_id: str) -> Job:
         job = runner.get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job
-
-    @router.post("/jobs/retrain", response_model=Job, status_code=202)
-    def retrain(request: RetrainRequest) -> Job:
-        return runner.submit(request.reason)
 
     return router

@@ -47,7 +47,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pandas as pd
@@ -57,13 +57,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from labelloop.taxonomy import (
     FROM_NAME,
+    MASKED_FIELD,
     TO_NAME,
     ChoicesControl,
     LabelConfigError,
     Taxonomy,
+    check_label_config,
     label_config_xml,
     parse_label_config,
 )
+from serving.auth import WEBHOOK_SECRET_HEADER
 
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 RETRIEVE_PREDICTIONS_ACTION = "retrieve_tasks_predictions"
@@ -105,28 +108,41 @@ class PriorityIn(BaseModel):
 
 
 class PredictionIn(PriorityIn):
-    """One single-choice prediction to store in Label Studio: a priority plus the model's label."""
+    """One prediction to store in Label Studio: a priority plus the model's label, or for a multi-label
+    project the tuple of choices to pre-select. An empty tuple stores the priority with nothing pre-selected
+    (the caller shows "none of these" as the taxonomy's none label, when it has one)."""
 
-    label: str = Field(min_length=1)
+    label: Annotated[str, Field(min_length=1)] | tuple[str, ...]
     from_name: str = FROM_NAME
     to_name: str = TO_NAME
 
     def result(self) -> list[dict[str, Any]]:
-        return choice_result(self.label, self.from_name, self.to_name)
+        return choice_result(self.label, self.from_name, self.to_name) if self.label else []
 
     def problem(self, control: ChoicesControl, project_id: int) -> str | None:
         if (self.from_name, self.to_name) != (control.from_name, control.to_name):
             return (f"prediction for task {self.task_id} targets {self.from_name}->{self.to_name}, "
                     f"but project {project_id} labels with {control.from_name}->{control.to_name}")
-        if self.label not in control.labels:
-            return (f"prediction for task {self.task_id} has label {self.label!r}, "
-                    f"not one of project {project_id}'s choices {list(control.labels)}")
+        choices = _choices(self.label)
+        unknown = [label for label in choices if label not in control.labels]
+        if unknown:
+            return (f"prediction for task {self.task_id} has label(s) {unknown}, "
+                    f"not among project {project_id}'s choices {list(control.labels)}")
+        if len(choices) > 1 and not control.multiple:
+            return (f"prediction for task {self.task_id} selects {choices}, but project {project_id}'s "
+                    'choices take one label (not choice="multiple")')
         return None
 
 
-def choice_result(label: str, from_name: str = FROM_NAME, to_name: str = TO_NAME) -> list[dict[str, Any]]:
-    """The ``result`` of a single-choice annotation or prediction, as Label Studio stores it."""
-    return [{"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": [label]}}]
+def _choices(label: str | Sequence[str]) -> list[str]:
+    return [label] if isinstance(label, str) else list(label)
+
+
+def choice_result(label: str | Sequence[str], from_name: str = FROM_NAME, to_name: str = TO_NAME
+                  ) -> list[dict[str, Any]]:
+    """The ``result`` of a choices annotation or prediction, as Label Studio stores it: one label, or
+    the selected set of a ``choice="multiple"`` control."""
+    return [{"from_name": from_name, "to_name": to_name, "type": "choices", "value": {"choices": _choices(label)}}]
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -222,9 +238,13 @@ def _authorization(headers: dict[str, Any] | None) -> str | None:
 class LabelStudioClient:
     """What labelloop needs from Label Studio, with errors that say which call failed and why."""
 
-    def __init__(self, url: str, api_key: str):
+    def __init__(self, url: str, api_key: str, mask: Callable[[str], str] | None = None):
+        """``mask``: what reviewers see of a text by default (``Protection.mask_text``); every task this client
+        creates carries it as ``text_masked`` (the text itself without one), so a project whose config shows
+        the masked view never shows a task blank, whichever code path imported it."""
         self.url = url.rstrip("/")
         self.sdk = LabelStudio(base_url=self.url, api_key=api_key)
+        self.mask = mask or str
         # Task ids seen per project. Listing tasks is the slow call (``/api/tasks`` loads every task's
         # predictions, so it slows down as predictions pile up); this spares a listing per prediction push.
         self._known_tasks: dict[int, set[int]] = {}
@@ -250,28 +270,32 @@ class LabelStudioClient:
         return response
 
     # --- projects -----------------------------------------------------------------------------
-    def ensure_project(self, title: str, taxonomy: Taxonomy, description: str = "") -> int:
-        """The id of the project called ``title``, created with the taxonomy's config if there is none.
+    def ensure_project(self, title: str, taxonomy: Taxonomy, description: str = "",
+                       label_config: str | None = None) -> int:
+        """The id of the project called ``title``, created with ``label_config`` (default: the taxonomy's
+        generated config) if there is none.
 
         An existing project is reused (the oldest when several share the title) as long as its choices are
-        the taxonomy's labels; otherwise :class:`LabelConfigError`: its labels would not fit the model.
+        the taxonomy's (labels, the none label for multi-label, and the choice type); otherwise
+        :class:`LabelConfigError`: its labels would not fit the model. A given config is checked the same
+        way before the project is created.
         """
+        label_config = label_config or label_config_xml(taxonomy)
+        check_label_config(label_config, taxonomy)
         with self._call(f"listing projects titled {title!r}"):
             matches = sorted(p.id for p in self.sdk.projects.list(title=title, page_size=100) if p.title == title)
         if matches:
             project_id = matches[0]
             with self._call(f"reading project {project_id}"):
                 config = self.sdk.projects.get(project_id).label_config or ""
-            control = parse_label_config(config)
-            if set(control.labels) != set(taxonomy.labels):
-                raise LabelConfigError(
-                    f"project {project_id} ({title!r}) has choices {list(control.labels)}, "
-                    f"but taxonomy {taxonomy.name!r} has {list(taxonomy.labels)}"
-                )
+            try:
+                check_label_config(config, taxonomy, f"project {project_id} ({title!r})")
+            except LabelConfigError as e:
+                raise LabelConfigError(f"{e} (it has choices {list(parse_label_config(config).labels)})") from None
             return project_id
         with self._call(f"creating project {title!r}"):
             project = self.sdk.projects.create(
-                title=title, description=description, label_config=label_config_xml(taxonomy)
+                title=title, description=description, label_config=label_config
             )
         assert project.id is not None
         return project.id
@@ -346,7 +370,7 @@ class LabelStudioClient:
             raise ValueError(f"{len(bad)} item(s) have no text, e.g. {bad[:10]}")
         existing = self.task_ids(project_id)
         new = [
-            {"text": text, "item_id": item_id}
+            {"text": text, MASKED_FIELD: self.mask(text), "item_id": item_id}
             for item_id, text in zip(ids, items["text"], strict=True)
             if item_id not in existing
         ]
@@ -370,6 +394,8 @@ class LabelStudioClient:
         bad = [r["item_id"] for r in rows if not isinstance(r["text"], str) or not r["text"].strip()]
         if bad:
             raise ValueError(f"{len(bad)} item(s) have no text, e.g. {bad[:10]}")
+        for row in rows:
+            row[MASKED_FIELD] = self.mask(row["text"])
         if not rows:
             return []
         with self._call(f"importing {len(rows)} tasks into project {project_id}"):
@@ -449,6 +475,43 @@ class LabelStudioClient:
             for p in stored
         ]
 
+    def unlabelled_tasks(self, project_id: int) -> list[dict[str, Any]]:
+        """The project's tasks nobody has annotated or skipped yet, in the order its uncertainty sampling serves
+        them: ``task_id, item_id, text, score`` (the current model_version's prediction score, lowest first;
+        tasks without one last, oldest first), what a cap-aware queue chooses from."""
+        with self._call(f"reading project {project_id}"):
+            version = self.sdk.projects.get(project_id).model_version or None
+        unlabelled = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0}]}}
+        rows = []
+        for task in self._tasks(project_id, fields="all", query=unlabelled):
+            data = task.data or {}
+            scores = [p.get("score") if isinstance(p, dict) else getattr(p, "score", None)
+                      for p in task.predictions or []
+                      if (p.get("model_version") if isinstance(p, dict) else getattr(p, "model_version", None))
+                      == version]
+            score = next((float(s) for s in scores if s is not None), None)
+            rows.append({"task_id": task.id, "item_id": str(data.get("item_id", task.id)),
+                         "text": data.get("text") if isinstance(data.get("text"), str) else "", "score": score})
+        return sorted(rows, key=lambda r: (r["score"] is None, r["score"] or 0.0, r["task_id"]))
+
+    def set_masked_text(self, task_id: int, item_id: str, text: str, masked: str) -> None:
+        """Replace what a task shows by default (``text_masked``), keeping its text and item id."""
+        with self._call(f"updating the masked text of task {task_id}"):
+            self.sdk.tasks.update(str(task_id), data={"text": text, MASKED_FIELD: masked, "item_id": item_id})
+
+    def user_id(self, email: str) -> int | None:
+        """The Label Studio user id of the account with this email (case-insensitive), or None."""
+        with self._call("listing users"):
+            users = self.sdk.users.list()
+        wanted = email.strip().lower()
+        return next((u.id for u in users if (u.email or "").lower() == wanted), None)
+
+    def labeling_url(self, project_id: int, task_id: int) -> str:
+        """Where a reviewer labels this one task in Label Studio's own interface."""
+        return f"{self.url}/projects/{project_id}/data?task={task_id}"
+
     # --- ML backend -----------------------------------------------------------------------------
     def connect_backend(
         self,
@@ -457,11 +520,13 @@ class LabelStudioClient:
         *,
         title: str = "labelloop",
         basic_auth: tuple[str, str] | None = None,
+        webhook_secret: str | None = None,
     ) -> int:
         """Connect the serving ML backend (reusing one already registered with this URL); returns its id.
 
         Label Studio calls the backend's ``/health`` and ``/setup`` right away, so it must be running.
-        Afterwards exactly one project webhook points at ``<url>/webhook``, carrying the basic-auth header.
+        Afterwards exactly one project webhook points at ``<url>/webhook``, carrying the basic-auth header and,
+        when given, the backend's ``webhook_secret`` in ``X-Labelloop-Webhook-Secret`` (``serving.auth``).
         A project without a model_version gets the backend's *title* as one (Label Studio does that), which
         no prediction carries: call :meth:`set_model_version` after pushing predictions.
         """
@@ -483,15 +548,18 @@ class LabelStudioClient:
                 backend = self.sdk.ml.create(project=project_id, url=url, title=title, is_interactive=False, **auth)
             assert backend.id is not None
             backend_id = backend.id
-        self._ensure_one_webhook(project_id, f"{url}/webhook", basic_auth)
+        self._ensure_one_webhook(project_id, f"{url}/webhook", basic_auth, webhook_secret)
         return backend_id
 
-    def _ensure_one_webhook(self, project_id: int, url: str, basic_auth: tuple[str, str] | None) -> None:
+    def _ensure_one_webhook(self, project_id: int, url: str, basic_auth: tuple[str, str] | None,
+                            webhook_secret: str | None = None) -> None:
         """Keep the oldest webhook to ``url`` (fixing its headers in place) and delete the others: a second
         hook to the same URL would deliver every event twice."""
         headers: dict[str, str] = {}
         if basic_auth is not None:
             headers["Authorization"] = basic_auth_header(*basic_auth)
+        if webhook_secret:
+            headers[WEBHOOK_SECRET_HEADER] = webhook_secret
         with self._call(f"listing webhooks of project {project_id}"):
             hooks = sorted(
                 (
@@ -584,10 +652,12 @@ class LabelStudioClient:
                 yield dict(annotation), task_dict
 
     def create_annotation(
-        self, task_id: int, label: str, from_name: str = FROM_NAME, to_name: str = TO_NAME, **kw: Any
+        self, task_id: int, label: str | Sequence[str], from_name: str = FROM_NAME, to_name: str = TO_NAME,
+        **kw: Any
     ) -> dict[str, Any]:
-        """Annotate a task as the API user (simulated reviewers, tests); ``kw`` goes to ``annotations.create``
-        (``lead_time``, ``was_cancelled``, ``ground_truth``, ...). Fires the project's webhooks."""
+        """Annotate a task as the API user (simulated reviewers, tests) with one label, or a set of labels in a
+        ``choice="multiple"`` project; ``kw`` goes to ``annotations.create`` (``lead_time``, ``was_cancelled``,
+        ``ground_truth``, ...). Fires the project's webhooks."""
         with self._call(f"annotating task {task_id}"):
             annotation = self.sdk.annotations.create(task_id, result=choice_result(label, from_name, to_name), **kw)
         return annotation.model_dump(mode="json")

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from numbers import Number
@@ -47,10 +48,11 @@ from active_learning.stopping import StoppingMonitor
 from active_learning.strategies import PoolContext, get_strategy, parse_strategy
 from active_learning.training_labels import training_labels
 from labelloop.config import Settings
-from labelloop.journal import Journal
+from labelloop.journal import Journal, label_cell, label_text
 from labelloop.slices import SliceStore
 from labelloop.taxonomy import get_taxonomy
 from serving.quantize import precision
+from training.classifier import TextClassifier
 from training.fast import EmbeddingCache
 from training.registry import CHAMPION, LoadedModel, Registry
 from training.train import embedding_cache, train_and_register
@@ -92,6 +94,25 @@ def priorities(count: int, n_classes: int) -> np.ndarray:
     (the top class's probability is at least 1/K), so every pushed item is served before the rest of
     the pool. Unique, because Label Studio does not break score ties."""
     return np.arange(count, dtype=np.float64) / max(count, 1) / max(n_classes, 1)
+
+
+def priority_classes(classifier: TextClassifier) -> int:
+    """The ``K`` of the review priorities' range [0, 1/K): it must lie below every score the backend gives a
+    pre-label. That is 1/K for a single-label model (its top probability); a multi-label pre-label scores the
+    mean confidence of its per-label decisions, at least ``min(t, 1 - t)`` for a label with threshold ``t``."""
+    if not classifier.multi_label:
+        return len(classifier.labels)
+    thresholds = np.asarray(classifier.thresholds, dtype=np.float64)
+    floor = float(np.minimum(thresholds, 1.0 - thresholds).min()) if len(thresholds) else 0.5
+    return max(len(classifier.labels), math.ceil(1.0 / max(floor, 1e-6)))
+
+
+def pool_decisions(classifier: TextClassifier, proba: np.ndarray, task_ids: np.ndarray) -> pd.Series:
+    """The champion's decisions on the pool, one value per (task, output): the label id of a single-label
+    model, each label's 0/1 of a multi-label one. The stopping rule's kappa compares two rounds' series on
+    their common index, so a multi-label model is compared on every per-label decision."""
+    ids = np.asarray(classifier.decide_ids(proba))
+    return pd.DataFrame(ids.reshape(len(task_ids), -1), index=task_ids).stack()
 
 
 COLD_START_PREFIX = "cold-start-"
@@ -155,6 +176,7 @@ class ActiveLearningLoop:
         self.journal = journal
         self.slices = SliceStore(settings.slices_path)
         self.strategy_name = settings.strategy
+        parse_strategy(self.strategy_name, self.taxonomy.multi)  # a spec unfit for the taxonomy's kind fails here
         self.queue_size = settings.queue_size
         self.registry = Registry(settings)
         self._champion = champion
@@ -162,6 +184,8 @@ class ActiveLearningLoop:
         self._loaded: LoadedModel | None = None
         self._cache: EmbeddingCache | None = None
         self.pool_predictions: pd.Series | None = None  # champion's labels on the pool, by task id
+        #: task id → (label, probability) of the queued items shown blurred: exposure counts them as severe
+        self.blurred: dict[int, tuple[str, float]] = {}
         self.stopping = StoppingMonitor()  # fed only when a new champion's predictions exist
         self.last_signal: dict | None = None
         self.rounds = 0
@@ -296,11 +320,11 @@ class ActiveLearningLoop:
         started = time.perf_counter()
         unlabeled = self.unlabeled()
         labels = self.training_labels()
-        strategy = parse_strategy(self.strategy_name)
+        strategy = parse_strategy(self.strategy_name, self.taxonomy.multi)
         cache_key = f"{loaded.ref.cache_key}#{precision(loaded.classifier)}"  # served int8 ≠ registry fp32
         pool = ScoredPool(unlabeled.rename(columns={"item_id": "id"}), loaded.classifier, cache_key,
                           self.settings.cache_dir, labeled=labels[["id", "text", "label"]],
-                          seed=self.settings.seed)
+                          seed=self.settings.seed, severe_labels=self.settings.review_policy.severity.severe_labels)
         ctx = pool.context(strategy.needs | {"proba"})
         k = min(self.settings.query_batch, len(unlabeled))
         batch = strategy.select(ctx, k, np.random.default_rng(self.settings.seed)) if k else np.zeros(0, int)
@@ -308,7 +332,7 @@ class ActiveLearningLoop:
         batch = batch[np.argsort(-scores[batch], kind="stable")]  # cluster-based batches come in cluster order
         batch = drift_batch(batch, scores, unlabeled, self.settings)  # a share from drifted windows, if any
         ranked = np.argsort(-scores, kind="stable")
-        version, names = loaded.ref.label, self.taxonomy.labels
+        version = loaded.ref.label
         rng = batch_rng(self.settings.seed, version)
         answered = set(self.journal.annotations(self.project_id)["task_id"])
         pending = pending_slices(self.slices, self.project_id, answered)
@@ -332,22 +356,20 @@ class ActiveLearningLoop:
         self.slices.add([
             *slice_items(self.project_id, "audit", audit["task_id"].tolist(), audit["item_id"].tolist(), version),
             *slice_items(self.project_id, "honeypot", honey_tasks, honey["id"].tolist(), version,
-                         gold_label=honey["label"].tolist()),
+                         gold_label=[label_text(self.taxonomy, gold) for gold in honey["label"]]),
             *slice_items(self.project_id, "overlap", copy_tasks, sources["item_id"].tolist(), version,
                          source_task_id=sources["task_id"].astype(int).tolist()),
         ])
 
-        # pre-labels: the champion's label for pool items and for every suggested slice task
-        label_idx = ctx.proba.argmax(1)
-        by_position = {i: Suggested(int(unlabeled["task_id"].iat[i]), names[label_idx[i]]) for i in
-                       (*plan.al, *plan.tail)}
+        # pre-labels: the champion's label (or label set) for pool items and for every suggested slice task
+        shown = self._shown(loaded.classifier.decide(ctx.proba))
+        by_position = {i: Suggested(int(unlabeled["task_id"].iat[i]), shown[i]) for i in (*plan.al, *plan.tail)}
         carried = pending[pending["kind"].isin(["honeypot", "overlap"])]
         texts = dict(zip(all_pool["item_id"].astype(str), all_pool["text"], strict=False))
         texts.update(zip(eval_frame["id"], eval_frame["text"], strict=False))
         carried = carried[carried["item_id"].isin(texts)]
         extra_texts = [*honey["text"], *(texts[i] for i in carried["item_id"])]
-        extra_labels = ([names[j] for j in loaded.classifier.predict_proba(extra_texts).argmax(1)]
-                        if extra_texts else [])
+        extra_labels = self._shown(loaded.classifier.predict(extra_texts)) if extra_texts else []
         new_honey = [Suggested(t, label) for t, label in zip(honey_tasks, extra_labels, strict=False)]
         carried_labels = dict(zip(carried["task_id"], extra_labels[len(honey_tasks):], strict=True))
         copies = {by_position[position].task_id: [Suggested(copy, by_position[position].label)]
@@ -355,18 +377,44 @@ class ActiveLearningLoop:
         blind = [Blind(int(t)) for t in unlabeled["task_id"].iloc[[*pending_audit.tolist(), *plan.audit]]]
         order, adjudications = assemble_queue(
             [by_position[i] for i in plan.al], [by_position[i] for i in plan.tail], [*blind, *new_honey], copies,
-            place_pending(pending, carried_labels, {by_position[i].task_id for i in plan.al}), rng)
-        predictions = priorities_for(order, adjudications, len(names), version)
+            place_pending(pending, carried_labels, {by_position[i].task_id for i in plan.al},
+                          lambda stored: self._shown([label_cell(self.taxonomy, stored)])[0]), rng)
+        predictions = priorities_for(order, adjudications, priority_classes(loaded.classifier), version)
         if progress:
             progress(0.8, f"pushing {len(predictions)} priorities to Label Studio")
         pushed = self.client.import_predictions(self.project_id, predictions)
         if predictions:
             self.client.set_model_version(self.project_id, version)
-        self.pool_predictions = pd.Series(label_idx, index=unlabeled["task_id"].to_numpy())
+        self.pool_predictions = pool_decisions(loaded.classifier, ctx.proba, unlabeled["task_id"].to_numpy())
+        self._blur_confident_severe(unlabeled, ctx.proba, loaded.classifier.labels, [*plan.al, *plan.tail])
         counts = {"audit": plan.counts.audit, "honeypot": plan.counts.honeypot, "overlap": plan.counts.overlap,
                   "pending": len(pending)}
-        return QueueResult(version, strategy.name, len(unlabeled), [by_position[i].task_id for i in plan.al],
+        return QueueResult(version, strategy.spec, len(unlabeled), [by_position[i].task_id for i in plan.al],
                            pushed, time.perf_counter() - started, counts)
+
+    def _blur_confident_severe(self, unlabeled: pd.DataFrame, proba: np.ndarray, labels: Sequence[str],
+                               positions: Sequence[int]) -> int:
+        """Hide the whole text of queued items the champion predicts as a severe label with at least
+        ``blur_threshold`` confidence: the masked view shows a notice until the reviewer chooses "Show
+        original" (a recorded reveal), so nobody reads such an item before deciding to."""
+        guard, scale = self.settings.protection_policy, self.settings.review_policy.severity
+        blurred = 0
+        for i in positions:
+            top = int(np.argmax(proba[i]))
+            label, probability = labels[top], float(proba[i, top])
+            if guard.blurs(scale, label, probability):
+                row = unlabeled.iloc[i]
+                self.client.set_masked_text(int(row["task_id"]), str(row["item_id"]), str(row["text"]),
+                                            guard.masked_view(str(row["text"]), scale, label, probability))
+                self.blurred[int(row["task_id"])] = (label, probability)
+                blurred += 1
+        return blurred
+
+    def _shown(self, decided: list) -> list:
+        """What each pre-label pre-selects: the label, or the label set with the empty set shown as the
+        taxonomy's none label (without one it stays empty: a priority with nothing pre-selected)."""
+        none = (self.taxonomy.none_label,) if self.taxonomy.none_label else ()
+        return [label or none for label in decided]
 
     def adjudicate(self, candidates: pd.DataFrame | Iterable) -> AdjudicationResult:
         """Send likely label errors (``annotation_id`` and optional disputed ``label`` per row) to Label

@@ -5,8 +5,8 @@ encoder embeddings (diversity) and, for BALD, stochastic predictions. Embedding 
 (~2 minutes for 20k texts on two cores) and never changes for a text, so embeddings live in the
 shared :class:`training.fast.EmbeddingCache`. Probabilities change only when the model does:
 
-* fast-mode models (:class:`EmbeddingHeadClassifier`) score straight from the cached embeddings with
-  their linear head — milliseconds for 20k items, nothing worth caching;
+* models with a ``frozen_encoder`` (fast mode: frozen encoder + linear head) score straight from the
+  cached embeddings with their head — milliseconds for 20k items, nothing worth caching;
 * any other model (fine-tuned) pays a full forward pass per text, so its probabilities are cached on
   disk per (model version, text) and a later round with the same version — or a pool that only
   grew — computes only the new texts.
@@ -23,18 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from sklearn.base import clone
 
 from active_learning.strategies import NEEDS, PoolContext, QueryStrategy, parse_strategy
 from labelloop.config import DEFAULT_BASE_MODEL
-from training.classifier import (
-    EmbeddingHeadClassifier,
+from training.classifier import (  # noqa: F401  (the two committee functions are imported from here too)
     Encoder,
-    FineTunedClassifier,
     TextClassifier,
-    length_sorted_batches,
+    bootstrap_committee_proba,
     load_encoder,
+    mc_dropout_proba,
 )
 from training.fast import EmbeddingCache
 
@@ -96,46 +93,6 @@ class ProbaCache:
         os.replace(tmp, path)
 
 
-def bootstrap_committee_proba(head, labeled_embeddings: np.ndarray, labeled_y: np.ndarray,
-                              pool_embeddings: np.ndarray, n_classes: int, n_members: int,
-                              rng: np.random.Generator) -> np.ndarray:
-    """T x N x K predictions of ``n_members`` copies of ``head`` (same hyper-parameters) refit on
-    bootstrap resamples of the labeled set — the stochastic predictions BALD needs, for a linear head
-    that has no dropout. Resampling is done within each class so every member sees every class (a
-    rare class would otherwise vanish from some resamples and get probability 0 by accident)."""
-    labeled_y = np.asarray(labeled_y, dtype=int)
-    by_class = [np.flatnonzero(labeled_y == c) for c in np.unique(labeled_y)]
-    out = np.zeros((n_members, len(pool_embeddings), n_classes), dtype=np.float32)
-    for t in range(n_members):
-        sample = np.concatenate([rng.choice(members, size=len(members)) for members in by_class])
-        member = clone(head).set_params(random_state=int(rng.integers(2**31 - 1)))
-        member.fit(labeled_embeddings[sample], labeled_y[sample])
-        if len(pool_embeddings):
-            out[t][:, member.classes_] = member.predict_proba(pool_embeddings)
-    return out
-
-
-def mc_dropout_proba(classifier: FineTunedClassifier, texts: Sequence[str], n_samples: int, *, seed: int,
-                     batch_size: int = 64) -> np.ndarray:
-    """T x N x K softmax outputs with dropout left on (Gal & Ghahramani 2016): each text is tokenised
-    once and run ``n_samples`` times. The model is put back in eval mode afterwards, and the global
-    torch RNG is left as it was."""
-    out = np.zeros((n_samples, len(texts), len(classifier.labels)), dtype=np.float32)
-    if not len(texts):
-        return out
-    model = classifier.model
-    with torch.random.fork_rng(), torch.inference_mode():
-        torch.manual_seed(seed)
-        model.train()
-        try:
-            for idx, batch in length_sorted_batches(classifier.tokenizer, texts, batch_size, classifier.max_length):
-                for t in range(n_samples):
-                    out[t, idx] = torch.softmax(model(**batch).logits, dim=-1).float().numpy()
-        finally:
-            model.eval()
-    return out
-
-
 class ScoredPool:
     """The unlabeled pool as seen by one model version.
 
@@ -148,7 +105,8 @@ class ScoredPool:
 
     def __init__(self, items: pd.DataFrame, classifier: TextClassifier, model_version: str, cache_dir: Path, *,
                  labeled: pd.DataFrame | None = None, encoder: Encoder | None = None, mc_samples: int = 8,
-                 seed: int = 0, batch_size: int = 64, progress: Callable[[int], None] | None = None):
+                 seed: int = 0, batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                 severe_labels: Sequence[str] = ()):
         missing = {"id", "text"} - set(items.columns)
         if missing:
             raise ValueError(f"pool items need columns id and text (missing: {sorted(missing)})")
@@ -163,9 +121,11 @@ class ScoredPool:
         self.seed = seed
         self.batch_size = batch_size
         self.progress = progress
+        self.severe_classes = np.array([classifier.labels.index(label) for label in severe_labels
+                                        if label in classifier.labels], dtype=np.int64)
         if encoder is None:
-            encoder = (classifier.encoder if isinstance(classifier, EmbeddingHeadClassifier)
-                       else load_encoder(DEFAULT_BASE_MODEL, classifier.max_length))
+            encoder = classifier.frozen_encoder or load_encoder(DEFAULT_BASE_MODEL, classifier.max_length).to(
+                classifier.device)
         self.embedding_cache = EmbeddingCache(Path(cache_dir) / "embeddings", encoder)
         self.proba_cache = ProbaCache(Path(cache_dir) / "proba")
         self._memo: dict[str, np.ndarray] = {}
@@ -185,15 +145,28 @@ class ScoredPool:
         def compute() -> np.ndarray:
             return self.embedding_cache.get(self.labeled["text"].astype(str).tolist())
 
-        index = {label: i for i, label in enumerate(self.classifier.labels)}
-        unknown = sorted(set(self.labeled["label"]) - set(index))
+        return self._memoised("labeled_embeddings", compute), self._labeled_y()
+
+    def _labeled_y(self) -> np.ndarray:
+        """The labeled set's labels as the model's outputs: label ids for a single-label model, an L x K
+        0/1 matrix for a multi-label one (each cell a tuple of names; the empty tuple is "none of these")."""
+        labels = self.classifier.labels
+        index = {label: i for i, label in enumerate(labels)}
+        cells = self.labeled["label"].tolist()
+        names = {n for cell in cells for n in cell} if self.classifier.multi_label else set(cells)
+        unknown = sorted(map(str, names - set(index)))
         if unknown:
             raise ValueError(f"labeled set has labels {unknown} unknown to the model {list(index)}")
-        return self._memoised("labeled_embeddings", compute), self.labeled["label"].map(index).to_numpy(int)
+        if not self.classifier.multi_label:
+            return np.array([index[cell] for cell in cells], dtype=int)
+        y = np.zeros((len(cells), len(labels)), dtype=np.int8)
+        for row, cell in enumerate(cells):
+            y[row, [index[n] for n in cell]] = 1
+        return y
 
     def proba(self) -> np.ndarray:
         def compute() -> np.ndarray:
-            if isinstance(self.classifier, EmbeddingHeadClassifier):
+            if self.classifier.frozen_encoder is not None:
                 return self.classifier.proba_from_embeddings(self.embeddings())
             return self.proba_cache.get(
                 self.model_version, self.texts,
@@ -202,24 +175,21 @@ class ScoredPool:
         return self._memoised("proba", compute)
 
     def mc_proba(self) -> np.ndarray:
-        """T x N x K: a bootstrap committee for fast-mode heads (needs ``labeled``), MC dropout for
-        fine-tuned models (cached per version: T forward passes over the pool are expensive)."""
+        """T x N x K: the classifier's own :meth:`~TextClassifier.stochastic_proba` (a bootstrap
+        committee for fast-mode heads, which needs ``labeled``; MC dropout for fine-tuned models). Models
+        that need forward passes are cached per version: T passes over the pool are expensive."""
         def compute() -> np.ndarray:
             k, t = len(self.classifier.labels), self.mc_samples
-            if isinstance(self.classifier, EmbeddingHeadClassifier):
-                if self.labeled is None or self.labeled.empty:
-                    raise ValueError("BALD on a fast-mode model needs the labeled set (bootstrap committee)")
-                lab_emb, lab_y = self._labeled_arrays()
-                return bootstrap_committee_proba(self.classifier.head, lab_emb, lab_y, self.embeddings(), k, t,
-                                                 np.random.default_rng(self.seed))
-            if isinstance(self.classifier, FineTunedClassifier):
-                flat = self.proba_cache.get(
-                    f"{self.model_version}#mc{t}-seed{self.seed}", self.texts,
-                    lambda texts: mc_dropout_proba(self.classifier, texts, t, seed=self.seed,
-                                                   batch_size=self.batch_size).transpose(1, 0, 2).reshape(
-                                                       len(texts), t * k))
-                return flat.reshape(len(self.texts), t, k).transpose(1, 0, 2)
-            raise ValueError(f"no stochastic predictions for a {type(self.classifier).__name__}")
+            has_labeled = self.labeled is not None and not self.labeled.empty
+            sample = self.classifier.stochastic_proba
+            options = {"seed": self.seed, "batch_size": self.batch_size, "embeddings": self.embeddings,
+                       "labeled": self._labeled_arrays if has_labeled else None}
+            if self.classifier.frozen_encoder is not None:
+                return sample(self.texts, t, **options)
+            flat = self.proba_cache.get(
+                f"{self.model_version}#mc{t}-seed{self.seed}", self.texts,
+                lambda texts: sample(texts, t, **options).transpose(1, 0, 2).reshape(len(texts), t * k))
+            return flat.reshape(len(self.texts), t, k).transpose(1, 0, 2)
 
         return self._memoised("mc_proba", compute)
 
@@ -229,15 +199,24 @@ class ScoredPool:
         unknown = need - NEEDS
         if unknown:
             raise ValueError(f"unknown context field(s) {sorted(unknown)}; choose from {sorted(NEEDS)}")
-        ctx = PoolContext(n_classes=len(self.classifier.labels), size=len(self.items))
+        multi = self.classifier.multi_label
+        ctx = PoolContext(n_classes=len(self.classifier.labels), size=len(self.items), multi_label=multi,
+                          thresholds=self.classifier.thresholds if multi else None)
         if "proba" in need:
             ctx.proba = self.proba()
+        has_labeled = self.labeled is not None and not self.labeled.empty
         if "embeddings" in need:
             ctx.embeddings = self.embeddings()
-            if self.labeled is not None and not self.labeled.empty:
+            if has_labeled:
                 ctx.labeled_embeddings, ctx.labeled_y = self._labeled_arrays()
+        if "labeled_y" in need:
+            if not has_labeled:
+                raise ValueError("this query strategy compares the pool with the labeled set: pass labeled=")
+            ctx.labeled_y = self._labeled_y()
         if "mc_proba" in need:
             ctx.mc_proba = self.mc_proba()
+        if "severe_classes" in need:
+            ctx.severe_classes = self.severe_classes
         return ctx
 
     def rank(self, strategy: QueryStrategy | str, k: int, seed: int | None = None) -> pd.DataFrame:
@@ -245,7 +224,7 @@ class ScoredPool:
         (the strategy's acquisition score) and, where the strategy used the model, its ``predicted``
         label and ``confidence``."""
         if isinstance(strategy, str):
-            strategy = parse_strategy(strategy)
+            strategy = parse_strategy(strategy, self.classifier.multi_label)
         if not len(self.items):
             return self.items.assign(score=np.zeros(0))
         ctx = self.context(strategy.needs)
@@ -256,6 +235,6 @@ class ScoredPool:
         chosen, scores = chosen[order], scores[order]
         batch = self.items.iloc[chosen][["id", "text"]].reset_index(drop=True).assign(score=scores)
         if ctx.proba is not None:
-            batch["predicted"] = [self.classifier.labels[i] for i in ctx.proba[chosen].argmax(1)]
+            batch["predicted"] = self.classifier.decide(ctx.proba[chosen])
             batch["confidence"] = ctx.proba[chosen].max(1)
         return batch

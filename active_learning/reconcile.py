@@ -10,10 +10,19 @@ not return. Before marking it deleted the reconciler asks Label Studio for that 
 a listing that pages through a changing project can skip rows, and an annotation created after the
 listing began arrives by webhook meanwhile; only a 404 is proof. A deletion is final in the journal, so
 a wrong one would never be undone; a confirmed one is what Label Studio itself did.
+
+:class:`Reconciler` runs passes on a schedule in the service. While Label Studio cannot be read it backs
+off (the wait doubles from ``reconcile_seconds`` up to ``backoff_max_seconds``), logs once when the outage
+begins and once when it ends, and reports itself in ``/health`` as the ``label_studio`` dependency.
+Webhooks and serving never wait for it.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -21,6 +30,10 @@ from label_studio_sdk.core.api_error import ApiError
 
 from active_learning.labelstudio import LabelStudioClient, LabelStudioError
 from labelloop.journal import Journal, RecordResult
+from serving.champion import Backoff, utc_now
+from serving.protocol import DependencyHealth
+
+log = logging.getLogger("labelloop.reconcile")
 
 
 @dataclass(frozen=True)
@@ -78,3 +91,57 @@ def _recheck(client: LabelStudioClient, journal: Journal, annotation_id: int) ->
     except httpx.HTTPError as e:
         raise LabelStudioError(f"re-reading annotation {annotation_id} failed: {e}") from None
     return journal.apply_annotation(annotation, task)
+
+
+class Reconciler:
+    """Runs ``run_once`` every ``every`` seconds; after a failure the next attempt waits ``every``, then
+    twice that, and so on up to ``cap``; the first success goes back to the plain period."""
+
+    def __init__(self, run_once: Callable[[], object], every: float, cap: float, *, what: str):
+        self._run_once = run_once
+        self.every = every
+        self.what = what
+        self._backoff = Backoff(every, max(cap, every))
+        self.error: str | None = None
+        self.error_since: str | None = None
+        self.last_success: str | None = None
+
+    def next_wait(self, now: float) -> float:
+        return self._backoff.remaining(now) if self._backoff.failing else self.every
+
+    def attempt(self) -> bool:
+        """One pass; never raises (Label Studio being down is a state, reported in :meth:`health`)."""
+        try:
+            self._run_once()
+        except Exception as e:
+            self._failed(e)
+            return False
+        if self.error is not None:
+            log.warning("reconciliation with %s works again (it failed since %s)", self.what, self.error_since)
+        self.error = self.error_since = None
+        self.last_success = utc_now()
+        self._backoff.succeeded()
+        return True
+
+    def _failed(self, error: Exception) -> None:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        detail = f"reconciling with {self.what} failed: {first[:300]}"
+        delay = self._backoff.failed(time.monotonic())
+        if self.error is None:
+            self.error_since = utc_now()
+            log.warning("reconciliation failed: %s; retrying in %.0f s, backing off up to %.0f s", detail, delay,
+                        self._backoff.cap)
+        else:
+            log.debug("reconciliation failed again (attempt %d): %s", self._backoff.failures, detail)
+        self.error = detail
+
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set (the service's background thread)."""
+        while not stop.wait(self.next_wait(time.monotonic())):
+            self.attempt()
+
+    def health(self) -> DependencyHealth:
+        if self.error is None:
+            return DependencyHealth(status="ok")
+        return DependencyHealth(status="unavailable", detail=self.error, since=self.error_since,
+                                retry_in_s=round(self.next_wait(time.monotonic()), 1))

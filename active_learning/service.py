@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -22,18 +23,39 @@ from mlflow.exceptions import MlflowException
 from active_learning.jobs import JobRunner, RetrainTrigger, jobs_router
 from active_learning.labelstudio import LabelStudioClient, LabelStudioError
 from active_learning.loop import ActiveLearningLoop
-from active_learning.reconcile import reconcile
+from active_learning.reconcile import Reconciler, reconcile
 from labelloop.config import Settings
-from labelloop.journal import Journal
+from labelloop.escalations import DeliveryWorker, EscalationOutbox
+from labelloop.exposure import ExposureLedger
+from labelloop.journal import Journal, RecordResult
 from labelloop.taxonomy import get_taxonomy
 from serving.app import create_app
 from serving.auth import Credentials
+from serving.escalations_api import escalations_router
+from serving.queue_api import queue_router
 from training.registry import CHAMPION
 
 log = logging.getLogger("labelloop.service")
 
 #: how often a ``/setup`` from Label Studio may trigger a connection check
 SETUP_CHECK_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class ProjectTasks:
+    """The review project as ``/v1/queue/next`` sees it (:class:`serving.queue_api.TaskSource`)."""
+
+    client: LabelStudioClient
+    project_id: int
+
+    def unlabelled_tasks(self) -> list[dict[str, Any]]:
+        return self.client.unlabelled_tasks(self.project_id)
+
+    def user_id(self, email: str) -> int | None:
+        return self.client.user_id(email)
+
+    def labeling_url(self, task_id: int) -> str:
+        return self.client.labeling_url(self.project_id, task_id)
 
 
 class Service:
@@ -44,23 +66,60 @@ class Service:
         """``extra_routers`` are mounted next to the backend's own, behind the same authentication: the
         composition points add downstream routers (monitoring) that this package must not import."""
         self.settings = settings
-        self.journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
+        self.journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy),
+                               policy=settings.review_policy)
         if client is None and settings.ls_api_key is not None and settings.ls_project_id is not None:
-            client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
+            client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
+                                       mask=settings.protection_policy.mask_text)
         self.client = client
         self.loop = ActiveLearningLoop(settings, client, settings.ls_project_id, self.journal,
                                        champion=self._served_champion, on_promoted=self._refresh_serving)
         self.runner = JobRunner(settings.state_dir / "jobs.sqlite", self._run_round)
         self.trigger = RetrainTrigger(self.journal, self.runner, settings.retrain_every)
-        self.app: FastAPI = create_app(settings, journal=self.journal, on_event=self.trigger.on_event,
+        self.escalations = EscalationOutbox(settings.escalations_path)
+        self.exposure = ExposureLedger(settings.exposure_path)
+        self.delivery = DeliveryWorker(self.escalations, self.journal, settings.escalation_url,
+                                       retry_seconds=settings.escalation_retry_seconds,
+                                       retry_max_seconds=settings.escalation_retry_max_seconds)
+        self.app: FastAPI = create_app(settings, journal=self.journal, on_event=self.on_event,
                                        on_setup=self.on_setup,
-                                       extra_routers=[jobs_router(self.runner), *extra_routers])
+                                       extra_routers=[jobs_router(self.runner), escalations_router, queue_router,
+                                                      *extra_routers])
+        self.app.state.escalations = self.escalations
+        self.app.state.exposure = self.exposure
+        if client is not None and settings.ls_project_id is not None:
+            self.app.state.review_queue = ProjectTasks(client, settings.ls_project_id)
         self._stop = threading.Event()
         self._reconciler: threading.Thread | None = None
+        self.reconciler = Reconciler(self.reconcile_once, settings.reconcile_seconds, settings.backoff_max_seconds,
+                                     what=f"Label Studio at {settings.ls_url}")
+        if self.loop.steers_queue and settings.reconcile_seconds > 0:
+            self.app.state.health_reporters["label_studio"] = self.reconciler
         self._setup_checked_at: float | None = None
         self._setup_lock = threading.Lock()
 
     # ------------------------------------------------------------------ wiring
+    def on_event(self, payload: dict, result: RecordResult) -> None:
+        """After each journaled webhook: copy its escalation into the outbox and wake the delivery worker
+        (an escalation reaches the receiver within seconds), count the reviewer's exposure, then let the
+        retrain trigger look at it. Both copies are idempotent and also run from their own cursors, so a
+        failure here loses nothing."""
+        if result.status == "accepted":
+            self._follow_journal(f"journal event {result.event_id}")
+        self.trigger.on_event(payload, result)
+
+    def _follow_journal(self, after: str) -> None:
+        """Copy new escalations into the outbox, wake the delivery worker and count exposure: after a webhook,
+        and after a reconciliation pass that applied annotations whose webhook never arrived (a webhook Label
+        Studio cannot authenticate: without this, exposure would wait for a webhook that never comes)."""
+        try:
+            self.escalations.sync(self.journal)
+            self.exposure.sync(self.journal, self.settings.review_policy.severity,
+                               self.settings.protection_policy, self.loop.blurred)
+        except Exception as e:  # both catch up from their cursors at the next sync (worker, next event)
+            log.warning("escalation or exposure sync after %s failed: %s: %s", after, type(e).__name__, e)
+        self.delivery.wake()
+
     def _served_champion(self):
         """Rank with the very model serving answers with, or load the registry's if serving has none."""
         served = self.app.state.champion.current
@@ -81,16 +140,11 @@ class Service:
         if not self.loop.steers_queue:
             return {}
         report = reconcile(self.client, self.settings.ls_project_id, self.journal)
+        if report.applied:
+            self._follow_journal("reconciliation")
         if self.trigger.pending_labels() >= self.settings.retrain_every:
             self.runner.submit("labels found by reconciliation")
         return dict(vars(report))
-
-    def _reconcile_forever(self) -> None:
-        while not self._stop.wait(self.settings.reconcile_seconds):
-            try:
-                self.reconcile_once()
-            except Exception as e:  # Label Studio down: try again next period, keep serving
-                log.warning("reconciliation failed: %s", e)
 
     # ------------------------------------------------------------------ the Label Studio connection
     def check_connection(self) -> list[str]:
@@ -142,16 +196,20 @@ class Service:
             self.runner.submit("no champion yet: cold-start queue")
 
     def start_background(self) -> None:
+        self.delivery.start()
         threading.Thread(target=self._at_start, name="labelloop-start", daemon=True).start()
         if self.loop.steers_queue and self.settings.reconcile_seconds > 0:
-            self._reconciler = threading.Thread(target=self._reconcile_forever, name="labelloop-reconcile",
-                                                daemon=True)
+            self._reconciler = threading.Thread(target=self.reconciler.run, args=(self._stop,),
+                                                name="labelloop-reconcile", daemon=True)
             self._reconciler.start()
 
     def close(self) -> None:
         self._stop.set()
+        self.delivery.close()
         self.runner.close()
         if self._reconciler:
             self._reconciler.join(timeout=10)
         self.journal.close()
         self.loop.slices.close()
+        self.escalations.close()
+        self.exposure.close()

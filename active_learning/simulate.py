@@ -8,12 +8,20 @@ on a 20k pool, so ten seeds of several strategies run in minutes.
 
 Comparisons are paired by seed: for a given seed every strategy starts from the same initial labels
 and meets the same reviewer mistakes, so differences between strategies are not seed luck.
+
+Multi-label taxonomies replay the same way with one balanced logistic-regression head per label (the
+product's ``fit_head`` on each label's yes/no column) and per-label decisions at a fixed 0.5 threshold:
+tuning thresholds would need a validation slice carved out of a labeled set of a few dozen items, which
+costs more labels than it saves at these budgets, and a class-balanced head already centres each label's
+decision near 0.5. The curves then carry macro-F1 and per-label F1 over labels, micro-F1 and subset
+accuracy.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +31,15 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
 
 from active_learning.pool import bootstrap_committee_proba
 from active_learning.stopping import StoppingMonitor
-from active_learning.strategies import PoolContext, QueryStrategy, get_strategy, parse_strategy
+from active_learning.strategies import MULTI, SINGLE, PoolContext, QueryStrategy, get_strategy, parse_strategy
 from labelloop import data
 from labelloop.config import Settings, get_settings
+from labelloop.taxonomy import Taxonomy
 from training.classifier import EmbeddingHeadClassifier, Encoder, load_encoder
 from training.evaluate import evaluate_proba
 from training.fast import DEFAULT_C, EmbeddingCache, fit_head
@@ -36,6 +47,10 @@ from training.fast import DEFAULT_C, EmbeddingCache, fit_head
 ColdStart = Literal["kmeans", "random"]
 Progress = Callable[[dict], None]
 MC_MEMBERS = 5  # bootstrap committee size for BALD: 5 refits keep a round near a second
+MULTI_LABEL_THRESHOLD = 0.5
+#: the arms ``labelloop simulate`` compares when none are named, per kind of taxonomy
+DEFAULT_ARMS = {SINGLE: ("random", "entropy", "margin", "margin_kmeans"),
+                MULTI: ("random", "mean_binary_entropy", "max_binary_entropy", "cardinality")}
 
 
 @dataclass
@@ -59,7 +74,15 @@ class SimulationResult:
 
 def pool_and_test(labeled: data.LabeledData, split_seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The unlabeled pool and the test split. Official splits: pool = train, test = test (validation
-    unused). Otherwise a stratified 80/20 split — the same protocol as the measured baselines."""
+    unused). Otherwise a stratified 80/20 split — the same protocol as the measured baselines; a
+    multi-label set is stratified by each item's first label (label *sets* are mostly too rare to
+    stratify on: ETHOS's 433 items carry dozens of distinct sets)."""
+    if labeled.taxonomy.multi and not labeled.has_official_splits:
+        frame = labeled.frame
+        first = frame["label"].map(lambda labels: labels[0] if len(labels) else "")
+        strata = first if first.value_counts().min() >= 2 else None
+        pool, test = train_test_split(frame, test_size=0.2, random_state=split_seed, stratify=strata)
+        return pool.reset_index(drop=True), test.reset_index(drop=True)
     parts = data.split(labeled, seed=split_seed)
     if labeled.has_official_splits:
         return parts.train, parts.test
@@ -68,7 +91,7 @@ def pool_and_test(labeled: data.LabeledData, split_seed: int = 0) -> tuple[pd.Da
 
 def simulate(
     dataset: str | data.LabeledData,
-    strategies: Sequence[str] = ("random", "margin"),
+    strategies: Sequence[str] | None = ("random", "margin"),
     seeds: int | Sequence[int] = 3,
     budget: int = 2000,
     step: int = 100,
@@ -83,6 +106,8 @@ def simulate(
     out_dir: Path | None = None,
     log_to_mlflow: bool = True,
     progress: Progress | None = None,
+    taxonomy: str | None = None,
+    load_options: dict | None = None,
 ) -> SimulationResult:
     """Replay active learning on ``dataset`` (a shared dataset name or loaded data) for every strategy
     spec and seed: ``initial`` labels chosen by ``cold_start`` (k-means over embeddings as the product
@@ -92,7 +117,11 @@ def simulate(
     cache). ``out_dir``: also write ``al_curves_<dataset name>`` CSV, Markdown summary and PNG there, the
     CSV row by row and the summary after every (strategy, seed) run, so a crash late in a long run keeps
     what was computed (and attach them to the MLflow run). ``progress`` receives each round's row as it
-    is recorded."""
+    is recorded. ``strategies=None``: :data:`DEFAULT_ARMS` for the dataset's kind of taxonomy;
+    ``taxonomy``: the taxonomy to load a file's labels in (default: the dataset's, else the settings');
+    ``load_options``: more keyword arguments for :func:`labelloop.data.load` (columns, a ``LabelSpec``).
+    A strategy not defined for the taxonomy's kind (margin on a multi-label one) is refused before
+    anything is loaded or embedded."""
     settings = settings or get_settings()
     if budget < initial or initial < 1 or step < 1:
         raise ValueError("need 1 <= initial <= budget and step >= 1")
@@ -100,12 +129,18 @@ def simulate(
         raise ValueError("noise must lie in [0, 1)")
     if cold_start not in ("kmeans", "random"):
         raise ValueError("cold_start must be 'kmeans' or 'random'")
-    arms = {spec: parse_strategy(spec) for spec in strategies}
-    if not arms:
-        raise ValueError("no strategies given")
+    if strategies is not None:
+        for spec in strategies:  # a bad name fails before the data is loaded; the kind is checked below
+            parse_strategy(spec)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
 
-    labeled = dataset if isinstance(dataset, data.LabeledData) else data.load(dataset, settings=settings)
+    labeled = (dataset if isinstance(dataset, data.LabeledData)
+               else data.load(dataset, taxonomy=taxonomy, settings=settings, **(load_options or {})))
+    kind = label_kind(labeled.taxonomy)
+    specs = DEFAULT_ARMS[kind.name] if strategies is None else strategies
+    arms = {spec: parse_strategy(spec, labeled.taxonomy.multi) for spec in specs}
+    if not arms:
+        raise ValueError("no strategies given")
     labels = labeled.taxonomy.labels
     pool, test = pool_and_test(labeled, split_seed)
     if len(pool) < budget:
@@ -113,13 +148,15 @@ def simulate(
     encoder = load_encoder(settings.base_model, settings.max_length)
     cache = EmbeddingCache(cache_dir or settings.cache_dir / "embeddings", encoder)
     embeddings = cache.get(pool["text"].tolist() + test["text"].tolist())
-    world = _World(embeddings[: len(pool)], labeled.label_ids(pool), embeddings[len(pool):],
-                   labeled.label_ids(test), labels, encoder)
-    rare = int(np.argmin(np.bincount(world.pool_y, minlength=len(labels))))
+    world = _World(embeddings[: len(pool)], kind.label_ids(labeled, pool), embeddings[len(pool):],
+                   kind.label_ids(labeled, test), labels, encoder, kind,
+                   np.array([labels.index(s) for s in settings.review_policy.severity.severe_labels if s in labels],
+                            dtype=np.int64))
+    rare = int(np.argmin(kind.label_counts(world.pool_y, len(labels))))
     config = {"dataset": labeled.source, "strategies": ",".join(arms), "seeds": ",".join(map(str, seed_list)),
               "budget": budget, "step": step, "initial": initial, "noise": noise, "cold_start": cold_start,
               "C": C, "split_seed": split_seed, "pool_size": len(pool), "test_size": len(test),
-              "rare_class": labels[rare]}
+              "rare_class": labels[rare], "multi_label": labeled.taxonomy.multi, **kind.config}
 
     # the output directory is made before hours of work, not after: a bad --out fails at once
     files = CurveFiles(out_dir, curve_stem(labeled.source)) if out_dir is not None else None
@@ -142,7 +179,7 @@ def simulate(
                     if files:
                         files.append(row)
                     if tracker:
-                        tracker.log_round(run_id, row, labels)
+                        tracker.log_round(run_id, row)
                     if progress:
                         progress(row)
                 if tracker:
@@ -164,6 +201,151 @@ def simulate(
     return result
 
 
+class LabelKind(ABC):
+    """What a replay does differently for single- and multi-label taxonomies: how labels are encoded,
+    how a simulated reviewer errs, which head is fitted and which metrics a round reports."""
+
+    name: str
+    multi_label: bool
+    config: dict = {}
+
+    @abstractmethod
+    def label_ids(self, labeled: data.LabeledData, frame: pd.DataFrame) -> np.ndarray:
+        """Gold labels of ``frame`` as model targets."""
+
+    @abstractmethod
+    def reviewer_answers(self, gold: np.ndarray, n_classes: int, noise: float,
+                         rng: np.random.Generator) -> np.ndarray:
+        """What the simulated reviewers answer for every pool item (see :func:`_reviewer_answers`)."""
+
+    @abstractmethod
+    def can_fit(self, y: np.ndarray) -> bool:
+        """Whether the labels so far can train a model at all."""
+
+    @abstractmethod
+    def fit(self, world: _World, x: np.ndarray, y: np.ndarray, seed: int, C: float):
+        """A model with ``proba_from_embeddings``; single-label models also expose ``head`` (BALD)."""
+
+    @abstractmethod
+    def metrics(self, proba: np.ndarray, y_true: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+        """Test-set metrics of one round: ``macro_f1`` and ``f1_<label>`` always, plus the kind's own."""
+
+    @abstractmethod
+    def decisions(self, proba: np.ndarray) -> np.ndarray:
+        """The model's decisions as one flat vector, for the stabilising-predictions stop signal."""
+
+    @abstractmethod
+    def label_counts(self, y: np.ndarray, n_classes: int) -> np.ndarray:
+        """Per label, how many of the items in ``y`` carry it."""
+
+    @abstractmethod
+    def n_wrong(self, observed: np.ndarray, gold: np.ndarray) -> int:
+        """How many reviewer answers differ from gold."""
+
+
+class SingleLabel(LabelKind):
+    name = SINGLE
+    multi_label = False
+
+    def label_ids(self, labeled, frame):
+        return labeled.label_ids(frame)
+
+    def reviewer_answers(self, gold, n_classes, noise, rng):
+        return _reviewer_answers(gold, n_classes, noise, rng)
+
+    def can_fit(self, y):
+        return len(np.unique(y)) >= 2
+
+    def fit(self, world, x, y, seed, C):
+        return EmbeddingHeadClassifier(world.encoder, fit_head(x, y, seed=seed, C=C), world.labels)
+
+    def metrics(self, proba, y_true, labels):
+        report = evaluate_proba(proba, y_true, labels)
+        return {"macro_f1": report.macro_f1, "accuracy": report.accuracy,
+                **{f"f1_{label}": report.per_class[label]["f1"] for label in labels}}
+
+    def decisions(self, proba):
+        return proba.argmax(1)
+
+    def label_counts(self, y, n_classes):
+        return np.bincount(y, minlength=n_classes)
+
+    def n_wrong(self, observed, gold):
+        return int((observed != gold).sum())
+
+
+class MultiLabel(LabelKind):
+    """One yes/no head per label, decisions at :data:`MULTI_LABEL_THRESHOLD` (see the module docstring)."""
+
+    name = MULTI
+    multi_label = True
+    config = {"threshold": MULTI_LABEL_THRESHOLD, "head": "one balanced logistic regression per label"}
+
+    def label_ids(self, labeled, frame):
+        return labeled.taxonomy.encode(frame["label"])
+
+    def reviewer_answers(self, gold, n_classes, noise, rng):
+        """Gold sets, except an exact ``noise`` share of items with one uniformly chosen label flipped
+        (a target missed or one added): the commonest reviewer slip on a multi-label form."""
+        answers = gold.copy()
+        flip = rng.choice(len(gold), size=int(round(noise * len(gold))), replace=False)
+        which = rng.integers(0, n_classes, size=len(flip))
+        answers[flip, which] = 1 - answers[flip, which]
+        return answers
+
+    def can_fit(self, y):
+        return bool((y.min(axis=0) != y.max(axis=0)).any())
+
+    def fit(self, world, x, y, seed, C):
+        return _PerLabelHeads([fit_head(x, y[:, k], seed=seed, C=C) if y[:, k].min() != y[:, k].max()
+                               else _ConstantHead(float(y[0, k])) for k in range(y.shape[1])])
+
+    def metrics(self, proba, y_true, labels):
+        predicted = (proba >= MULTI_LABEL_THRESHOLD).astype(int)
+        per_label = f1_score(y_true, predicted, average=None, zero_division=0)
+        return {"macro_f1": float(per_label.mean()),
+                "micro_f1": float(f1_score(y_true, predicted, average="micro", zero_division=0)),
+                "subset_accuracy": float(accuracy_score(y_true, predicted)),
+                **{f"f1_{label}": float(f) for label, f in zip(labels, per_label, strict=True)}}
+
+    def decisions(self, proba):
+        return (proba >= MULTI_LABEL_THRESHOLD).astype(int).ravel()
+
+    def label_counts(self, y, n_classes):
+        return np.asarray(y).sum(axis=0)
+
+    def n_wrong(self, observed, gold):
+        return int((observed != gold).any(axis=1).sum())
+
+
+class _ConstantHead:
+    """A label whose labeled items all agree: that answer for every item (0 for a label never seen
+    yet), because a classifier cannot be fitted on one class."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        return np.tile([1.0 - self.p, self.p], (len(embeddings), 1))
+
+
+class _PerLabelHeads:
+    """Independent per-label probabilities: column ``k`` is head ``k``'s probability of "yes"."""
+
+    def __init__(self, heads: list):
+        self.heads = heads
+
+    def proba_from_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
+        proba = np.empty((len(embeddings), len(self.heads)), dtype=np.float32)
+        for k, head in enumerate(self.heads):
+            proba[:, k] = head.predict_proba(embeddings)[:, 1]
+        return proba
+
+
+def label_kind(taxonomy: Taxonomy) -> LabelKind:
+    return MultiLabel() if taxonomy.multi else SingleLabel()
+
+
 @dataclass
 class _World:
     pool_x: np.ndarray
@@ -172,6 +354,9 @@ class _World:
     test_y: np.ndarray
     labels: tuple[str, ...]
     encoder: Encoder
+    kind: LabelKind = field(default_factory=SingleLabel)
+    #: class indices of the severe labels (the review policy's ``severe_labels``), for severity_weighted
+    severe_classes: np.ndarray | None = None
 
 
 def _reviewer_answers(gold: np.ndarray, n_classes: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -188,15 +373,15 @@ def _initial_set(world: _World, seed: int, initial: int, cold_start: ColdStart) 
     """The first ``initial`` pool items to label, before any model exists; depends only on the seed,
     so every strategy of a seed starts from the same labels (and k-means runs once per seed)."""
     start = get_strategy("cold_start") if cold_start == "kmeans" else get_strategy("random")
-    return start.select(PoolContext(len(world.labels), embeddings=world.pool_x), initial,
-                        np.random.default_rng([seed, 0]))
+    ctx = PoolContext(len(world.labels), embeddings=world.pool_x, multi_label=world.kind.multi_label)
+    return start.select(ctx, initial, np.random.default_rng([seed, 0]))
 
 
 def _replay(world: _World, strategy: QueryStrategy, seed: int, start_set: np.ndarray, budget: int, step: int,
             noise: float, C: float):
     """Yield one row per round for one strategy and seed."""
-    n_classes = len(world.labels)
-    answers = _reviewer_answers(world.pool_y, n_classes, noise, np.random.default_rng([seed, 1]))
+    n_classes, kind = len(world.labels), world.kind
+    answers = kind.reviewer_answers(world.pool_y, n_classes, noise, np.random.default_rng([seed, 1]))
     is_labeled = np.zeros(len(world.pool_y), dtype=bool)
     is_labeled[start_set] = True
     explore = get_strategy("random")
@@ -208,25 +393,22 @@ def _replay(world: _World, strategy: QueryStrategy, seed: int, start_set: np.nda
         t0 = time.perf_counter()
         labeled_idx = np.flatnonzero(is_labeled)
         y_obs = answers[labeled_idx]
-        if len(np.unique(y_obs)) < 2:  # no model from one class: keep exploring until a second appears
+        if not kind.can_fit(y_obs):  # no model from one class: keep exploring until a second appears
             if len(labeled_idx) >= budget:
                 raise ValueError(f"all {budget} labels came back as one class: nothing to train on")
             _label(is_labeled, explore, world, None, min(step, budget - len(labeled_idx)), rng)
             continue
-        head = fit_head(world.pool_x[labeled_idx], y_obs, seed=seed, C=C)
-        model = EmbeddingHeadClassifier(world.encoder, head, world.labels)
+        model = kind.fit(world, world.pool_x[labeled_idx], y_obs, seed, C)
         pool_proba = model.proba_from_embeddings(world.pool_x)
         seconds = time.perf_counter() - t0
-        report = evaluate_proba(model.proba_from_embeddings(world.test_x), world.test_y, world.labels)
-        signal = monitor.update(round_no, pool_proba.argmax(1), None)
+        scores = kind.metrics(model.proba_from_embeddings(world.test_x), world.test_y, world.labels)
+        signal = monitor.update(round_no, kind.decisions(pool_proba), None)
         if signal.stop and np.isnan(stop_at):
             stop_at = float(len(labeled_idx))
-        counts = np.bincount(world.pool_y[labeled_idx], minlength=n_classes)
-        row = {"round": round_no, "n_labels": len(labeled_idx), "macro_f1": report.macro_f1,
-               "accuracy": report.accuracy,
-               **{f"f1_{label}": report.per_class[label]["f1"] for label in world.labels},
+        counts = kind.label_counts(world.pool_y[labeled_idx], n_classes)
+        row = {"round": round_no, "n_labels": len(labeled_idx), **scores,
                **{f"labeled_{label}": int(c) for label, c in zip(world.labels, counts, strict=True)},
-               "noisy_labels": int((y_obs != world.pool_y[labeled_idx]).sum()),
+               "noisy_labels": kind.n_wrong(y_obs, world.pool_y[labeled_idx]),
                "kappa": np.nan if signal.kappa is None else signal.kappa, "kappa_stop_at": stop_at}
         done = len(labeled_idx) >= budget or is_labeled.all()
         if not done:
@@ -246,7 +428,8 @@ def _label(is_labeled: np.ndarray, strategy: QueryStrategy, world: _World, model
            rng: np.random.Generator) -> None:
     """Ask ``strategy`` for ``k`` unlabeled items and mark them labeled."""
     unlabeled = np.flatnonzero(~is_labeled)
-    ctx = PoolContext(len(world.labels), size=len(unlabeled))
+    ctx = PoolContext(len(world.labels), size=len(unlabeled), multi_label=world.kind.multi_label,
+                      severe_classes=world.severe_classes)
     if "embeddings" in strategy.needs:
         ctx.embeddings = world.pool_x[unlabeled]
     if model_state is not None:
@@ -258,6 +441,9 @@ def _label(is_labeled: np.ndarray, strategy: QueryStrategy, world: _World, model
                                                      world.pool_x[unlabeled], len(world.labels), MC_MEMBERS,
                                                      np.random.default_rng([seed, len(labeled_idx)]))
     is_labeled[unlabeled[strategy.select(ctx, k, rng)]] = True
+
+
+_NOT_METRICS = frozenset({"strategy", "seed", "round", "n_labels", "kappa_stop_at"})
 
 
 class _Tracker:
@@ -287,12 +473,11 @@ class _Tracker:
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
         return run.info.run_id
 
-    def log_round(self, run_id: str, row: dict, labels: Sequence[str]) -> None:
+    def log_round(self, run_id: str, row: dict) -> None:
+        """Every number of the round (the kind's metrics, per-label F1 and counts, timing, kappa once
+        defined), except the identifiers and the stop point, which are parameters of the run."""
         now = int(time.time() * 1000)
-        keys = ["macro_f1", "accuracy", "round_seconds", "noisy_labels",
-                *(f"f1_{label}" for label in labels), *(f"labeled_{label}" for label in labels)]
-        if not np.isnan(row["kappa"]):
-            keys.append("kappa")
+        keys = [key for key, value in row.items() if key not in _NOT_METRICS and not pd.isna(value)]
         metrics = [Metric(key, float(row[key]), now, int(row["n_labels"])) for key in keys]
         self.client.log_batch(run_id, metrics=metrics)
 
@@ -321,11 +506,11 @@ def at_labels(curves: pd.DataFrame, n: int, column: str = "macro_f1") -> pd.Data
     return rows.pivot_table(index="seed", columns="strategy", values=column)
 
 
-def paired_gain(curves: pd.DataFrame, strategy: str, at: int, baseline: str = "random"
+def paired_gain(curves: pd.DataFrame, strategy: str, at: int, baseline: str = "random", column: str = "macro_f1"
                 ) -> tuple[float, float, int]:
-    """Mean and sd over seeds of (strategy - baseline) macro-F1 at ``at`` labels, and the number of
-    seed pairs — paired, because seed-to-seed spread is larger than most strategy differences."""
-    table = at_labels(curves, at)
+    """Mean and sd over seeds of (strategy - baseline) ``column`` (macro-F1) at ``at`` labels, and the
+    number of seed pairs — paired, because seed-to-seed spread is larger than most strategy differences."""
+    table = at_labels(curves, at, column)
     if strategy not in table or baseline not in table:
         raise ValueError(f"no rows for {strategy!r} and {baseline!r} at {at} labels")
     diff = (table[strategy] - table[baseline]).dropna()
@@ -372,11 +557,13 @@ def gain_table(curves: pd.DataFrame, strategies: Sequence[str], budget: int, bas
     return pd.DataFrame.from_dict(rows, orient="index", columns=cols).rename_axis("strategy")
 
 
-def f1_table(curves: pd.DataFrame, strategies: Sequence[str], budget: int) -> pd.DataFrame:
-    """Macro-F1 "mean ± sd" over seeds per strategy (rows) and checkpoint (columns ``@n``)."""
+def f1_table(curves: pd.DataFrame, strategies: Sequence[str], budget: int, column: str = "macro_f1"
+             ) -> pd.DataFrame:
+    """``column`` (macro-F1 by default) "mean ± sd" over seeds per strategy (rows) and checkpoint
+    (columns ``@n``)."""
     cols = {}
     for n in checkpoints(budget):
-        at = at_labels(curves, n)
+        at = at_labels(curves, n, column)
         cols[f"@{n}"] = {name: _mean_sd(at[name].dropna()) if name in at else "-" for name in strategies}
     return pd.DataFrame(cols, index=list(strategies)).rename_axis("strategy")
 
@@ -398,12 +585,20 @@ def summary_markdown(result: SimulationResult, runs_done: int, runs_total: int) 
              f"initial {config.get('initial', '?')} ({config.get('cold_start', '?')} cold start), batches of "
              f"{config.get('step', '?')} to {budget} labels; reviewer noise {config.get('noise', 0)}; pool "
              f"{config.get('pool_size', '?')}, test {config.get('test_size', '?')}; rare class "
-             f"'{result.rare_class}'.", "",
-             "## Macro-F1 on the test split (mean ± sd over seeds)", "",
-             _markdown(f1_table(curves, strategies, budget))]
+             f"'{result.rare_class}'.", ""]
+    if config.get("multi_label"):
+        lines += [f"Multi-label: {config.get('head', 'a head per label')}, per-label decisions at a fixed "
+                  f"threshold of {config.get('threshold', MULTI_LABEL_THRESHOLD)} (no validation slice); macro-F1 "
+                  "is the mean of the labels' F1.", ""]
+    lines += ["## Macro-F1 on the test split (mean ± sd over seeds)", "",
+              _markdown(f1_table(curves, strategies, budget))]
     gains = gain_table(curves, strategies, budget)
     if not gains.empty:
         lines += ["", "## Macro-F1 gain over random, points (paired by seed, mean ± sd)", "", _markdown(gains)]
+    for column, title in (("micro_f1", "Micro-F1"), ("subset_accuracy", "Subset accuracy (exact label set)")):
+        if column in curves:
+            lines += ["", f"## {title} on the test split (mean ± sd over seeds)", "",
+                      _markdown(f1_table(curves, strategies, budget, column))]
     return "\n".join(lines) + "\n"
 
 

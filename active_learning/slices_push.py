@@ -34,6 +34,7 @@ Counts per batch use stochastic rounding, so the shares hold on average even for
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,10 +87,11 @@ def slice_counts(batch: int, rates: SliceRates, rng: np.random.Generator) -> Sli
 # ---------------------------------------------------------------------------------------- queue entries
 @dataclass(frozen=True)
 class Suggested:
-    """A task shown with the model's (or the disputed) label pre-selected."""
+    """A task shown with the model's (or the disputed) label pre-selected; a label set (tuple) in a
+    multi-label project."""
 
     task_id: int
-    label: str
+    label: str | tuple[str, ...]
 
     def prediction(self, score: float, model_version: str) -> PriorityIn:
         return PredictionIn(task_id=self.task_id, label=self.label, score=score, model_version=model_version)
@@ -191,15 +193,17 @@ class Carried:
     adjudications: list[Entry]  # ahead of everything, first come first served
 
 
-def place_pending(pending: pd.DataFrame, labels: dict[int, str], in_batch: set[int]) -> Carried:
+def place_pending(pending: pd.DataFrame, labels: dict[int, str], in_batch: set[int],
+                  disputed: Callable[[str], str | tuple[str, ...]] = str) -> Carried:
     """Place the pending honeypots, overlap copies and adjudications (``pending``: slice rows, oldest
     first) in a queue whose batch holds the tasks ``in_batch``. ``labels``: the pre-label of each pending
     honeypot or copy; one without (its text is no longer known) is left out. Audit items are pool items,
-    placed by the plan."""
+    placed by the plan. ``disputed`` turns an adjudication's stored disputed label into its pre-label (a
+    multi-label project stores a set as JSON text and pre-selects the set)."""
     carried = Carried({}, [], [])
     for row in pending.itertuples(index=False):
         if row.kind == "adjudication":
-            carried.adjudications.append(Suggested(int(row.task_id), str(row.disputed_label)))
+            carried.adjudications.append(Suggested(int(row.task_id), disputed(str(row.disputed_label))))
         elif row.kind in ("honeypot", "overlap") and row.task_id in labels:
             entry = Suggested(int(row.task_id), labels[row.task_id])
             if row.kind == "overlap" and row.source_task_id in in_batch:

@@ -9,6 +9,11 @@ Why several: plain uncertainty (margin) is the measured best single signal on sk
 data, but it picks near-duplicates within a batch and, early on, ignores a rare class the model barely
 predicts. The diversity (margin → k-means), class-balanced and mixed strategies address exactly those
 failure modes; cold start covers the first batch, before any model exists.
+
+Multi-label models (one sigmoid per label, labels chosen independently) need their own signals: a row
+of their probabilities does not sum to one, so margin and softmax entropy are meaningless on it. Each
+strategy therefore declares the model kinds it makes sense for (``kinds``), a spec is checked against
+the taxonomy's kind when it is parsed, and ``auto`` resolves to a default per kind.
 """
 
 from __future__ import annotations
@@ -18,17 +23,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NEEDS = frozenset({"proba", "embeddings", "mc_proba"})
+NEEDS = frozenset({"proba", "embeddings", "mc_proba", "labeled_y", "severe_classes"})
 _EPS = 1e-12
+
+SINGLE, MULTI = "single-label", "multi-label"
+BOTH = frozenset({SINGLE, MULTI})
+#: what ``strategy = "auto"`` (the setting's default) means for each kind of model. Single-label: margin
+#: gains on both Davidson and TweetEval at the lowest cost per round (bench/results/al_summary.md).
+#: Multi-label: on ETHOS (bench/results/al_curves_ethos_multilabel.md) mean binary entropy with the k-means
+#: diversity step is the only arm that beats random clearly at some budget and falls clearly below it at
+#: none; without the diversity step the same score falls clearly below random at some budgets.
+AUTO = "auto"
+DEFAULT_STRATEGY = {SINGLE: "margin", MULTI: "kmeans:mean_binary_entropy"}
+
+
+def kind_of(multi_label: bool) -> str:
+    return MULTI if multi_label else SINGLE
 
 
 @dataclass
 class PoolContext:
     """What a strategy may look at for the ``N`` unlabeled pool items (rows aligned across fields).
 
-    ``proba``: N x K predicted probabilities; ``embeddings``: N x D; ``mc_proba``: T x N x K stochastic
-    predictions (MC dropout or a bootstrap committee); ``labeled_*``: the already-labeled set, for
-    strategies that measure novelty against it.
+    ``proba``: N x K predicted probabilities — softmax rows for a single-label model, independent
+    per-label sigmoid probabilities when ``multi_label``; ``embeddings``: N x D; ``mc_proba``: T x N x K
+    stochastic predictions (MC dropout or a bootstrap committee); ``labeled_*``: the already-labeled set,
+    for strategies that measure novelty or label cardinality against it (``labeled_y``: label ids for a
+    single-label model, an L x K 0/1 matrix for a multi-label one); ``thresholds``: the multi-label
+    model's per-label decision thresholds (0.5 each when absent).
     """
 
     n_classes: int
@@ -38,6 +60,19 @@ class PoolContext:
     labeled_embeddings: np.ndarray | None = None
     labeled_y: np.ndarray | None = None
     size: int | None = None  # pool size, for strategies that need no arrays (random)
+    multi_label: bool = False
+    thresholds: np.ndarray | None = None
+    #: class indices of the severe labels (``[severity] severe_labels``), for severity-weighted acquisition
+    severe_classes: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.multi_label)
+
+    def decision_thresholds(self) -> np.ndarray:
+        if self.thresholds is None:
+            return np.full(self.n_classes, 0.5)
+        return np.asarray(self.thresholds, dtype=np.float64)
 
     @property
     def n_items(self) -> int:
@@ -60,12 +95,30 @@ class PoolContext:
             labeled_embeddings=self.labeled_embeddings,
             labeled_y=self.labeled_y,
             size=len(indices),
+            multi_label=self.multi_label,
+            thresholds=self.thresholds,
+            severe_classes=self.severe_classes,
         )
 
-    def require(self, needs: frozenset[str], strategy: str) -> None:
-        missing = sorted(n for n in needs if getattr(self, n) is None)
+    def require(self, strategy: QueryStrategy) -> None:
+        """Refuse a context that lacks what ``strategy`` needs, or holds a kind of model it is not for."""
+        if self.kind not in strategy.kinds:
+            raise KindMismatch(strategy, self.multi_label)
+        missing = sorted(n for n in strategy.needs if getattr(self, n) is None)
         if missing:
-            raise ValueError(f"strategy {strategy!r} needs {missing} in the pool context")
+            raise ValueError(f"strategy {strategy.name!r} needs {missing} in the pool context")
+
+
+class KindMismatch(ValueError):
+    """A strategy asked to rank the predictions of a kind of model it is not defined for."""
+
+    def __init__(self, strategy: QueryStrategy, multi_label: bool):
+        kind = kind_of(multi_label)
+        fits = sorted(name for name, cls in STRATEGIES.items() if kind in cls.kinds)
+        super().__init__(
+            f"query strategy {strategy.name!r} is for {' and '.join(sorted(type(strategy).kinds))} models only, "
+            f"but the taxonomy is {kind}; for {kind} models choose from {fits} (or {AUTO!r}: "
+            f"{DEFAULT_STRATEGY[kind]})")
 
 
 def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -81,9 +134,18 @@ def _entropy(proba: np.ndarray, axis: int = -1) -> np.ndarray:
     return -(proba * np.log(p)).sum(axis=axis)
 
 
+def _binary_entropy(proba: np.ndarray) -> np.ndarray:
+    """Element-wise entropy (nats) of independent yes/no decisions with probabilities ``proba``."""
+    p = np.clip(np.asarray(proba, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return -(p * np.log(p) + (1.0 - p) * np.log1p(-p))
+
+
 class QueryStrategy(ABC):
     name: str
     needs: frozenset[str] = frozenset()
+    #: the kinds of model whose predictions the strategy makes sense for (a composite's own kinds are
+    #: narrowed to its base's when it is built)
+    kinds: frozenset[str] = frozenset({SINGLE})
     #: composite strategies wrap a base strategy, named in a spec as ``name:base``
     takes_base: bool = False
 
@@ -95,6 +157,13 @@ class QueryStrategy(ABC):
         """Indices (into the pool) of a batch of ``k`` distinct items."""
         return top_k(self.scores(ctx), k, rng)
 
+    @property
+    def spec(self) -> str:
+        """The spec that rebuilds this strategy, base included: what round reports and queue logs show,
+        so ``kmeans:mean_binary_entropy`` is not reported as a bare ``kmeans``."""
+        base = getattr(self, "base", None)
+        return f"{self.name}:{base.spec}" if self.takes_base and base is not None else self.name
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -103,6 +172,7 @@ class RandomSampling(QueryStrategy):
     """The baseline every other strategy must beat; also the unbiased slice inside :class:`Mixed`."""
 
     name = "random"
+    kinds = BOTH
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
         return np.zeros(ctx.n_items)
@@ -117,7 +187,7 @@ class LeastConfidence(QueryStrategy):
     needs = frozenset({"proba"})
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         return 1.0 - ctx.proba.max(axis=1)
 
 
@@ -128,7 +198,7 @@ class Margin(QueryStrategy):
     needs = frozenset({"proba"})
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         if ctx.proba.shape[1] < 2:
             return np.zeros(len(ctx.proba))
         top2 = np.partition(ctx.proba, -2, axis=1)[:, -2:]
@@ -140,7 +210,7 @@ class Entropy(QueryStrategy):
     needs = frozenset({"proba"})
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         return _entropy(ctx.proba)
 
 
@@ -153,41 +223,57 @@ class BALD(QueryStrategy):
     needs = frozenset({"mc_proba"})
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         mc = ctx.mc_proba
         return np.clip(_entropy(mc.mean(axis=0)) - _entropy(mc).mean(axis=0), 0.0, None)
 
 
-class MarginKMeans(QueryStrategy):
-    """Uncertainty first, then diversity: take the ``candidates_per_item * k`` highest-margin items,
-    cluster their embeddings into ``k`` groups and keep the most uncertain item of each group, so one
-    batch does not spend ten labels on ten near-copies of the same borderline tweet."""
+class DiverseKMeans(QueryStrategy):
+    """Uncertainty first, then diversity: take the ``candidates_per_item * k`` items the base strategy
+    scores highest, cluster their embeddings into ``k`` groups and keep the best-scored item of each
+    group, so one batch does not spend ten labels on ten near-copies of the same borderline tweet.
+    Named ``kmeans:<base>`` in a spec, so any uncertainty score (single- or multi-label) gets the same
+    diversity step."""
 
-    name = "margin_kmeans"
-    needs = frozenset({"proba", "embeddings"})
+    name = "kmeans"
+    takes_base = True
+    kinds = BOTH
 
-    def __init__(self, candidates_per_item: int = 10, max_iter: int = 50):
+    def __init__(self, base: QueryStrategy | str = "margin", candidates_per_item: int = 10, max_iter: int = 50):
         if candidates_per_item < 1:
             raise ValueError("candidates_per_item must be >= 1")
+        self.base = parse_strategy(base) if isinstance(base, str) else base
         self.candidates_per_item = candidates_per_item
         self.max_iter = max_iter
-        self._margin = Margin()
+        self.needs = frozenset({"embeddings"}) | self.base.needs
+        self.kinds = type(self).kinds & self.base.kinds
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        return self._margin.scores(ctx)
+        return self.base.scores(ctx)
 
     def select(self, ctx: PoolContext, k: int, rng: np.random.Generator) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         scores = self.scores(ctx)
         candidates = top_k(scores, self.candidates_per_item * k, rng)
         if len(candidates) <= k:
             return candidates
         clusters = _kmeans(k, self.max_iter, rng).fit_predict(ctx.embeddings[candidates])
         chosen = _best_per_group(candidates, clusters, -scores[candidates])
-        if len(chosen) < k:  # duplicate texts (retweets) leave clusters empty: top up by margin
+        if len(chosen) < k:  # duplicate texts (retweets) leave clusters empty: top up by score
             rest = candidates[~np.isin(candidates, chosen)]
             chosen = np.concatenate([chosen, rest[np.argsort(-scores[rest], kind="stable")[: k - len(chosen)]]])
         return chosen
+
+
+class MarginKMeans(DiverseKMeans):
+    """``kmeans:margin`` under the name the settings and published benchmarks have always used."""
+
+    name = "margin_kmeans"
+    takes_base = False
+    kinds = frozenset({SINGLE})
+
+    def __init__(self, candidates_per_item: int = 10, max_iter: int = 50):
+        super().__init__(Margin(), candidates_per_item, max_iter)
 
 
 class Badge(QueryStrategy):
@@ -207,12 +293,12 @@ class Badge(QueryStrategy):
         return a
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         x = np.asarray(ctx.embeddings, dtype=np.float64)
         return np.sqrt((self._residuals(ctx) ** 2).sum(1) * (x**2).sum(1))
 
     def select(self, ctx: PoolContext, k: int, rng: np.random.Generator) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         n = ctx.n_items
         k = max(0, min(int(k), n))
         if k == 0:
@@ -233,6 +319,68 @@ class Badge(QueryStrategy):
                 break
             chosen.append(int(rng.choice(n, p=nearest / total)))
         return np.asarray(chosen, dtype=np.int64)
+
+
+class MeanBinaryEntropy(QueryStrategy):
+    """Multi-label uncertainty: the mean over labels of each yes/no decision's entropy. Every label a
+    model is unsure about adds to the score, so an item with several borderline labels ranks above one
+    with a single borderline label — the item whose review settles the most decisions at once."""
+
+    name = "mean_binary_entropy"
+    needs = frozenset({"proba"})
+    kinds = frozenset({MULTI})
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        return _binary_entropy(ctx.proba).mean(axis=1)
+
+
+class MaxBinaryEntropy(QueryStrategy):
+    """Multi-label uncertainty of the single most doubtful label. Unlike the mean it is not diluted by
+    the many labels an item clearly lacks, so a rare label's borderline items are not outranked by
+    items that are mildly unsure about every common one."""
+
+    name = "max_binary_entropy"
+    needs = frozenset({"proba"})
+    kinds = frozenset({MULTI})
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        if not ctx.proba.shape[1]:
+            return np.zeros(len(ctx.proba))
+        return _binary_entropy(ctx.proba).max(axis=1)
+
+
+class CardinalityInconsistency(QueryStrategy):
+    """Label-cardinality inconsistency weighted by uncertainty (Li & Guo, IJCAI 2013):
+    ``u(x)**beta * c(x)**(1 - beta)``, where ``c(x) = |n(x) - mean cardinality|`` is the distance between
+    how many labels the model decides for the item (``proba >= thresholds``) and the labeled set's mean
+    number of labels per item, and ``u`` is the mean binary entropy scaled to [0, 1].
+
+    Per-label uncertainty alone cannot see a structural mistake: a model that gives a post four targets,
+    or none, when posts carry one or two, is likely wrong about the set even when each label looks
+    confident. The uncertainty factor keeps the ranking among equally inconsistent items informative."""
+
+    name = "cardinality"
+    needs = frozenset({"proba", "labeled_y"})
+    kinds = frozenset({MULTI})
+
+    def __init__(self, beta: float = 0.5):
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError("beta must lie in [0, 1]")
+        self.beta = beta
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        labeled = np.asarray(ctx.labeled_y)
+        if labeled.ndim != 2 or labeled.shape[1] != ctx.proba.shape[1]:
+            raise ValueError(f"strategy {self.name!r} needs the labeled set as an L x {ctx.proba.shape[1]} "
+                             f"0/1 matrix, got shape {labeled.shape}")
+        mean_cardinality = labeled.sum(axis=1).mean() if len(labeled) else 0.0
+        decided = (ctx.proba >= ctx.decision_thresholds()).sum(axis=1)
+        inconsistency = np.abs(decided - mean_cardinality)
+        uncertainty = _binary_entropy(ctx.proba).mean(axis=1) / np.log(2.0) if ctx.proba.shape[1] else 0.0
+        return uncertainty**self.beta * inconsistency ** (1.0 - self.beta)
 
 
 def _kmeans(k: int, max_iter: int, rng: np.random.Generator):
@@ -268,12 +416,13 @@ class ClassBalanced(QueryStrategy):
     def __init__(self, base: QueryStrategy | str = "margin"):
         self.base = parse_strategy(base) if isinstance(base, str) else base
         self.needs = frozenset({"proba"}) | self.base.needs
+        self.kinds = type(self).kinds & self.base.kinds
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
         return self.base.scores(ctx)
 
     def select(self, ctx: PoolContext, k: int, rng: np.random.Generator) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         k = max(0, min(int(k), ctx.n_items))
         predicted = ctx.proba.argmax(axis=1)
         quota = _water_fill(np.bincount(predicted, minlength=ctx.n_classes), k)
@@ -310,7 +459,7 @@ class Mixed(QueryStrategy):
     an honest sample of the pool (unbiased estimates, recovery from a confidently wrong model)."""
 
     name = "mixed"
-
+    kinds = BOTH
     takes_base = True
 
     def __init__(self, base: QueryStrategy | str = "margin", random_fraction: float = 0.1):
@@ -319,6 +468,7 @@ class Mixed(QueryStrategy):
         self.base = parse_strategy(base) if isinstance(base, str) else base
         self.random_fraction = random_fraction
         self.needs = self.base.needs
+        self.kinds = type(self).kinds & self.base.kinds
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
         return self.base.scores(ctx)
@@ -335,6 +485,43 @@ class Mixed(QueryStrategy):
         return np.concatenate([from_base, rng.choice(rest, size=n_random, replace=False)])
 
 
+class SeverityWeighted(QueryStrategy):
+    """The base strategy's score times ``1 + boost * p(severe)``: among equally informative items, the ones
+    the model thinks may be severe come first, so for the same budget more severe items reach reviewers (and
+    the escalation path) early, while an item the model is sure is harmless keeps its plain score.
+
+    ``p(severe)`` is the predicted probability of any severe class: their summed softmax probability for a
+    single-label model, the largest of their sigmoid probabilities for a multi-label one. The base score is
+    shifted to be non-negative first, so the weight always ranks up, never down."""
+
+    name = "severity_weighted"
+    needs = frozenset({"proba", "severe_classes"})
+    kinds = BOTH
+    takes_base = True
+
+    def __init__(self, base: QueryStrategy | str = "margin", boost: float = 2.0):
+        if boost < 0:
+            raise ValueError("boost must be >= 0")
+        self.base = parse_strategy(base) if isinstance(base, str) else base
+        self.boost = boost
+        self.needs = type(self).needs | self.base.needs
+        self.kinds = type(self).kinds & self.base.kinds
+
+    def severe_probability(self, ctx: PoolContext) -> np.ndarray:
+        severe = np.asarray(ctx.severe_classes, dtype=np.int64)
+        if severe.size == 0:
+            raise ValueError("severity_weighted needs severe labels: set [severity] severe_labels in the "
+                             "taxonomy file or the settings")
+        part = ctx.proba[:, severe]
+        return part.max(axis=1) if ctx.multi_label else part.sum(axis=1)
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        base = self.base.scores(ctx)
+        base = base - min(0.0, float(base.min())) if len(base) else base
+        return base * (1.0 + self.boost * self.severe_probability(ctx))
+
+
 class ColdStartKMeans(QueryStrategy):
     """No model yet: k-means (k-means++ seeding) over encoder embeddings, one item per cluster — the
     member closest to its centroid — so the first labels cover the pool's topics instead of repeating
@@ -342,12 +529,13 @@ class ColdStartKMeans(QueryStrategy):
 
     name = "cold_start"
     needs = frozenset({"embeddings"})
+    kinds = BOTH
 
     def __init__(self, max_iter: int = 100):
         self.max_iter = max_iter
 
     def scores(self, ctx: PoolContext) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         if ctx.labeled_embeddings is None or not len(ctx.labeled_embeddings):
             return np.zeros(len(ctx.embeddings))
         x, lab = ctx.embeddings, ctx.labeled_embeddings
@@ -355,7 +543,7 @@ class ColdStartKMeans(QueryStrategy):
         return np.sqrt(np.clip(sq, 0.0, None)).min(axis=1)
 
     def select(self, ctx: PoolContext, k: int, rng: np.random.Generator) -> np.ndarray:
-        ctx.require(self.needs, self.name)
+        ctx.require(self)
         n = len(ctx.embeddings)
         k = max(0, min(int(k), n))
         if k == 0 or k == n:
@@ -372,7 +560,8 @@ class ColdStartKMeans(QueryStrategy):
 STRATEGIES: dict[str, type[QueryStrategy]] = {
     cls.name: cls
     for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, MarginKMeans, Badge, ClassBalanced,
-                Mixed, ColdStartKMeans)
+                Mixed, ColdStartKMeans, DiverseKMeans, MeanBinaryEntropy, MaxBinaryEntropy,
+                CardinalityInconsistency, SeverityWeighted)
 }
 
 
@@ -386,36 +575,57 @@ def _strategy_class(name: str) -> type[QueryStrategy]:
         return STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown query strategy {name!r}; choose from {sorted(STRATEGIES)}, or "
-                         f"{' / '.join(_composites())}:<base> (e.g. class_balanced:margin_kmeans)") from None
+                         f"{' / '.join(_composites())}:<base> (e.g. class_balanced:margin_kmeans), or "
+                         f"{AUTO!r} (the default for the taxonomy's kind)") from None
 
 
 def _composites() -> list[str]:
     return sorted(name for name, cls in STRATEGIES.items() if cls.takes_base)
 
 
-def parse_strategy(spec: str) -> QueryStrategy:
+def parse_strategy(spec: str, multi_label: bool | None = None) -> QueryStrategy:
     """The strategy a spec names: ``name``, or ``name:base`` for a composite strategy, e.g.
-    ``class_balanced:margin_kmeans`` or ``mixed:class_balanced:margin``.
+    ``class_balanced:margin_kmeans``, ``mixed:class_balanced:margin`` or ``kmeans:mean_binary_entropy``;
+    ``auto`` names the default strategy of the model's kind (:data:`DEFAULT_STRATEGY`).
 
     The one parser for every place a spec comes from (the ``strategy`` setting, ``labelloop simulate
     --strategies``, benchmarks), so a spec that works in a simulation works in the service too, and a
-    bad one fails the same way everywhere: a ``ValueError`` naming the valid choices."""
+    bad one fails the same way everywhere: a ``ValueError`` naming the valid choices.
+
+    ``multi_label``: the kind of model the strategy will rank for. Given, a spec with a part that is not
+    defined for that kind (margin on sigmoid outputs) is refused here, before any round runs, and
+    ``auto`` resolves for that kind; ``None`` skips the check (kind not known yet) and ``auto`` resolves
+    to the single-label default."""
+    strategy = _parse(spec, bool(multi_label))
+    if multi_label is not None:
+        part: QueryStrategy | None = strategy
+        while part is not None:
+            if kind_of(multi_label) not in type(part).kinds:
+                raise KindMismatch(part, multi_label)
+            part = getattr(part, "base", None) if part.takes_base else None
+    return strategy
+
+
+def _parse(spec: str, multi_label: bool) -> QueryStrategy:
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty query strategy spec; choose from {sorted(STRATEGIES)}")
+        raise ValueError(f"empty query strategy spec; choose from {sorted(STRATEGIES)} or {AUTO!r}")
     name, colon, base = (part.strip() for part in spec.strip().partition(":"))
-    cls = _strategy_class(name)
+    if name == AUTO and not colon:
+        return _parse(DEFAULT_STRATEGY[kind_of(multi_label)], multi_label)
+    cls = _strategy_class(name) if name != AUTO else None
     if not colon:
         return cls()
-    if not cls.takes_base:
+    if cls is None or not cls.takes_base:
         raise ValueError(f"query strategy {name!r} takes no base strategy (in {spec!r}); only "
                          f"{_composites()} do, e.g. class_balanced:{name}")
     if not base:
         raise ValueError(f"query strategy spec {spec!r} names no base strategy after ':'")
-    return cls(base=parse_strategy(base))
+    return cls(base=_parse(base, multi_label))
 
 
-def validate_strategy_spec(spec: str) -> str:
-    """``spec`` with surrounding whitespace removed, if :func:`parse_strategy` accepts it (raises
-    ``ValueError`` otherwise): what settings store, so the loop never meets a bad spec at round time."""
-    parse_strategy(spec)
+def validate_strategy_spec(spec: str, multi_label: bool | None = None) -> str:
+    """``spec`` with surrounding whitespace removed, if :func:`parse_strategy` accepts it for the kind of
+    model ``multi_label`` says (raises ``ValueError`` otherwise): what settings store, so the loop never
+    meets a bad spec at round time. ``auto`` stays ``auto``: it resolves when the kind is known."""
+    parse_strategy(spec, multi_label)
     return ":".join(part.strip() for part in spec.strip().split(":"))

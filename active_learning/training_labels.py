@@ -18,7 +18,9 @@ honest labels and train like any other.
 
 The vote follows the journal's rules, per item instead of per task: ground-truth annotations, when an
 item has any, are the only ones considered; otherwise the majority wins, and a tie goes to the label
-whose latest annotation is the most recent.
+whose latest annotation is the most recent. For a multi-label taxonomy the label is a set (a tuple of
+names in taxonomy order, ``()`` for none of these) and each label is voted on by itself: it is in the
+item's set when strictly more than half of the considered annotations select it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import pandas as pd
 from labelloop.journal import LABEL_COLUMNS, Journal, vote
 from labelloop.slices import COLUMNS as SLICE_COLUMNS
 from labelloop.slices import SliceStore
+from labelloop.taxonomy import Taxonomy
 
 
-def derive_training_labels(annotations: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
+def derive_training_labels(annotations: pd.DataFrame, slices: pd.DataFrame,
+                           taxonomy: Taxonomy | None = None) -> pd.DataFrame:
     """Training labels from the journal's annotations (``Journal.annotations()``) and the slice records
     (``SliceStore.frame()``), with the columns of ``Journal.labels()``; ``n_annotations`` counts every
     usable annotation of the item that took part (honeypot answers excluded)."""
@@ -43,8 +47,8 @@ def derive_training_labels(annotations: pd.DataFrame, slices: pd.DataFrame) -> p
     kind = kind[kind != "honeypot"]
     if usable.empty:
         return pd.DataFrame(columns=LABEL_COLUMNS)
-    adjudicated = vote(usable[kind == "adjudication"], "id")
-    ordinary = vote(usable[kind != "adjudication"], "id")
+    adjudicated = vote(usable[kind == "adjudication"], "id", taxonomy)
+    ordinary = vote(usable[kind != "adjudication"], "id", taxonomy)
     chosen = pd.concat([adjudicated, ordinary[~ordinary["id"].isin(adjudicated["id"])]])
     counts = usable.groupby("id").size().rename("n_annotations")
     chosen = chosen.join(counts, on="id").sort_values(["task_id", "id"])
@@ -54,4 +58,5 @@ def derive_training_labels(annotations: pd.DataFrame, slices: pd.DataFrame) -> p
 def training_labels(journal: Journal, slices: SliceStore, project_id: int | None = None) -> pd.DataFrame:
     """:func:`derive_training_labels` over the journal and the slice store as they are now."""
     frame = slices.frame(project_id) if project_id is not None else slices.frame()
-    return derive_training_labels(journal.annotations(project_id), frame.reindex(columns=SLICE_COLUMNS))
+    return derive_training_labels(journal.annotations(project_id), frame.reindex(columns=SLICE_COLUMNS),
+                                  journal.taxonomy)

@@ -168,3 +168,6 @@ def test_routes(runner, gate):
     assert client.get("/jobs").json()["jobs"][0]["id"] == job_id
     assert client.get("/jobs/nope").status_code == 404
     assert client.post("/jobs/retrain", json={"reason": 5}).status_code == 422
+    # a wrong method on /jobs/retrain names the method that route takes, not /jobs/{job_id}'s
+    wrong = client.options("/jobs/retrain")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"

@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from active_learning.simulate import (
+    DEFAULT_ARMS,
+    MultiLabel,
     SimulationResult,
     _reviewer_answers,
     checkpoints,
@@ -19,12 +21,18 @@ from active_learning.simulate import (
     labels_to_reach,
     paired_gain,
     parse_strategy,
+    pool_and_test,
     simulate,
 )
 from active_learning.stopping import StoppingMonitor, agreement_kappa
 from active_learning.strategies import ClassBalanced, MarginKMeans
 from labelloop import cli, data
 from labelloop.config import get_settings
+from labelloop.taxonomy import Taxonomy
+from tests.conftest import SHARED_DATA
+
+ETHOS_TARGETS = ("violence", "directed", "gender", "race", "national_origin", "disability", "religion",
+                 "sexual_orientation")
 
 # --- stopping ---------------------------------------------------------------------------------------
 
@@ -271,3 +279,93 @@ def test_simulate_command_on_a_csv_path_names_outputs_after_its_stem(small_david
             assert "complete" in (tmp_path / "sims" / "al_curves_file.md").read_text()
     finally:
         get_settings.cache_clear()
+
+
+# --- multi-label --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ethos_multilabel() -> data.LabeledData:
+    """140 real ETHOS comments with their target sets (a target counts at >= half of the annotators)."""
+    raw = pd.read_csv(SHARED_DATA / "ethos" / "Ethos_Dataset_Multi_Label.csv.gz", sep=";").head(140)
+    taxonomy = Taxonomy("ethos_targets", "ETHOS targets", ETHOS_TARGETS, ETHOS_TARGETS, multi=True)
+    on = (raw.iloc[:, 1:].to_numpy() >= 0.5).astype(int)
+    frame = pd.DataFrame({"id": [f"e{i}" for i in range(len(raw))], "text": raw["comment"],
+                          "label": [taxonomy.decode(row) for row in on]})
+    return data.LabeledData(frame, taxonomy, "ethos_multilabel")
+
+
+def test_a_multi_label_reviewer_flips_one_label_of_exactly_the_noise_share():
+    gold = np.random.default_rng(0).integers(0, 2, (500, 8))
+    answers = MultiLabel().reviewer_answers(gold, 8, 0.1, np.random.default_rng(1))
+    changed = (answers != gold).sum(axis=1)
+    assert (changed > 0).sum() == 50 and changed.max() == 1
+    assert MultiLabel().n_wrong(answers, gold) == 50
+    assert np.array_equal(MultiLabel().reviewer_answers(gold, 8, 0.0, np.random.default_rng(1)), gold)
+
+
+def test_a_multi_label_simulation_refuses_single_label_strategies_before_any_work(ethos_multilabel, settings):
+    with pytest.raises(ValueError, match="'margin' is for single-label models only, but the taxonomy is multi-label"):
+        simulate(ethos_multilabel, ["random", "margin"], seeds=1, budget=40, step=10, initial=10, settings=settings,
+                 log_to_mlflow=False, cache_dir=settings.cache_dir / "never-created")
+    assert not (settings.cache_dir / "never-created").exists()  # nothing embedded
+
+
+def test_small_ethos_multi_label_simulation_reports_multi_label_metrics(ethos_multilabel, settings, tmp_path):
+    result = simulate(ethos_multilabel, None, seeds=1, budget=40, step=10, initial=10, noise=0.05,
+                      settings=settings, out_dir=tmp_path / "out")
+    curves = result.curves
+    assert list(dict.fromkeys(curves["strategy"])) == list(DEFAULT_ARMS["multi-label"])
+    assert sorted(curves["n_labels"].unique()) == [10, 20, 30, 40]
+    per_label = curves[[f"f1_{label}" for label in ETHOS_TARGETS]]
+    assert np.allclose(curves["macro_f1"], per_label.mean(axis=1))  # macro-F1 over labels, not classes
+    for column in ("macro_f1", "micro_f1", "subset_accuracy"):
+        assert curves[column].between(0.0, 1.0).all()
+    assert (curves.groupby("strategy")["macro_f1"].last() > 0.3).all()  # 40 labels already learn something
+    assert "accuracy" not in curves  # single-label accuracy means nothing for label sets
+    # every label count is the number of labeled items carrying that label: consistent with the gold sets
+    labeled = curves[[f"labeled_{label}" for label in ETHOS_TARGETS]].to_numpy()
+    assert (labeled <= curves[["n_labels"]].to_numpy()).all() and (labeled.sum(axis=1) > 0).all()
+    pool, _ = pool_and_test(ethos_multilabel)
+    assert result.rare_class == ETHOS_TARGETS[int(np.argmin(ethos_multilabel.taxonomy.encode(pool["label"]).sum(0)))]
+    first = curves[curves["n_labels"] == 10].set_index("strategy")["macro_f1"]
+    assert np.allclose(first, first.iloc[0])  # paired: the same cold-start labels, the same first model
+    summary = (tmp_path / "out" / "al_curves_ethos_multilabel.md").read_text()
+    assert "fixed threshold of 0.5" in summary and "## Micro-F1" in summary and "## Subset accuracy" in summary
+
+    client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(f"{settings.experiment}-al-simulation").experiment_id],
+                             filter_string="attributes.run_name = 'cardinality-seed0'")[0]
+    assert {"macro_f1", "micro_f1", "subset_accuracy", "f1_disability", "labeled_violence"} <= set(run.data.metrics)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.params["multi_label"] == "True" and parent.data.params["threshold"] == "0.5"
+
+
+def test_simulate_command_runs_multi_label_from_a_taxonomy_file_and_label_columns(tmp_path, monkeypatch,
+                                                                                  embedding_cache_dir):
+    """The whole path a user takes: their taxonomy file, a CSV with one fractional column per target."""
+    from labelloop.config import REPO_ROOT
+
+    raw = pd.read_csv(SHARED_DATA / "ethos" / "Ethos_Dataset_Multi_Label.csv.gz", sep=";").head(120)
+    raw.to_csv(tmp_path / "ethos_ml.csv", sep=";", index=False)
+    monkeypatch.chdir(tmp_path)
+    for name, value in {"MLRUNS_DIR": tmp_path / "mlruns", "STATE_DIR": tmp_path / "var",
+                        "CACHE_DIR": embedding_cache_dir, "CONFIG": tmp_path / "none.toml"}.items():
+        monkeypatch.setenv(f"LABELLOOP_{name}", str(value))
+    monkeypatch.setattr(cli, "console", cli.Console(width=200))
+    taxonomy = str(REPO_ROOT / "examples" / "taxonomies" / "ethos_targets.toml")
+    source = ["--dataset", "ethos_ml.csv", "--taxonomy", taxonomy, "--text-column", "comment", "--label-columns", "*",
+              "--label-map", "directed_vs_generalized=directed", "--label-threshold", "0.5"]
+    small = ["--seeds", "1", "--budget", "30", "--step", "10", "--initial", "10", "--out", "sims"]
+    get_settings.cache_clear()
+    try:
+        refused = CliRunner().invoke(cli.app, ["simulate", *source, *small, "--strategies", "random,margin"])
+        result = CliRunner().invoke(cli.app, ["simulate", *source, *small, "--strategies", "random,cardinality"])
+    finally:
+        get_settings.cache_clear()
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.startswith("error: query strategy 'margin' is for single-label models only")
+    assert result.exit_code == 0, result.output
+    curves = pd.read_csv(tmp_path / "sims" / "al_curves_ethos_ml.csv")
+    assert len(curves) == 2 * 3 and {"micro_f1", "subset_accuracy", "f1_directed", "labeled_violence"} <= set(curves)
+    assert "cardinality" in result.stdout

@@ -15,17 +15,26 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from active_learning.pool import ProbaCache, ScoredPool, mc_dropout_proba
 from active_learning.strategies import (
     BALD,
+    DEFAULT_STRATEGY,
+    MULTI,
+    SINGLE,
     STRATEGIES,
+    CardinalityInconsistency,
     ClassBalanced,
     ColdStartKMeans,
+    DiverseKMeans,
     Entropy,
+    KindMismatch,
     LeastConfidence,
     Margin,
     MarginKMeans,
+    MaxBinaryEntropy,
+    MeanBinaryEntropy,
     Mixed,
     PoolContext,
     get_strategy,
     parse_strategy,
+    validate_strategy_spec,
 )
 from training.classifier import EmbeddingHeadClassifier, FineTunedClassifier, TextClassifier, resolve_model_path
 
@@ -100,17 +109,27 @@ def test_bald_is_high_where_samples_disagree_and_zero_where_they_agree():
 
 # --- batches --------------------------------------------------------------------------------------
 
-def full_context(n: int = 200, k: int = 3, seed: int = 0) -> PoolContext:
+def full_context(n: int = 200, k: int = 3, seed: int = 0, multi_label: bool = False) -> PoolContext:
+    """A pool context for either kind of model: softmax rows, or independent per-label probabilities
+    with a labeled set given as a 0/1 matrix."""
     g = np.random.default_rng(seed)
-    proba = g.dirichlet(np.ones(k), n)
     emb, _ = blobs(10, n // 10, seed=seed)
+    if multi_label:
+        return PoolContext(n_classes=k, proba=g.uniform(0, 1, (n, k)), embeddings=emb, multi_label=True,
+                           labeled_embeddings=emb[:5] + 0.5, labeled_y=g.integers(0, 2, (5, k)),
+                           severe_classes=np.array([0]))
+    proba = g.dirichlet(np.ones(k), n)
     return PoolContext(n_classes=k, proba=proba, embeddings=emb, mc_proba=g.dirichlet(np.ones(k), (5, n)),
-                       labeled_embeddings=emb[:5] + 0.5, labeled_y=np.arange(5) % k)
+                       labeled_embeddings=emb[:5] + 0.5, labeled_y=np.arange(5) % k, severe_classes=np.array([0]))
+
+
+def context_for(name: str) -> PoolContext:
+    return full_context(multi_label=SINGLE not in STRATEGIES[name].kinds)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_returns_k_unique_pool_indices(name):
-    ctx = full_context()
+    ctx = context_for(name)
     strategy = get_strategy(name)
     chosen = strategy.select(ctx, 25, rng(3))
     assert len(chosen) == 25
@@ -124,7 +143,7 @@ def test_every_strategy_returns_k_unique_pool_indices(name):
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_fills_its_batch_when_the_pool_is_full_of_duplicates(name):
     """Retweets: 200 items but only 4 distinct embeddings, so clustering finds fewer groups than k."""
-    ctx = full_context()
+    ctx = context_for(name)
     ctx.embeddings = ctx.embeddings[np.arange(200) % 4]
     chosen = get_strategy(name).select(ctx, 25, rng(3))
     assert len(chosen) == 25 and len(set(chosen.tolist())) == 25
@@ -222,6 +241,120 @@ def test_mixed_holds_the_base_batch_plus_a_random_slice():
 def test_mixed_rejects_a_fraction_outside_zero_one():
     with pytest.raises(ValueError):
         Mixed("margin", random_fraction=1.5)
+
+
+# --- multi-label strategies -----------------------------------------------------------------------
+
+def multi_ctx(proba, labeled_y=None, thresholds=None) -> PoolContext:
+    proba = np.asarray(proba, dtype=float)
+    return PoolContext(n_classes=proba.shape[1], proba=proba, multi_label=True, thresholds=thresholds,
+                       labeled_y=None if labeled_y is None else np.asarray(labeled_y))
+
+
+def test_mean_binary_entropy_picks_the_items_nearest_one_half():
+    proba = [[0.99, 0.01, 0.02], [0.5, 0.5, 0.5], [0.9, 0.1, 0.6], [0.45, 0.55, 0.4], [0.0, 1.0, 0.0]]
+    scores = MeanBinaryEntropy().scores(multi_ctx(proba))
+    assert np.argsort(-scores).tolist() == [1, 3, 2, 0, 4]
+    assert scores[1] == pytest.approx(np.log(2))
+    assert scores[4] == pytest.approx(0.0, abs=1e-9)
+    assert MeanBinaryEntropy().select(multi_ctx(proba), 2, rng()).tolist() == [1, 3]
+
+
+def test_max_binary_entropy_follows_the_most_doubtful_label_where_the_mean_dilutes_it():
+    one_coin_flip = [0.5, 0.0, 0.0, 0.0]  # one label wholly undecided, the rest certain
+    mildly_unsure = [0.2, 0.2, 0.2, 0.2]  # a little unsure about every label
+    ctx = multi_ctx([one_coin_flip, mildly_unsure, [0.0, 1.0, 0.0, 1.0]])
+    assert MaxBinaryEntropy().select(ctx, 1, rng()).tolist() == [0]
+    assert MeanBinaryEntropy().select(ctx, 1, rng()).tolist() == [1]
+    assert MaxBinaryEntropy().scores(ctx)[0] == pytest.approx(np.log(2))
+
+
+def test_cardinality_picks_the_item_whose_label_count_disagrees_with_the_labeled_set():
+    labeled = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]  # one label per item
+    consistent = [0.8, 0.2, 0.2]  # one label decided, as the labeled items have
+    three = [0.8, 0.8, 0.8]  # three labels: two more than usual
+    none = [0.2, 0.2, 0.2]  # no label: one fewer
+    ctx = multi_ctx([consistent, three, none, consistent], labeled_y=labeled)
+    # every row is equally uncertain label by label: only the count tells them apart
+    assert np.ptp(MeanBinaryEntropy().scores(ctx)) == pytest.approx(0.0, abs=1e-12)
+    scores = CardinalityInconsistency().scores(ctx)
+    assert np.argsort(-scores)[:2].tolist() == [1, 2]
+    assert scores[0] == scores[3] == pytest.approx(0.0)
+    assert CardinalityInconsistency().select(ctx, 1, rng()).tolist() == [1]
+    # decisions follow the model's own thresholds: at 0.9 the 'three' row decides nothing, like 'none'
+    strict = multi_ctx([consistent, three, none], labeled_y=labeled, thresholds=np.full(3, 0.9))
+    high = CardinalityInconsistency().scores(strict)
+    assert high[0] == pytest.approx(high[1]) == pytest.approx(high[2])
+
+
+def test_cardinality_needs_the_labeled_set_as_a_label_matrix():
+    with pytest.raises(ValueError, match=r"needs \['labeled_y'\]"):
+        CardinalityInconsistency().scores(multi_ctx([[0.5, 0.5]]))
+    with pytest.raises(ValueError, match="L x 2 0/1 matrix"):
+        CardinalityInconsistency().scores(multi_ctx([[0.5, 0.5]], labeled_y=[0, 1]))
+    with pytest.raises(ValueError, match="beta"):
+        CardinalityInconsistency(beta=2.0)
+
+
+def test_kmeans_composite_spreads_a_multi_label_batch_over_clusters():
+    emb, membership = blobs(5, 10)
+    g = np.random.default_rng(0)
+    p = np.where(membership == 0, 0.5, 0.8)[:, None] + g.uniform(0, 0.01, (50, 3))  # cluster 0 most uncertain
+    ctx = PoolContext(n_classes=3, proba=np.clip(p, 0, 1), embeddings=emb, multi_label=True)
+    assert set(membership[MeanBinaryEntropy().select(ctx, 5, rng())]) == {0}
+    diverse = parse_strategy("kmeans:mean_binary_entropy", multi_label=True)
+    assert isinstance(diverse, DiverseKMeans) and diverse.needs == {"proba", "embeddings"}
+    assert sorted(membership[diverse.select(ctx, 5, rng())]) == [0, 1, 2, 3, 4]
+
+
+def test_a_single_label_strategy_refuses_multi_label_predictions_and_vice_versa():
+    multi = multi_ctx([[0.9, 0.8], [0.5, 0.1]])
+    with pytest.raises(KindMismatch, match=r"'margin' is for single-label models only, but the taxonomy is "
+                                           r"multi-label; for multi-label models choose from \[.*'cardinality'"):
+        Margin().scores(multi)
+    with pytest.raises(KindMismatch, match="'mean_binary_entropy' is for multi-label models only"):
+        MeanBinaryEntropy().scores(ctx_of([[0.9, 0.1]]))
+    with pytest.raises(KindMismatch, match="'margin'"):
+        Mixed("margin").select(multi, 1, rng())  # a composite's base is checked too
+    assert len(Mixed("max_binary_entropy", 0.5).select(multi, 2, rng())) == 2
+
+
+@pytest.mark.parametrize(("spec", "multi", "refused"), [
+    ("margin", True, "margin"),
+    ("margin_kmeans", True, "margin_kmeans"),
+    ("bald", True, "bald"),
+    ("mixed:margin", True, "margin"),
+    ("kmeans:entropy", True, "entropy"),
+    ("class_balanced:mean_binary_entropy", True, "class_balanced"),
+    ("class_balanced:mean_binary_entropy", False, "mean_binary_entropy"),
+    ("cardinality", False, "cardinality"),
+    ("mixed:kmeans:max_binary_entropy", False, "max_binary_entropy"),
+])
+def test_a_spec_unfit_for_the_taxonomys_kind_is_refused_when_validated(spec, multi, refused):
+    kind, other = (MULTI, SINGLE) if multi else (SINGLE, MULTI)
+    with pytest.raises(ValueError, match=f"query strategy '{refused}' is for {other} models only, but the "
+                                         f"taxonomy is {kind}"):
+        validate_strategy_spec(spec, multi_label=multi)
+    assert validate_strategy_spec(spec) == spec  # kind not known yet: only the grammar is checked
+
+
+def test_auto_resolves_to_the_default_of_the_models_kind():
+    assert type(parse_strategy("auto", multi_label=False)) is type(parse_strategy(DEFAULT_STRATEGY[SINGLE]))
+    assert type(parse_strategy("auto", multi_label=True)) is type(parse_strategy(DEFAULT_STRATEGY[MULTI]))
+    assert SINGLE not in parse_strategy("auto", multi_label=True).kinds
+    assert isinstance(parse_strategy("auto"), Margin)  # kind unknown: the single-label default
+    nested = parse_strategy("mixed:auto", multi_label=True)
+    assert type(nested.base) is type(parse_strategy(DEFAULT_STRATEGY[MULTI]))
+    assert validate_strategy_spec(" auto ") == "auto"
+    with pytest.raises(ValueError, match="'auto' takes no base strategy"):
+        parse_strategy("auto:margin")
+
+
+def test_multi_label_strategies_work_through_get_strategy_and_the_registry():
+    for name in ("mean_binary_entropy", "max_binary_entropy", "cardinality"):
+        assert STRATEGIES[name].kinds == {MULTI}
+        assert get_strategy(name).select(full_context(multi_label=True), 7, rng()).shape == (7,)
+    assert STRATEGIES["random"].kinds == STRATEGIES["cold_start"].kinds == {SINGLE, MULTI}
 
 
 # --- pool scoring and caches ----------------------------------------------------------------------
@@ -401,9 +534,10 @@ def test_a_spec_names_a_composite_strategy_and_its_base_at_any_depth():
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("margn", r"unknown query strategy 'margn'; choose from \[.*'margin'.*'random'\]"),
+    ("margn", r"unknown query strategy 'margn'; choose from \[.*'margin'.*'random'.*\]"),
     ("class_balanced:margn", "unknown query strategy 'margn'"),
-    ("margin:entropy", r"'margin' takes no base strategy.*\['class_balanced', 'mixed'\]"),
+    ("margin:entropy",
+     r"'margin' takes no base strategy.*\['class_balanced', 'kmeans', 'mixed', 'severity_weighted'\]"),
     ("class_balanced:", "names no base strategy"),
     ("  ", "empty query strategy spec"),
 ])
@@ -430,6 +564,23 @@ def test_the_strategy_setting_is_validated_when_settings_load(tmp_path, monkeypa
     monkeypatch.setenv("LABELLOOP_CONFIG", str(toml))
     with pytest.raises(ValidationError, match="'bald' takes no base strategy"):
         Settings()
+
+
+def test_the_strategy_setting_must_fit_the_taxonomys_kind(tmp_path, monkeypatch):
+    """`strategy = "margin"` with a multi-label taxonomy would fail only at the first round."""
+    from pydantic import ValidationError
+
+    from labelloop.config import REPO_ROOT, Settings
+
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "none.toml"))
+    multi = str(REPO_ROOT / "examples" / "taxonomies" / "ethos_targets.toml")
+    assert Settings().strategy == Settings(taxonomy=multi).strategy == "auto"  # resolved per kind by the loop
+    assert Settings(taxonomy=multi, strategy="mixed:kmeans:cardinality").strategy == "mixed:kmeans:cardinality"
+    with pytest.raises(ValidationError, match=r"strategy\n.*'margin' is for single-label models only, but the "
+                                              r"taxonomy is multi-label"):
+        Settings(taxonomy=multi, strategy="margin")
+    with pytest.raises(ValidationError, match="'max_binary_entropy' is for multi-label models only"):
+        Settings(strategy="max_binary_entropy")
 
 
 def test_a_scored_pool_ranks_by_a_composite_spec(tmp_path):
@@ -483,3 +634,59 @@ def test_the_service_loop_pushes_a_queue_for_a_composite_strategy(tmp_path, monk
         result = loop.push_queue(LoadedModel(ModelRef(settings.registered_model_name, 1), model))
     assert len(result.queued_task_ids) == 6 and len(client.pushed) == 20
     assert client.model_version == f"{settings.registered_model_name}:v1"
+
+
+class MultiLabelCounting(CountingClassifier):
+    """A multi-label stand-in: three independent per-label probabilities from the text's length."""
+
+    labels = ("threat", "insult", "spam")
+    multi_label = True
+
+    def __init__(self):
+        super().__init__()
+        self.thresholds = np.array([0.5, 0.3, 0.9])
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        self.scored.extend(texts)
+        p = np.array([(len(t) % 10) / 10 for t in texts], dtype=np.float32)
+        return np.c_[p, 1 - p, np.full(len(p), 0.5, dtype=np.float32)]
+
+
+def test_a_scored_pool_gives_multi_label_strategies_the_kind_thresholds_and_labeled_sets(tmp_path):
+    labeled = pd.DataFrame({"id": ["l1", "l2", "l3"], "text": ["a", "b", "c"],
+                            "label": [("threat",), ("threat", "spam"), ()]})
+    pool = ScoredPool(pool_items(40), MultiLabelCounting(), "m:v1", tmp_path, labeled=labeled,
+                      encoder=FakeEncoder())
+    ctx = pool.context({"proba", "labeled_y"})
+    assert ctx.multi_label and ctx.thresholds.tolist() == [0.5, 0.3, 0.9]
+    assert ctx.labeled_y.tolist() == [[1, 0, 0], [1, 0, 1], [0, 0, 0]]
+    batch = pool.rank("cardinality", 5, seed=0)
+    assert len(batch) == 5 and batch["id"].is_unique
+    assert all(isinstance(p, tuple) and set(p) <= {"threat", "insult", "spam"} for p in batch["predicted"])
+    with pytest.raises(KindMismatch, match="'margin'"):
+        pool.rank("margin", 5)
+    unknown = labeled.assign(label=[("threat",), ("harassment",), ()])
+    with pytest.raises(ValueError, match=r"labels \[.harassment.\] unknown to the model"):
+        ScoredPool(pool_items(5), MultiLabelCounting(), "m:v1", tmp_path, labeled=unknown,
+                   encoder=FakeEncoder()).context({"labeled_y"})
+
+
+def test_severity_weighted_ranks_a_possibly_severe_item_above_an_equally_uncertain_harmless_one():
+    from active_learning.strategies import PoolContext as Ctx
+    from active_learning.strategies import parse_strategy as parse
+
+    # classes: hate (severe), offensive, neither; rows 0 and 1 have the same margin
+    proba = np.array([[0.05, 0.50, 0.45], [0.45, 0.50, 0.05], [0.0, 0.98, 0.02]])
+    strategy = parse("severity_weighted:margin")
+    ctx = Ctx(3, proba=proba, severe_classes=np.array([0]))
+    plain, weighted = parse("margin").scores(ctx), strategy.scores(ctx)
+    assert plain[0] == pytest.approx(plain[1])
+    assert weighted[1] > weighted[0] and list(strategy.select(ctx, 1, np.random.default_rng(0))) == [1]
+    with pytest.raises(ValueError, match="severe_labels"):
+        strategy.scores(Ctx(3, proba=proba, severe_classes=np.array([], dtype=np.int64)))
+
+
+@pytest.mark.parametrize("spec", ["margin", "kmeans:mean_binary_entropy", "margin_kmeans", "class_balanced:margin",
+                                  "mixed:kmeans:cardinality"])
+def test_a_strategy_reports_the_spec_that_built_it(spec: str):
+    assert parse_strategy(spec).spec == spec
