@@ -11,6 +11,10 @@ Three views, because each answers a different question:
 * pairwise Cohen's kappa: which pair of reviewers disagrees, for coaching.
 * CROWDLAB (cleanlab): a consensus label per item and a quality score per annotator that also weigh the
   model's out-of-sample probabilities, so one careful reviewer outvoted by two careless ones can still win.
+
+For a multi-label taxonomy (label sets) see :func:`label_set_agreement`: alpha per label on its yes/no
+answers and their mean, kappa and raw agreement per pair on the exact set. CROWDLAB has no multi-label
+form in cleanlab, so it is not reported there.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pandas as pd
 from pydantic import BaseModel
 from sklearn.metrics import cohen_kappa_score
 
-from monitoring.quality_stats import DEFAULT_MIN_N, Estimate, finite, not_enough
+from monitoring.quality_stats import DEFAULT_MIN_N, Estimate, Proportion, finite, not_enough, proportion
 
 #: CROWDLAB's model probabilities come from a head fit with balanced class weights. CROWDLAB weighs the model
 #: as one more voter on every item; an unweighted head almost never votes for the rare class, and its vote
@@ -38,6 +42,14 @@ class PairKappa(BaseModel):
     annotator_a: int
     annotator_b: int
     kappa: Estimate
+
+
+class PairAgreement(BaseModel):
+    """How often two reviewers gave exactly the same answer (the same label set) on the items both labelled."""
+
+    annotator_a: int
+    annotator_b: int
+    agreement: Proportion
 
 
 class AnnotatorQuality(BaseModel):
@@ -64,13 +76,18 @@ class Crowdlab(BaseModel):
 
 
 class Agreement(BaseModel):
-    """Agreement on items with two or more annotators; ``n_items`` counts those items."""
+    """Agreement on items with two or more annotators; ``n_items`` counts those items.
+
+    Multi-label: ``alpha`` is the mean of the per-label alphas (no interval), ``alpha_per_class`` each label's
+    alpha on its yes/no answers, ``kappa_pairs`` Cohen's kappa on the exact set as one nominal answer, and
+    ``pair_agreement`` the raw exact-set agreement per pair (empty for single-label)."""
 
     n_items: int
     n_annotators: int
     alpha: Estimate
     alpha_per_class: dict[str, Estimate]
     kappa_pairs: list[PairKappa]
+    pair_agreement: list[PairAgreement] = []
     note: str | None = None
 
 
@@ -197,3 +214,46 @@ def crowdlab(table: pd.DataFrame, pred_probs: np.ndarray, classes: Sequence[str]
         for item, row in zip(table.index, quality.to_dict("records"), strict=True)
     ]
     return Crowdlab(n_items=n, annotators=sorted(annotators, key=lambda a: -(a.quality or 0)), consensus=consensus)
+
+
+def _set_key(cell: object) -> str:
+    """A label set as one nominal answer: equal sets give equal keys, whatever their order."""
+    return "+".join(sorted(cell)) if isinstance(cell, tuple | list | set | frozenset) else str(cell)
+
+
+def label_set_agreement(labels: pd.DataFrame, classes: Sequence[str], min_n: int = DEFAULT_MIN_N) -> Agreement:
+    """Agreement for a multi-label taxonomy (each row's ``label`` a tuple of label names).
+
+    Every label is its own yes/no question: Krippendorff's nominal alpha per label, and overall the mean over
+    the labels some reviewer chose and some did not (a label nobody chose is trivially 1 in its own row but
+    says nothing about reviewers, so it does not lift the mean). Pairs of reviewers
+    are compared on the exact set, as Cohen's kappa and as a raw proportion with its Wilson interval."""
+    pairs = multi_annotated(labels)
+    if pairs.empty:
+        empty = Estimate(n=0, note=not_enough(0, min_n, "items with 2+ annotators"))
+        return Agreement(n_items=0, n_annotators=0, alpha=empty, alpha_per_class={c: empty for c in classes},
+                         kappa_pairs=[], note="no item has been labelled by two annotators yet")
+    sets = item_by_annotator(pairs)
+    per_label, defined = {}, []
+    for label in classes:
+        binary = sets.apply(lambda col, c=label: col.map(lambda v: "yes" if c in v else "no", na_action="ignore"))
+        per_label[label] = krippendorff_alpha(binary, ["yes", "no"], min_n)
+        answers = set(binary.stack().dropna().unique())
+        if per_label[label].value is not None and answers == {"yes", "no"}:
+            defined.append(per_label[label].value)
+    n = len(sets)
+    if n < max(min_n, 1):
+        alpha = Estimate(n=n, note=not_enough(n, min_n, "items with 2+ annotators"))
+    elif defined:
+        alpha = Estimate(n=n, value=finite(float(np.mean(defined))),
+                         note=f"mean of the per-label alphas ({len(defined)} of {len(classes)} labels)")
+    else:
+        alpha = Estimate(n=n, note="alpha undefined for every label")
+    keyed = sets.apply(lambda col: col.map(_set_key, na_action="ignore"))
+    agreed = []
+    for a, b in itertools.combinations(keyed.columns, 2):
+        both = keyed[[a, b]].dropna()
+        agreed.append(PairAgreement(annotator_a=int(a), annotator_b=int(b),
+                                    agreement=proportion(int((both[a] == both[b]).sum()), len(both), min_n)))
+    return Agreement(n_items=n, n_annotators=sets.shape[1], alpha=alpha, alpha_per_class=per_label,
+                     kappa_pairs=pairwise_kappa(keyed, min_n), pair_agreement=agreed)

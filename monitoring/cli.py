@@ -16,6 +16,7 @@ from rich.table import Table
 
 from labelloop.cli_errors import err, friendly_errors
 from labelloop.config import Settings, get_settings
+from monitoring.label_errors import shown_label
 from monitoring.quality import BREAKDOWNS, Breakdown, Group, ModelScores
 from monitoring.quality_stats import Estimate, Proportion
 
@@ -89,6 +90,8 @@ def _scores_rows(table: Table, scores: ModelScores) -> None:
     tag = "audit" if scores.unbiased else "active (biased)"
     _row(table, f"{tag}: accuracy", scores.accuracy)
     _row(table, f"{tag}: macro-F1", scores.macro_f1, percent=False)
+    if scores.micro_f1 is not None:
+        _row(table, f"{tag}: micro-F1", scores.micro_f1, percent=False)
     for label, recall in scores.recall.items():
         _row(table, f"{tag}: recall {label}", recall)
 
@@ -111,7 +114,11 @@ def quality(ctx: typer.Context, by: ByOpt = None, as_json: JsonOpt = False, proj
     summary = _measure_table("label quality")
     _row(summary, "suggestion acceptance", report.acceptance.overall)
     summary.add_row("labels made without a suggestion", str(report.acceptance.without_suggestion), "", "", "")
-    _row(summary, "reviewer accuracy on gold", report.gold.overall)
+    _row(summary, "reviewer accuracy on gold" + (" (exact set)" if report.multi_label else ""), report.gold.overall)
+    for label, accuracy in report.gold.per_label_accuracy.items():
+        _row(summary, f"gold accuracy, {label}", accuracy)
+    for label, recall in report.gold.per_label_recall.items():
+        _row(summary, f"gold recall, {label}", recall)
     _row(summary, "Krippendorff's alpha (nominal)", report.agreement.alpha, percent=False)
     for label, alpha in report.agreement.alpha_per_class.items():
         _row(summary, f"alpha, {label} vs rest", alpha, percent=False)
@@ -188,5 +195,6 @@ def issues(top_k: TopKOpt = None, as_json: JsonOpt = False, project: ProjectOpt 
     for column in ("rank", "task", "label", "model says", "quality", "text"):
         table.add_column(column, overflow="fold")
     for i in result.issues:
-        table.add_row(str(i.rank), str(i.task_id), i.label, i.model_label, f"{i.quality:.3f}", escape(i.text[:80]))
+        table.add_row(str(i.rank), str(i.task_id), shown_label(i.label), shown_label(i.model_label),
+                      f"{i.quality:.3f}", escape(i.text[:80]))
     console.print(table)

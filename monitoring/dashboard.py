@@ -36,14 +36,16 @@ from pydantic import BaseModel
 from labelloop.alerts_store import AlertStore, alerts_path
 from monitoring import quality as measures
 from monitoring.drift_api import NO_REPORT, AlertOut, DriftReport
-from monitoring.label_errors import LabelIssue
+from monitoring.label_errors import LabelIssue, shown_label
 from monitoring.overview import (
     ContextDep,
     ModelSection,
     MonitoringContext,
     Overview,
+    Protection,
     Throughput,
     collect_overview,
+    collect_protection,
     collect_throughput,
     model_or_note,
 )
@@ -57,6 +59,7 @@ PLOTLY_PATH = "/static/plotly.min.js"
 OVERVIEW_API, MODEL_API, THROUGHPUT_API = "/v1/monitoring/overview", "/v1/monitoring/model", "/v1/monitoring/throughput"
 QUALITY_API, ISSUES_API = "/v1/quality", "/v1/quality/label-issues"
 DRIFT_API, ALERTS_API = "/v1/monitoring/drift", "/v1/monitoring/alerts"
+PROTECTION_API = "/v1/monitoring/protection"
 Format = Literal["int", "pct", "num", "text", "seconds", "time"]
 
 
@@ -102,6 +105,8 @@ class DashboardData(BaseModel):
     label_errors_note: str | None = None
     drift: DriftData | None = None
     drift_note: str | None = None
+    protection: Protection | None = None
+    protection_note: str | None = None
 
 
 def adjudication_states(issues: Sequence[LabelIssue], slices: pd.DataFrame, annotations: pd.DataFrame,
@@ -122,7 +127,7 @@ def adjudication_states(issues: Sequence[LabelIssue], slices: pd.DataFrame, anno
         if copy is None:
             state = "not sent for adjudication"
         elif copy in verdicts:
-            state = f"adjudicated: {verdicts[copy]}"
+            state = f"adjudicated: {shown_label(verdicts[copy])}"
         else:
             state = "waiting for a second reviewer"
         rows.append(LabelErrorRow(issue=issue, task_url=task_url(issue.task_id), adjudication=state,
@@ -217,6 +222,7 @@ def collect(context: MonitoringContext) -> DashboardData:
     accuracy, accuracy_note = _guarded("label accuracy", lambda: collect_label_accuracy(quality))
     errors, errors_note = _guarded("likely label errors", lambda: collect_label_errors(context, quality))
     drift, drift_note = _guarded("drift", lambda: collect_drift(context))
+    guard, guard_note = _guarded("reviewer protection", lambda: collect_protection(context))
     return DashboardData(
         generated_at=overview.generated_at, project_id=context.project_id, overview=overview, model=model,
         throughput=collect_throughput(context),
@@ -226,7 +232,8 @@ def collect(context: MonitoringContext) -> DashboardData:
         label_errors=errors, label_errors_note=errors_note,
         drift=drift,
         drift_note=drift_note or (None if drift else "drift monitoring has not run yet: run `labelloop drift` once "
-                                  "a champion exists and the pool is imported"))
+                                  "a champion exists and the pool is imported"),
+        protection=guard, protection_note=guard_note)
 
 
 # ------------------------------------------------------------------------------------------ formatting
@@ -494,7 +501,8 @@ def label_errors_section(data: DashboardData) -> Section:
         return Section("label-errors", "Likely label errors", intro, [Sentence(data.label_errors_note or "")])
     rows = [[Cell(row.issue.rank), Cell(f"task {row.issue.task_id}", row.task_url, ISSUES_API,
                                          f"issues.{i}.task_id", row.issue.task_id),
-             Cell(html.unescape(row.issue.text)[:140]), Cell(row.issue.label), Cell(row.issue.model_label),
+             Cell(html.unescape(row.issue.text)[:140]), Cell(shown_label(row.issue.label)),
+             Cell(shown_label(row.issue.model_label)),
              Cell(fmt(row.issue.quality, "num")),
              Cell(row.adjudication, row.adjudication_task_url)]
             for i, row in enumerate(errors.rows)]
@@ -625,9 +633,36 @@ def throughput_section(data: DashboardData) -> Section:
     ])
 
 
+def protection_section(data: DashboardData) -> Section:
+    intro = ("The human cost of review: severe items each reviewer saw and masked texts they revealed (today and "
+             "the last 7 days, UTC), against the daily cap, and escalations waiting for delivery.")
+    g = data.protection
+    if g is None:
+        return Section("protection", "Reviewer protection", intro, [Sentence(data.protection_note or "")])
+    rows = [[Cell(r.reviewer),
+             Cell(r.severe_today, source=PROTECTION_API, path=f"reviewers.{i}.severe_today", value=r.severe_today),
+             Cell(r.severe_7d, source=PROTECTION_API, path=f"reviewers.{i}.severe_7d", value=r.severe_7d),
+             Cell(r.reveals_today, source=PROTECTION_API, path=f"reviewers.{i}.reveals_today", value=r.reveals_today),
+             Cell(r.reveals_7d, source=PROTECTION_API, path=f"reviewers.{i}.reveals_7d", value=r.reveals_7d),
+             Cell("over the cap" if r.over_cap else "–"), Cell(r.days_over_cap_7d)]
+            for i, r in enumerate(g.reviewers)]
+    return Section("protection", "Reviewer protection", intro, [
+        Stats([Stat("daily cap of severe items", g.daily_severe_cap if g.daily_severe_cap is not None else "none",
+                    "int" if g.daily_severe_cap is not None else "text"),
+               Stat("reviewers over the cap today", sum(r.over_cap for r in g.reviewers), "int"),
+               Stat("escalations open", g.escalations_open, "int", PROTECTION_API, "escalations_open"),
+               Stat("escalations delivered", g.escalations_delivered, "int", PROTECTION_API,
+                    "escalations_delivered"),
+               Stat("masking by default", "on" if g.masking else "off", "text")]),
+        Table("reviewer-exposure", "Per reviewer", ["reviewer", "severe today", "severe 7 days", "reveals today",
+                                                     "reveals 7 days", "today", "days over cap (7 days)"], rows,
+              g.note or ""),
+    ])
+
+
 SECTIONS: tuple[Callable[[DashboardData], Section], ...] = (
     overview_section, label_accuracy_section, label_errors_section, model_section, drift_section,
-    throughput_section)
+    throughput_section, protection_section)
 
 
 # ------------------------------------------------------------------------------------------ page

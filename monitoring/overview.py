@@ -24,6 +24,8 @@ from pydantic import BaseModel, Field
 
 from labelloop.alerts_store import AlertStore, alerts_path
 from labelloop.config import Settings
+from labelloop.escalations import EscalationOutbox
+from labelloop.exposure import DayExposure, ExposureLedger
 from labelloop.journal import Journal
 from labelloop.slices import SliceStore
 from labelloop.taxonomy import get_taxonomy
@@ -208,6 +210,27 @@ class HourCount(BaseModel):
     hour: str = Field(description="UTC hour, ISO 8601")
     annotator: str
     labels: int
+
+
+class ReviewerProtection(BaseModel):
+    reviewer: str
+    severe_today: int = Field(description="severe items this reviewer saw today (UTC)")
+    severe_7d: int = Field(description="severe items seen over the last 7 days, today included")
+    reveals_today: int = Field(description="masked texts revealed today (\"show original\")")
+    reveals_7d: int
+    over_cap: bool = Field(description="at or over the daily cap of severe items today")
+    days_over_cap_7d: int
+
+
+class Protection(BaseModel):
+    """Reviewer protection, per reviewer (from the exposure ledger) and the escalations outbox."""
+
+    daily_severe_cap: int | None
+    masking: bool = Field(description="whether texts are lexicon-masked by default")
+    reviewers: list[ReviewerProtection] = Field(description="most severe items today first")
+    escalations_open: int = Field(description="escalations not yet delivered to the configured URL")
+    escalations_delivered: int
+    note: str | None = None
 
 
 class Throughput(BaseModel):
@@ -427,6 +450,45 @@ def collect_overview(context: MonitoringContext, model: ModelSection | None = No
         alerts_note=alerts_note)
 
 
+def protection(daily: Sequence[DayExposure], now: datetime, cap: int | None, *, masking: bool,
+               escalations: dict[str, int]) -> Protection:
+    """Per reviewer: severe items and reveals today and over the last 7 days (UTC days), and the cap."""
+    today = _utc(now).date()
+    week = {(today - pd.Timedelta(days=d)).isoformat() for d in range(7)}
+    rows: dict[int, dict[str, int]] = {}
+    for d in daily:
+        if d.day not in week:
+            continue
+        row = rows.setdefault(d.reviewer, {"severe_today": 0, "severe_7d": 0, "reveals_today": 0, "reveals_7d": 0,
+                                           "days_over_cap_7d": 0})
+        row["severe_7d"] += d.severe_seen
+        row["reveals_7d"] += d.reveals
+        row["days_over_cap_7d"] += int(cap is not None and d.severe_seen >= cap)
+        if d.day == today.isoformat():
+            row["severe_today"], row["reveals_today"] = d.severe_seen, d.reveals
+    reviewers = [ReviewerProtection(reviewer=annotator_name(r), over_cap=cap is not None and v["severe_today"] >= cap,
+                                    **v) for r, v in rows.items()]
+    reviewers.sort(key=lambda r: (-r.severe_today, -r.severe_7d, r.reviewer))
+    return Protection(daily_severe_cap=cap, masking=masking, reviewers=reviewers,
+                      escalations_open=escalations.get("open", 0),
+                      escalations_delivered=escalations.get("delivered", 0),
+                      note=None if reviewers else "no reviewer saw a severe item or revealed a masked text in the "
+                                                  "last 7 days")
+
+
+def collect_protection(context: MonitoringContext) -> Protection:
+    """Brings the ledger and the outbox up to date with the journal first (both idempotent), so the panel
+    is current even where no service is running (``labelloop report``)."""
+    settings = context.settings
+    guard = settings.protection_policy
+    since = (_utc(context.now()) - pd.Timedelta(days=6)).date()
+    with ExposureLedger(settings.exposure_path) as ledger, EscalationOutbox(settings.escalations_path) as outbox:
+        ledger.sync(context.journal, settings.review_policy.severity, guard)
+        outbox.sync(context.journal)
+        return protection(ledger.daily(since=since), context.now(), guard.daily_severe_cap,
+                          masking=guard.lexicon is not None, escalations=outbox.counts())
+
+
 def collect_throughput(context: MonitoringContext, days: int = 7) -> Throughput:
     return throughput(context.journal.annotations(context.project_id), context.now(), days)
 
@@ -449,6 +511,12 @@ def get_model(context: ContextDep) -> ModelSection:
         return collect_model(context)
     except Exception as e:
         raise HTTPException(503, f"the model registry could not be read: {type(e).__name__}: {e}") from None
+
+
+@router.get("/protection", response_model=Protection)
+def get_protection(context: ContextDep) -> Protection:
+    """Per reviewer: severe items seen and reveals today and over 7 days, the daily cap; escalations."""
+    return collect_protection(context)
 
 
 @router.get("/throughput", response_model=Throughput)

@@ -14,23 +14,32 @@ afterwards). Functions here never read files or servers, so each is unit-tested 
 
 Every measure can be broken down by ``annotator``, ``class``, ``version``, ``day`` or ``week``
 (:data:`BREAKDOWNS`).
+
+For a multi-label taxonomy a label cell is a tuple of label names; :class:`LabelKind` says how each measure
+reads it (exact-set match, per-label views beside it), so the measures themselves are written once.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
+from labelloop.journal import label_cell
 from labelloop.slices import COLUMNS as SLICE_COLUMNS
+from labelloop.taxonomy import Taxonomy
+from monitoring import agreement as agreement_
+from monitoring import label_errors
 from monitoring.quality_stats import (
     DEFAULT_MIN_N,
     Estimate,
     Proportion,
     finite,
+    label_set_f1_estimates,
     macro_f1_estimate,
     not_enough,
     proportion,
@@ -87,6 +96,10 @@ class GoldAccuracy(BaseModel):
     groups: list[Group] = []
     per_annotator: list[Group] = []
     per_class: list[Group] = []
+    #: multi-label only (exact-set match is ``overall``): per label, how often the reviewer's yes/no for it
+    #: matches gold, and of the gold items carrying it, the share the reviewer gave it
+    per_label_accuracy: dict[str, Proportion] = {}
+    per_label_recall: dict[str, Proportion] = {}
 
 
 class ModelScores(BaseModel):
@@ -98,6 +111,8 @@ class ModelScores(BaseModel):
     accuracy: Proportion
     macro_f1: Estimate
     recall: dict[str, Proportion]
+    #: multi-label only: F1 pooled over every (item, label) decision
+    micro_f1: Estimate | None = None
     note: str | None = None
 
 
@@ -130,15 +145,241 @@ class AutomationBias(BaseModel):
     median_seconds_without_suggestion: float | None = None
 
 
+# --- label kinds ----------------------------------------------------------------------------------------
+
+
+class LabelKind(ABC):
+    """How one kind of taxonomy's labels are compared, grouped and scored, so each measure is written once.
+
+    A single-label cell is a class name; a multi-label cell is a tuple of label names (``()``: none of
+    these). Every "is this label right" question (gold accuracy, acceptance of a pre-label, agreement with
+    the model, the audit's accuracy) is an exact match: for a label set, the whole set, because a reviewer
+    who keeps a wrong label or drops a right one made a mistake a PM must see. Per-label views sit beside
+    it where a set hides which harm is confused (gold per label, agreement per label, F1 per label)."""
+
+    multi = False
+
+    def __init__(self, labels: Sequence[str]):
+        self.labels = tuple(labels)
+
+    @abstractmethod
+    def same(self, a: pd.Series, b: pd.Series) -> pd.Series:
+        """Row by row, whether two label columns hold the same answer (False where either is missing)."""
+
+    @abstractmethod
+    def key(self, cell: Any) -> str:
+        """A label as a breakdown key and as shown to people."""
+
+    @abstractmethod
+    def in_taxonomy(self, cell: Any) -> bool:
+        """Whether a label uses only the taxonomy's labels (a journal kept across a taxonomy change holds
+        others, which no model-based measure can score)."""
+
+    @abstractmethod
+    def confusion(self, suggested: pd.Series, final: pd.Series) -> ConfusionMatrix: ...
+
+    @abstractmethod
+    def scores(self, truth: pd.Series, predicted: pd.Series, *, sample: str, unbiased: bool,
+               min_n: int = DEFAULT_MIN_N, seed: int = 0) -> ModelScores: ...
+
+    @abstractmethod
+    def item_truth(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """One row per task carrying the reviewers' label, for scoring the model."""
+
+    def per_label_gold(self, rows: pd.DataFrame, min_n: int) -> tuple[dict[str, Proportion], dict[str, Proportion]]:
+        """Per-label accuracy and recall against gold; a class-level breakdown covers single labels."""
+        return {}, {}
+
+    @abstractmethod
+    def agreement(self, labels: pd.DataFrame, min_n: int) -> agreement_.Agreement: ...
+
+    crowdlab_unavailable: str | None = None
+
+    @abstractmethod
+    def targets(self, labels: pd.Series) -> np.ndarray:
+        """Training targets for out-of-fold probabilities: class ids, or an (n, K) 0/1 matrix."""
+
+    @abstractmethod
+    def varied(self, y: np.ndarray) -> bool:
+        """Whether the targets leave anything to learn (two classes; a label both present and absent)."""
+
+    @abstractmethod
+    def out_of_fold(self, embeddings: np.ndarray, y: np.ndarray, *, seed: int,
+                    class_weight: str | None = None) -> np.ndarray: ...
+
+    @abstractmethod
+    def rank_issues(self, frame: pd.DataFrame, pred_probs: np.ndarray, top_k: int) -> list[label_errors.LabelIssue]:
+        ...
+
+
+class SingleLabel(LabelKind):
+    """One class per item: the measures as they always were."""
+
+    def same(self, a: pd.Series, b: pd.Series) -> pd.Series:
+        return a == b
+
+    def key(self, cell: Any) -> str:
+        return "none" if _missing(cell) else str(cell)
+
+    def in_taxonomy(self, cell: Any) -> bool:
+        return cell in self.labels
+
+    def confusion(self, suggested: pd.Series, final: pd.Series) -> ConfusionMatrix:
+        return confusion(suggested, final, self.labels)
+
+    def scores(self, truth: pd.Series, predicted: pd.Series, *, sample: str, unbiased: bool,
+               min_n: int = DEFAULT_MIN_N, seed: int = 0) -> ModelScores:
+        return model_scores(truth, predicted, self.labels, sample=sample, unbiased=unbiased, min_n=min_n, seed=seed)
+
+    def item_truth(self, rows: pd.DataFrame) -> pd.DataFrame:
+        return item_truth(rows)
+
+    def agreement(self, labels: pd.DataFrame, min_n: int) -> agreement_.Agreement:
+        return agreement_.agreement(labels, self.labels, min_n)
+
+    def targets(self, labels: pd.Series) -> np.ndarray:
+        return labels.map({c: i for i, c in enumerate(self.labels)}).to_numpy(dtype=int)
+
+    def varied(self, y: np.ndarray) -> bool:
+        return len(np.unique(y)) >= 2
+
+    def out_of_fold(self, embeddings: np.ndarray, y: np.ndarray, *, seed: int,
+                    class_weight: str | None = None) -> np.ndarray:
+        return label_errors.out_of_fold_proba(embeddings, y, len(self.labels), seed=seed, class_weight=class_weight)
+
+    def rank_issues(self, frame: pd.DataFrame, pred_probs: np.ndarray, top_k: int) -> list[label_errors.LabelIssue]:
+        return label_errors.rank_issues(frame, pred_probs, self.labels, top_k)
+
+
+class LabelSet(LabelKind):
+    """Any subset of the labels per item (a multi-label taxonomy).
+
+    Exact-set match for every accuracy; the model's macro-F1 averages per-label F1 (micro-F1 beside it) and
+    its recall is per label; the reviewers' label of an item is the majority per label (strictly more than
+    half of its annotations select it, as the journal votes); the confusion matrix counts, for each
+    annotation, every (suggested label, chosen label) pair, with the empty set as ``none``. Agreement is
+    Krippendorff's alpha per label on its yes/no answers, their mean, and exact-set pairwise agreement."""
+
+    multi = True
+    crowdlab_unavailable = (
+        "CROWDLAB is not available for multi-label taxonomies: cleanlab's multi-annotator functions "
+        "(cleanlab.multiannotator) take one class per annotator per item. Agreement per label and exact-set "
+        "pairwise agreement cover reviewer consistency.")
+
+    def __init__(self, taxonomy: Taxonomy):
+        super().__init__(taxonomy.labels)
+        self.none = taxonomy.none_label or "none"
+
+    def same(self, a: pd.Series, b: pd.Series) -> pd.Series:
+        return pd.Series([_is_set(x) and _is_set(y) and frozenset(x) == frozenset(y)
+                          for x, y in zip(a, b, strict=True)], index=a.index, dtype=bool)
+
+    def key(self, cell: Any) -> str:
+        if not _is_set(cell):
+            return "unknown"
+        chosen = set(cell)
+        names = [label for label in self.labels if label in chosen] + sorted(chosen - set(self.labels))
+        return "+".join(names) or self.none
+
+    def in_taxonomy(self, cell: Any) -> bool:
+        return _is_set(cell) and set(cell) <= set(self.labels)
+
+    def matrix(self, cells: pd.Series | Sequence) -> np.ndarray:
+        """(n, K) 0/1 in taxonomy order; names outside the taxonomy count as no label."""
+        index = {label: i for i, label in enumerate(self.labels)}
+        out = np.zeros((len(cells), len(self.labels)), dtype=np.int8)
+        for row, cell in enumerate(cells):
+            for name in cell if _is_set(cell) else ():
+                if name in index:
+                    out[row, index[name]] = 1
+        return out
+
+    def confusion(self, suggested: pd.Series, final: pd.Series) -> ConfusionMatrix:
+        names = [*self.labels, self.none]
+        index = {c: i for i, c in enumerate(names)}
+        counts = np.zeros((len(names), len(names)), dtype=int)
+        for s, f in zip(suggested, final, strict=True):
+            if not (self.in_taxonomy(s) and self.in_taxonomy(f)):
+                continue
+            for a in (s or (self.none,)):
+                for b in (f or (self.none,)):
+                    counts[index[a], index[b]] += 1
+        return ConfusionMatrix(labels=names, counts=counts.tolist(), n=int(counts.sum()))
+
+    def scores(self, truth: pd.Series, predicted: pd.Series, *, sample: str, unbiased: bool,
+               min_n: int = DEFAULT_MIN_N, seed: int = 0) -> ModelScores:
+        truth, predicted = list(truth), list(predicted)
+        n = len(truth)
+        t, p = self.matrix(truth), self.matrix(predicted)
+        hits = int(self.same(pd.Series(truth, dtype=object), pd.Series(predicted, dtype=object)).sum()) if n else 0
+        recall = {label: proportion(int((t[:, j] & p[:, j]).sum()), int(t[:, j].sum()), min_n)
+                  for j, label in enumerate(self.labels)}
+        macro, micro = label_set_f1_estimates(t, p, min_n=min_n, seed=seed)
+        return ModelScores(sample=sample, unbiased=unbiased, n=n, accuracy=proportion(hits, n, min_n),
+                           macro_f1=macro, micro_f1=micro, recall=recall,
+                           note=None if n >= min_n else not_enough(n, min_n))
+
+    def item_truth(self, rows: pd.DataFrame) -> pd.DataFrame:
+        if rows.empty:
+            return rows
+        share = pd.DataFrame(self.matrix(rows["label"]), index=rows.index).groupby(rows["task_id"].to_numpy()).mean()
+        voted = {task: tuple(label for label, s in zip(self.labels, row, strict=True) if s > 0.5)
+                 for task, row in zip(share.index, share.to_numpy(), strict=True)}
+        latest = rows.sort_values("updated_at").drop_duplicates("task_id", keep="last").copy()
+        latest["label"] = [voted[t] for t in latest["task_id"]]
+        return latest
+
+    def per_label_gold(self, rows: pd.DataFrame, min_n: int) -> tuple[dict[str, Proportion], dict[str, Proportion]]:
+        """Per label: accuracy (the reviewer's yes/no for that label matches gold's) and recall (of the gold
+        items carrying it, the share the reviewer gave it too)."""
+        given, gold = self.matrix(rows["label"]), self.matrix(rows["gold"])
+        accuracy = {label: proportion(int((given[:, j] == gold[:, j]).sum()), len(rows), min_n)
+                    for j, label in enumerate(self.labels)}
+        recall = {label: proportion(int((given[:, j] & gold[:, j]).sum()), int(gold[:, j].sum()), min_n)
+                  for j, label in enumerate(self.labels)}
+        return accuracy, recall
+
+    def agreement(self, labels: pd.DataFrame, min_n: int) -> agreement_.Agreement:
+        return agreement_.label_set_agreement(labels, self.labels, min_n)
+
+    def targets(self, labels: pd.Series) -> np.ndarray:
+        return self.matrix(labels)
+
+    def varied(self, y: np.ndarray) -> bool:
+        return bool(len(y) and (y.any(axis=0) & ~y.all(axis=0)).any())
+
+    def out_of_fold(self, embeddings: np.ndarray, y: np.ndarray, *, seed: int,
+                    class_weight: str | None = None) -> np.ndarray:
+        return label_errors.label_set_out_of_fold_proba(embeddings, y, seed=seed, class_weight=class_weight)
+
+    def rank_issues(self, frame: pd.DataFrame, pred_probs: np.ndarray, top_k: int) -> list[label_errors.LabelIssue]:
+        return label_errors.rank_label_set_issues(frame, self.matrix(frame["label"]), pred_probs, self.labels, top_k)
+
+
+def label_kind(taxonomy: Taxonomy) -> LabelKind:
+    return LabelSet(taxonomy) if taxonomy.multi else SingleLabel(taxonomy.labels)
+
+
+def _is_set(cell: Any) -> bool:
+    return isinstance(cell, tuple | list | set | frozenset)
+
+
+def _missing(cell: Any) -> bool:
+    return not _is_set(cell) and pd.isna(cell)
+
+
 def empty_table() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in TABLE_COLUMNS})
 
 
-def breakdown_key(table: pd.DataFrame, by: Breakdown, class_column: str) -> pd.Series:
+def breakdown_key(table: pd.DataFrame, by: Breakdown, class_column: str, kind: LabelKind | None = None) -> pd.Series:
     """The grouping key of each row for a breakdown; ``class_column`` says which label is "the class"
-    for this measure (the suggestion for acceptance, the gold label for accuracy, the truth for the audit)."""
+    for this measure (the suggestion for acceptance, the gold label for accuracy, the truth for the audit).
+    For a label set the class is the whole set (``hate+threat``)."""
     if by == "annotator":
         return table["annotator"].map(lambda a: "unknown" if pd.isna(a) else str(int(a)))
+    if by == "class" and kind is not None:
+        return table[class_column].map(kind.key).astype(str)
     if by == "class":
         return table[class_column].astype(object).where(table[class_column].notna(), "none").astype(str)
     if by == "version":
@@ -179,14 +420,16 @@ def model_suggested(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def acceptance(table: pd.DataFrame, labels: Sequence[str], by: Breakdown | None = None,
-               min_n: int = DEFAULT_MIN_N) -> Acceptance:
+               min_n: int = DEFAULT_MIN_N, kind: LabelKind | None = None) -> Acceptance:
     """Suggestion acceptance and the model-vs-reviewer confusion matrix (per model version too).
-    Adjudication annotations are in neither the share nor the count without a suggestion."""
+    Adjudication annotations are in neither the share nor the count without a suggestion. A label set is
+    accepted when the reviewer keeps exactly the pre-selected set."""
+    kind = kind or SingleLabel(labels)
     table = table[table["kind"] != "adjudication"]
     suggested = model_suggested(table)
-    accepted = suggested["label"] == suggested["suggested_label"]
+    accepted = kind.same(suggested["label"], suggested["suggested_label"])
     by_version = {
-        str(version): confusion(g["suggested_label"], g["label"], labels)
+        str(version): kind.confusion(g["suggested_label"], g["label"])
         for version, g in suggested.groupby(suggested["suggested_model_version"].fillna("unknown"), sort=True)
     }
     return Acceptance(
@@ -194,8 +437,8 @@ def acceptance(table: pd.DataFrame, labels: Sequence[str], by: Breakdown | None 
         without_suggestion=int(no_suggestion(table).sum()),
         suggestion_unknown=int((table["suggested_label"].isna() & table["prediction_id"].notna()).sum()),
         by=by,
-        groups=grouped(accepted, breakdown_key(suggested, by, "suggested_label"), min_n) if by else [],
-        confusion=confusion(suggested["suggested_label"], suggested["label"], labels),
+        groups=grouped(accepted, breakdown_key(suggested, by, "suggested_label", kind), min_n) if by else [],
+        confusion=kind.confusion(suggested["suggested_label"], suggested["label"]),
         confusion_by_version=by_version,
     )
 
@@ -205,16 +448,23 @@ def gold_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["gold"].notna() & ~table["ground_truth"].astype(bool)]
 
 
-def gold_accuracy(table: pd.DataFrame, by: Breakdown | None = None, min_n: int = DEFAULT_MIN_N) -> GoldAccuracy:
-    """Reviewer accuracy against gold, overall, per annotator and per (gold) class."""
+def gold_accuracy(table: pd.DataFrame, by: Breakdown | None = None, min_n: int = DEFAULT_MIN_N,
+                  kind: LabelKind | None = None) -> GoldAccuracy:
+    """Reviewer accuracy against gold, overall, per annotator and per (gold) class. For label sets a label
+    is correct only when the whole set matches gold; per-label accuracy and recall show which label is
+    missed."""
+    kind = kind or SingleLabel(())
     rows = gold_rows(table)
-    correct = rows["label"] == rows["gold"]
+    correct = kind.same(rows["label"], rows["gold"])
+    per_label_accuracy, per_label_recall = kind.per_label_gold(rows, min_n)
     return GoldAccuracy(
         overall=proportion(int(correct.sum()), len(rows), min_n),
         by=by,
-        groups=grouped(correct, breakdown_key(rows, by, "gold"), min_n) if by else [],
-        per_annotator=grouped(correct, breakdown_key(rows, "annotator", "gold"), min_n),
-        per_class=grouped(correct, breakdown_key(rows, "class", "gold"), min_n),
+        groups=grouped(correct, breakdown_key(rows, by, "gold", kind), min_n) if by else [],
+        per_annotator=grouped(correct, breakdown_key(rows, "annotator", "gold", kind), min_n),
+        per_class=grouped(correct, breakdown_key(rows, "class", "gold", kind), min_n),
+        per_label_accuracy=per_label_accuracy,
+        per_label_recall=per_label_recall,
     )
 
 
@@ -245,25 +495,29 @@ def item_truth(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def audit(table: pd.DataFrame, labels: Sequence[str], by: Breakdown | None = None,
-          min_n: int = DEFAULT_MIN_N) -> AuditReport:
+          min_n: int = DEFAULT_MIN_N, kind: LabelKind | None = None) -> AuditReport:
     """The champion's scores on the blind audit items (unbiased) and on actively selected ones (biased).
 
     Audit items are drawn uniformly from the pool and shown without a pre-label, so the reviewers' labels
     there estimate accuracy on live traffic. Actively selected items are the ones the model was least sure
-    of, and reviewers saw its pre-label: numbers there are shown for contrast only.
+    of, and reviewers saw its pre-label: numbers there are shown for contrast only. For label sets the
+    accuracy is exact-set match (Wilson interval), macro- and micro-F1 are over labels and recall is per
+    label (:class:`LabelSet`).
     """
-    audited = item_truth(table[(table["kind"] == "audit") & table["model_label"].notna()])
-    active = item_truth(table[(table["kind"] == "active") & table["suggested_label"].notna()])
-    audit_scores = model_scores(audited.get("label", pd.Series(dtype=str)),
-                                audited.get("model_label", pd.Series(dtype=str)), labels,
-                                sample="blind audit (uniform random, no pre-label)", unbiased=True, min_n=min_n)
-    active_scores = model_scores(active.get("label", pd.Series(dtype=str)),
-                                 active.get("suggested_label", pd.Series(dtype=str)), labels,
-                                 sample="actively selected labels (BIASED: uncertain items, pre-label shown)",
-                                 unbiased=False, min_n=min_n)
+    kind = kind or SingleLabel(labels)
+    audited = kind.item_truth(table[(table["kind"] == "audit") & table["model_label"].notna()])
+    active = kind.item_truth(table[(table["kind"] == "active") & table["suggested_label"].notna()])
+    audit_scores = kind.scores(audited.get("label", pd.Series(dtype=str)),
+                               audited.get("model_label", pd.Series(dtype=str)),
+                               sample="blind audit (uniform random, no pre-label)", unbiased=True, min_n=min_n)
+    active_scores = kind.scores(active.get("label", pd.Series(dtype=str)),
+                                active.get("suggested_label", pd.Series(dtype=str)),
+                                sample="actively selected labels (BIASED: uncertain items, pre-label shown)",
+                                unbiased=False, min_n=min_n)
     groups: list[Group] = []
     if by and not audited.empty:
-        groups = grouped(audited["label"] == audited["model_label"], breakdown_key(audited, by, "label"), min_n)
+        groups = grouped(kind.same(audited["label"], audited["model_label"]),
+                         breakdown_key(audited, by, "label", kind), min_n)
     unscored = int(((table["kind"] == "audit") & table["model_label"].isna()).sum())
     note = (f"{unscored} audit label(s) not scored: the model version that served them could not be loaded"
             if unscored else None)
@@ -271,20 +525,22 @@ def audit(table: pd.DataFrame, labels: Sequence[str], by: Breakdown | None = Non
                        unscored_audit_labels=unscored, note=note)
 
 
-def automation_bias(table: pd.DataFrame, min_n: int = DEFAULT_MIN_N) -> AutomationBias:
+def automation_bias(table: pd.DataFrame, min_n: int = DEFAULT_MIN_N, kind: LabelKind | None = None) -> AutomationBias:
+    """Agreement with the model and gold accuracy with and without a pre-label; label sets match exactly."""
+    kind = kind or SingleLabel(())
     table = table[table["kind"] != "adjudication"]
     shown = model_suggested(table)
     blind = table[no_suggestion(table) & table["model_label"].notna()]
     gold = gold_rows(table)
     gold_shown, gold_blind = gold[gold["suggested_label"].notna()], gold[no_suggestion(gold)]
     return AutomationBias(
-        agreement_with_suggestion=proportion(int((shown["label"] == shown["suggested_label"]).sum()), len(shown),
-                                             min_n),
-        agreement_without_suggestion=proportion(int((blind["label"] == blind["model_label"]).sum()), len(blind),
-                                                min_n),
-        gold_accuracy_with_suggestion=proportion(int((gold_shown["label"] == gold_shown["gold"]).sum()),
+        agreement_with_suggestion=proportion(int(kind.same(shown["label"], shown["suggested_label"]).sum()),
+                                             len(shown), min_n),
+        agreement_without_suggestion=proportion(int(kind.same(blind["label"], blind["model_label"]).sum()),
+                                                len(blind), min_n),
+        gold_accuracy_with_suggestion=proportion(int(kind.same(gold_shown["label"], gold_shown["gold"]).sum()),
                                                  len(gold_shown), min_n),
-        gold_accuracy_without_suggestion=proportion(int((gold_blind["label"] == gold_blind["gold"]).sum()),
+        gold_accuracy_without_suggestion=proportion(int(kind.same(gold_blind["label"], gold_blind["gold"]).sum()),
                                                     len(gold_blind), min_n),
         median_seconds_with_suggestion=_median(shown["lead_time"], min_n),
         median_seconds_without_suggestion=_median(table[no_suggestion(table)]["lead_time"], min_n),
@@ -296,11 +552,13 @@ def _median(values: pd.Series, min_n: int) -> float | None:
     return finite(known.median()) if len(known) >= max(min_n, 1) else None
 
 
-def attach_gold(annotations: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame:
+def attach_gold(annotations: pd.DataFrame, slices: pd.DataFrame, taxonomy: Taxonomy | None = None) -> pd.DataFrame:
     """Add ``kind``, ``gold`` and ``model_version`` to journal annotations (``id`` renamed ``item_id``).
 
     Gold is a honeypot's known label, else the label of a ground-truth annotation on the same task (Label
-    Studio's flag); when several ground-truth annotations disagree the task has no gold.
+    Studio's flag); when several ground-truth annotations disagree the task has no gold. The slice store
+    keeps a honeypot's gold as the journal stores labels (a label set as its JSON list): with the
+    ``taxonomy`` it becomes the same cell as the journal's labels (a tuple), so the two compare.
     """
     table = annotations.rename(columns={"id": "item_id"}).copy()
     table = table[table["label"].notna()]
@@ -309,7 +567,10 @@ def attach_gold(annotations: pd.DataFrame, slices: pd.DataFrame) -> pd.DataFrame
     else:
         meta = slices.reindex(columns=SLICE_COLUMNS).drop_duplicates("task_id").set_index("task_id")
         table["kind"] = table["task_id"].map(meta["kind"]).fillna("active")
-        table["gold"] = table["task_id"].map(meta["gold_label"].where(meta["kind"] == "honeypot"))
+        gold = meta["gold_label"].where(meta["kind"] == "honeypot")
+        if taxonomy is not None:
+            gold = gold.map(lambda stored: label_cell(taxonomy, stored), na_action="ignore")
+        table["gold"] = table["task_id"].map(gold)
         table["model_version"] = table["task_id"].map(meta["model_version"])
     truth = table[table["ground_truth"].astype(bool)].groupby("task_id")["label"].agg(
         lambda s: s.iloc[0] if s.nunique() == 1 else None)

@@ -29,7 +29,8 @@ MAX_TOP_K = 1000
 
 
 def quality_context(request: Request,
-                    project_id: Annotated[int | None, Query(ge=1, description="default: the configured project")]
+                    project_id: Annotated[int | None, Query(ge=1, le=2**63 - 1,  # SQLite's INTEGER range
+                                                            description="default: the configured project")]
                     = None) -> Iterator[QualityContext]:
     """The context for one request; the journal and slice store are the app's own when it has them."""
     state = request.app.state

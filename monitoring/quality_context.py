@@ -3,7 +3,8 @@ build the annotation table, and hand it to the pure functions in :mod:`monitorin
 :mod:`monitoring.agreement` and :mod:`monitoring.label_errors`.
 
 The CLI (``labelloop quality``), the JSON API (``/v1/quality``) and the dashboard all go through
-:class:`QualityContext`, so they report the same numbers.
+:class:`QualityContext`, so they report the same numbers. The taxonomy's :class:`monitoring.quality.LabelKind`
+(single labels or label sets) is chosen here, once.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from labelloop.journal import Journal
 from labelloop.slices import SliceStore
 from labelloop.taxonomy import Taxonomy, get_taxonomy
 from monitoring import agreement as agreement_
-from monitoring import label_errors, quality
+from monitoring import quality
 from monitoring.agreement import Agreement, Crowdlab
 from monitoring.label_errors import LabelIssue
-from monitoring.quality import Acceptance, AuditReport, AutomationBias, Breakdown, GoldAccuracy
+from monitoring.quality import Acceptance, AuditReport, AutomationBias, Breakdown, GoldAccuracy, LabelKind, label_kind
 from monitoring.quality_stats import not_enough
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 #: ``model_version`` strings as labelloop writes them (``ModelRef.label``): ``<registered name>:v<n>``
 _VERSION = re.compile(r"^(?P<name>.+):v(?P<number>\d+)$")
 
-Predictor = Callable[[str, list[str]], list[str] | None]
+Predictor = Callable[[str, list[str]], list[str] | list[tuple[str, ...]] | None]
 Embedder = Callable[[list[str]], np.ndarray]
 
 
@@ -45,6 +46,8 @@ class QualityReport(BaseModel):
     generated_at: str
     project_id: int | None
     labels: list[str]
+    #: label sets: every accuracy is an exact-set match, see each measure's description
+    multi_label: bool = False
     n_annotations: int
     n_annotators: int
     acceptance: Acceptance
@@ -76,7 +79,11 @@ class QualityContext:
     predict: Predictor | None = None
     embed: Embedder | None = None
     min_n: int = quality.DEFAULT_MIN_N
-    prediction_cache: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    prediction_cache: dict[tuple[str, str], str | tuple[str, ...] | None] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> LabelKind:
+        return label_kind(self.taxonomy)
 
     # --- the table -----------------------------------------------------------------------------
 
@@ -86,15 +93,17 @@ class QualityContext:
         annotations = self.journal.annotations(self.project_id)
         if annotations.empty:
             return quality.empty_table()
-        table = quality.attach_gold(annotations, self.slices.frame(self.project_id))
+        table = quality.attach_gold(annotations, self.slices.frame(self.project_id), self.taxonomy)
         if not with_model:
             return table
         audit = table[(table["kind"] == "audit") & table["model_version"].notna()]
         if not audit.empty:
-            table.loc[audit.index, "model_label"] = self._model_labels(audit)
+            # a Series, so that a label set (a tuple) stays one cell instead of being spread across rows
+            table.loc[audit.index, "model_label"] = pd.Series(self._model_labels(audit), index=audit.index,
+                                                              dtype=object)
         return table
 
-    def _model_labels(self, audit: pd.DataFrame) -> list[str | None]:
+    def _model_labels(self, audit: pd.DataFrame) -> list[str | tuple[str, ...] | None]:
         predict = self.predict or self._registry_predict
         for version, group in audit.groupby("model_version", sort=False):
             missing = [t for t in group["text"].unique() if (version, t) not in self.prediction_cache]
@@ -106,7 +115,7 @@ class QualityContext:
                     self.prediction_cache[(version, text)] = label
         return [self.prediction_cache.get((v, t)) for v, t in zip(audit["model_version"], audit["text"], strict=True)]
 
-    def _registry_predict(self, model_version: str, texts: list[str]) -> list[str] | None:
+    def _registry_predict(self, model_version: str, texts: list[str]) -> list | None:
         from mlflow.exceptions import MlflowException
 
         from training.registry import Registry, RegistryError
@@ -135,33 +144,35 @@ class QualityContext:
     def report(self, by: Breakdown | None = None) -> QualityReport:
         table = self.table()
         labels = list(self.taxonomy.labels)
+        kind = self.kind
         return QualityReport(
             generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
             project_id=self.project_id,
             labels=labels,
+            multi_label=kind.multi,
             n_annotations=len(table),
             n_annotators=int(table["annotator"].dropna().nunique()),
-            acceptance=quality.acceptance(table, labels, by, self.min_n),
-            gold=quality.gold_accuracy(table, by, self.min_n),
-            agreement=agreement_.agreement(table, labels, self.min_n),
-            audit=quality.audit(table, labels, by, self.min_n),
-            automation_bias=quality.automation_bias(table, self.min_n),
+            acceptance=quality.acceptance(table, labels, by, self.min_n, kind),
+            gold=quality.gold_accuracy(table, by, self.min_n, kind),
+            agreement=kind.agreement(table, self.min_n),
+            audit=quality.audit(table, labels, by, self.min_n, kind),
+            automation_bias=quality.automation_bias(table, self.min_n, kind),
         )
 
     def acceptance(self, by: Breakdown | None = None) -> Acceptance:
-        return quality.acceptance(self.table(with_model=False), list(self.taxonomy.labels), by, self.min_n)
+        return quality.acceptance(self.table(with_model=False), list(self.taxonomy.labels), by, self.min_n, self.kind)
 
     def gold(self, by: Breakdown | None = None) -> GoldAccuracy:
-        return quality.gold_accuracy(self.table(with_model=False), by, self.min_n)
+        return quality.gold_accuracy(self.table(with_model=False), by, self.min_n, self.kind)
 
     def agreement(self) -> Agreement:
-        return agreement_.agreement(self.table(with_model=False), list(self.taxonomy.labels), self.min_n)
+        return self.kind.agreement(self.table(with_model=False), self.min_n)
 
     def audit(self, by: Breakdown | None = None) -> AuditReport:
-        return quality.audit(self.table(), list(self.taxonomy.labels), by, self.min_n)
+        return quality.audit(self.table(), list(self.taxonomy.labels), by, self.min_n, self.kind)
 
     def automation_bias(self) -> AutomationBias:
-        return quality.automation_bias(self.table(), self.min_n)
+        return quality.automation_bias(self.table(), self.min_n, self.kind)
 
     def training_labels(self) -> pd.DataFrame:
         """The labels the model trains on, one per item (``active_learning.training_labels``): honeypots out,
@@ -170,20 +181,25 @@ class QualityContext:
         from active_learning.training_labels import derive_training_labels
 
         slices = self.slices.frame(self.project_id)
-        return derive_training_labels(self.journal.annotations(self.project_id), slices).reset_index(drop=True)
+        return derive_training_labels(self.journal.annotations(self.project_id), slices,
+                                      self.journal.taxonomy).reset_index(drop=True)
 
     def out_of_fold(self, texts: list[str], y: np.ndarray, class_weight: str | None = None) -> np.ndarray:
         embed = self.embed or self._default_embed
-        return label_errors.out_of_fold_proba(embed(texts), y, len(self.taxonomy.labels), seed=self.settings.seed,
-                                              class_weight=class_weight)
+        return self.kind.out_of_fold(embed(texts), y, seed=self.settings.seed, class_weight=class_weight)
 
     def crowdlab(self) -> Crowdlab:
-        """CROWDLAB over items with 2+ annotators, with out-of-fold probabilities from every labelled item."""
+        """CROWDLAB over items with 2+ annotators, with out-of-fold probabilities from every labelled item.
+        Not available for label sets (cleanlab's multi-annotator functions are multi-class only): the note
+        says so instead of a number that would be wrong."""
         labels = list(self.taxonomy.labels)
         table = self.table()
-        table = table[table["label"].isin(labels)]  # a journal kept across a taxonomy change holds others
+        # a journal kept across a taxonomy change holds other labels
+        table = table[table["label"].map(self.kind.in_taxonomy).astype(bool)]
         pairs = agreement_.multi_annotated(table)
         n_items = int(pairs["item_id"].nunique()) if not pairs.empty else 0
+        if self.kind.crowdlab_unavailable:
+            return Crowdlab(n_items=n_items, note=self.kind.crowdlab_unavailable)
         if n_items < max(self.min_n, 1):
             return Crowdlab(n_items=n_items, note=not_enough(n_items, self.min_n, "items with 2+ annotators"))
         items = item_texts(table)
@@ -199,14 +215,15 @@ class QualityContext:
     def label_issues(self, top_k: int | None = None) -> LabelIssues:
         """Likely label errors among the training labels, most suspicious first."""
         top_k = self.settings.label_error_top_k if top_k is None else top_k
+        kind = self.kind
         labels = self.training_labels()
-        labels = labels[labels["label"].isin(self.taxonomy.labels)].reset_index(drop=True)  # see crowdlab()
+        labels = labels[labels["label"].map(kind.in_taxonomy).astype(bool)].reset_index(drop=True)  # see crowdlab()
         n = len(labels)
-        if n < max(self.min_n, 1) or labels["label"].nunique() < 2:
+        y = kind.targets(labels["label"])
+        if n < max(self.min_n, 1) or not kind.varied(y):
             return LabelIssues(n_labelled=n, issues=[], note=not_enough(n, self.min_n, "labelled tasks, 2+ classes"))
-        codes = {c: i for i, c in enumerate(self.taxonomy.labels)}
-        proba = self.out_of_fold(labels["text"].tolist(), labels["label"].map(codes).to_numpy(dtype=int))
-        return LabelIssues(n_labelled=n, issues=label_errors.rank_issues(labels, proba, self.taxonomy.labels, top_k))
+        proba = self.out_of_fold(labels["text"].tolist(), y)
+        return LabelIssues(n_labelled=n, issues=kind.rank_issues(labels, proba, top_k))
 
     def adjudication_candidates(self, top_k: int | None = None) -> list[LabelIssue]:
         """Likely label errors not yet sent for adjudication, for ``labelloop loop adjudicate`` to push to

@@ -127,3 +127,38 @@ def window_start(timestamps: pd.Series, window: Window) -> pd.Series:
     starts = moments.dt.floor("D") if window == "day" else (
         moments.dt.floor("D") - pd.to_timedelta(moments.dt.weekday, unit="D"))
     return starts.dt.strftime("%Y-%m-%d").fillna("unknown")
+
+
+def _set_f1(truth: np.ndarray, predicted: np.ndarray) -> tuple[float, float]:
+    """Macro-F1 over the labels present in the truth or the predictions, and micro-F1, of (n, K) 0/1 label-set
+    matrices. Plain numpy, for the same reason as :func:`_f1_from_codes`."""
+    t, p = truth.astype(bool), predicted.astype(bool)
+    tp = (t & p).sum(axis=0)
+    support_plus_guessed = t.sum(axis=0) + p.sum(axis=0)
+    present = support_plus_guessed > 0
+    f1 = np.divide(2 * tp, support_plus_guessed, out=np.zeros(t.shape[1]), where=present)
+    macro = float(f1[present].mean()) if present.any() else 0.0
+    total = support_plus_guessed.sum()
+    micro = float(2 * tp.sum() / total) if total else 0.0
+    return macro, micro
+
+
+def label_set_f1_estimates(truth: np.ndarray, predicted: np.ndarray, min_n: int = DEFAULT_MIN_N,
+                           rounds: int = 1000, seed: int = 0) -> tuple[Estimate, Estimate]:
+    """Macro- and micro-F1 of multi-label predictions, each with a percentile bootstrap interval over items.
+    Macro-F1 averages per-label F1 over the labels present (as the single-label macro-F1 does over classes),
+    so every harm counts alike; micro-F1 pools every (item, label) decision, so frequent labels dominate."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    n = len(truth)
+    if n < max(min_n, 1):
+        return Estimate(n=n, note=not_enough(n, min_n)), Estimate(n=n, note=not_enough(n, min_n))
+    macro, micro = _set_f1(truth, predicted)
+    rng = np.random.default_rng(seed)
+    values = np.empty((rounds, 2))
+    for r in range(rounds):
+        idx = rng.integers(0, n, n)
+        values[r] = _set_f1(truth[idx], predicted[idx])
+    alpha = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(values, alpha, axis=0), np.quantile(values, 1 - alpha, axis=0)
+    return (Estimate(n=n, value=macro, low=float(low[0]), high=float(high[0])),
+            Estimate(n=n, value=micro, low=float(low[1]), high=float(high[1])))

@@ -484,3 +484,43 @@ def test_the_overview_backlog_closes_the_slice_store_it_opens(settings: Settings
         assert _backlog(context) == (2, None)
         assert _backlog(context.__class__(settings.model_copy(update={"ls_project_id": 6}), journal))[0] is None
     assert len(opened) == 2 and all(store.closed for store in opened)
+
+
+# ------------------------------------------------------------------------------------------ reviewer protection
+def test_protection_counts_today_and_seven_days_per_reviewer_against_the_cap() -> None:
+    from labelloop.exposure import DayExposure
+    from monitoring.overview import protection
+
+    now = datetime(2026, 3, 11, 15, tzinfo=UTC)
+    daily = [DayExposure(3, "2026-03-11", 4, 1), DayExposure(3, "2026-03-09", 5, 0),
+             DayExposure(4, "2026-03-11", 1, 2), DayExposure(4, "2026-02-20", 9, 9)]  # outside the 7 days
+    panel = protection(daily, now, 4, masking=True, escalations={"open": 2, "delivered": 5})
+    assert [(r.reviewer, r.severe_today, r.severe_7d, r.reveals_today, r.reveals_7d, r.over_cap, r.days_over_cap_7d)
+            for r in panel.reviewers] == [("user 3", 4, 9, 1, 1, True, 2), ("user 4", 1, 1, 2, 2, False, 0)]
+    assert (panel.escalations_open, panel.escalations_delivered) == (2, 5)
+    assert protection([], now, None, masking=False, escalations={}).note is not None
+
+
+def test_the_protection_panel_equals_its_api(dash_settings: Settings) -> None:
+    from labelloop.policy import Protection, Severity
+    from monitoring.dashboard import PROTECTION_API
+
+    guarded = dash_settings.model_copy(update={"severity": Severity(severe_labels=("hate",)),
+                                               "protection": Protection(daily_severe_cap=1)})
+    app = create_app(guarded, model_source=NoModel(), extra_routers=monitoring_routers())
+    stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    revealed = webhook(2, 102, "neither", 4, stamp)
+    revealed["annotation"]["result"].append({"id": "r2", "from_name": "reveal", "to_name": "text", "type": "choices",
+                                             "value": {"choices": ["Show original"]}})
+    with TestClient(app) as client:
+        assert client.get(PROTECTION_API).status_code == 401
+        for p in (webhook(1, 101, "hate", 3, stamp), revealed):
+            assert client.post("/webhook", json=p, auth=AUTH).status_code == 201
+        body = client.get(PROTECTION_API, auth=AUTH).json()
+        assert [(r["reviewer"], r["severe_today"], r["reveals_today"], r["over_cap"]) for r in body["reviewers"]] == [
+            ("user 3", 1, 0, True), ("user 4", 0, 1, False)]
+        seen = facts(client.get("/dashboard", auth=AUTH).text)
+        shown = [f for f in seen.figures if f["data-source"] == PROTECTION_API]
+        assert len(shown) >= 6
+        for figure in shown:
+            assert json.loads(figure["data-value"]) == resolve(body, figure["data-path"]), figure

@@ -154,7 +154,8 @@ def test_the_dashboard_in_chromium_shows_what_the_api_returns(dash_settings: Set
     assert all(c["marks"] > 0 for c in offline["charts"])
 
     assert seen["status"] == 200 and seen["errors"] == []
-    assert seen["sections"] == ["overview", "label-accuracy", "label-errors", "model", "drift", "throughput"]
+    assert seen["sections"] == ["overview", "label-accuracy", "label-errors", "model", "drift", "throughput",
+                                "protection"]
     charts = {c["key"]: c for c in seen["charts"]}
     (tmp_path / "seen.json").write_text(json.dumps({"seen": seen, "sources": sources}, indent=1, default=str))
     for key in ("labels-per-day", "model-versions", "drift-p-values", "drift-predicted-share", "labels-per-hour"):
@@ -189,7 +190,8 @@ def test_a_fresh_install_renders_its_empty_states_in_chromium(settings: Settings
     assert seen["charts"] == []
     text = " ".join(seen["empty"])
     for sentence in ("no labels yet", "no annotations in the journal yet", "no model version registered",
-                     "drift monitoring has not run yet", "no labels in the last 7 days"):
+                     "drift monitoring has not run yet", "no labels in the last 7 days",
+                     "no reviewer saw a severe item"):
         assert sentence in text, (sentence, seen["empty"])
 
 
