@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 CHROMIUM := /usr/bin/chromium
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install chromium test test-unit lint format train serve demo stop label-configs simulate bench clean
+.PHONY: install chromium test test-unit fuzz lint format train serve demo stop label-configs simulate bench load clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,13 +38,20 @@ chromium:
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not integration"
 
+# Longer fuzz runs than `make test` does; each line is one fuzzer, add more below.
+FUZZ_EXAMPLES ?= 2000
+API_FUZZ_EXAMPLES ?= 100
+fuzz: $(VENV)/.installed  ## hostile input at length: the journal and webhook (hypothesis), every route (schemathesis)
+	LABELLOOP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_journal_fuzz.py
+	LABELLOOP_FUZZ_EXAMPLES=$(API_FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_api_fuzz.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
-label-configs: $(VENV)/.installed  ## regenerate label_studio_config/*.xml from the taxonomy
+label-configs: $(VENV)/.installed  ## regenerate label_studio_config/*.xml from label_studio_config/taxonomies/*.toml
 	$(VENV)/bin/labelloop label-configs
 
 train: $(VENV)/.installed  ## fine-tune on Davidson, register, promote through the gate
@@ -67,10 +74,17 @@ bench: install  ## benchmarks: each writes its results under bench/results/
 	$(PY) bench/serve_throughput.py
 	$(PY) bench/al_round.py
 	$(PY) bench/al_curves.py
+	$(PY) bench/al_curves.py --datasets ethos_multilabel
+	$(PY) bench/al_severity.py
+	$(PY) bench/multilabel_thresholds.py
 	$(PY) bench/train_davidson.py
 	$(PY) bench/label_quality.py
 	$(PY) bench/drift.py
 	$(PY) bench/dashboard_load.py
+	$(PY) bench/load.py
+
+load: $(VENV)/.installed  ## load benchmark: sustained load and 4x overload on a real `labelloop serve` (locust)
+	$(PY) bench/load.py
 
 clean:
 	rm -rf .pytest_cache .ruff_cache

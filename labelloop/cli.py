@@ -42,14 +42,37 @@ def progress_bars() -> Iterator[Callable[[str, int, int], None]]:
 
 
 def settings_for(taxonomy: str | None) -> Settings:
+    from labelloop.taxonomy import taxonomy_setting
+
     settings = get_settings()
-    return settings.model_copy(update={"taxonomy": taxonomy}) if taxonomy else settings
+    return settings.model_copy(update={"taxonomy": taxonomy_setting(taxonomy)}) if taxonomy else settings
 
 
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="shared dataset name (davidson, tweeteval_hate, "
                                          "tweeteval_offensive, ethos, sms_spam), a CSV/JSONL/Parquet file, "
                                          "or a Hugging Face dataset id")]
-TaxonomyOpt = Annotated[str | None, typer.Option(help="label taxonomy (default: the dataset's, else settings)")]
+TaxonomyOpt = Annotated[str | None, typer.Option(help="label taxonomy: a built-in name or a taxonomy file "
+                                                "(default: the dataset's, else settings)")]
+LabelMapOpt = Annotated[str | None, typer.Option(help="source value → taxonomy label: 0=ham,1=spam, or a "
+                                                 ".toml/.json/.csv file; with --label-columns, column=label")]
+LabelColumnsOpt = Annotated[str | None, typer.Option(help="multi-label: one 0/1 column per label, comma-separated, "
+                                                     "or '*' for every taxonomy label that is a column")]
+LabelDelimiterOpt = Annotated[str | None, typer.Option(help="multi-label: the label column lists label names "
+                                                       "separated by this (default '|')")]
+LabelThresholdOpt = Annotated[float | None, typer.Option(help="multi-label: a fractional 0..1 label column "
+                                                         "(a share of annotators) counts as the label at this "
+                                                         "value or above, e.g. 0.5")]
+SepOpt = Annotated[str | None, typer.Option(help="CSV separator (default: sniffed from the header: , ; tab |)")]
+
+
+def label_spec(label_map: str | None, label_columns: str | None, label_delimiter: str | None,
+               label_threshold: float | None, sep: str | None):
+    """The ``--label-*`` options as one :class:`labelloop.data.LabelSpec` (checked before anything runs)."""
+    from labelloop import data
+
+    columns = tuple(c.strip() for c in label_columns.split(",") if c.strip()) if label_columns else None
+    return data.LabelSpec(label_map=data.parse_label_map(label_map), label_columns=columns or None,
+                          delimiter=label_delimiter, threshold=label_threshold, sep=sep)
 
 
 @app.command()
@@ -66,6 +89,11 @@ def train(
     taxonomy: TaxonomyOpt = None,
     text_column: str = "text",
     label_column: str = "label",
+    label_map: LabelMapOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    label_delimiter: LabelDelimiterOpt = None,
+    label_threshold: LabelThresholdOpt = None,
+    sep: SepOpt = None,
     promote: Annotated[bool, typer.Option(help="run the promotion gate right after training")] = False,
 ) -> None:
     """Train a classifier, evaluate it on the frozen evaluation set, log it to MLflow and register it
@@ -80,10 +108,10 @@ def train(
         raise CliError(f"--mode must be finetune or fast, not {mode!r}")
     tax_name = taxonomy or data.KNOWN_DATASETS.get(dataset)
     settings = settings_for(tax_name)
+    spec = label_spec(label_map, label_columns, label_delimiter, label_threshold, sep)
     with console.status(f"loading {dataset}"):
-        labeled = data.load(dataset, taxonomy=tax_name, text_column=text_column, label_column=label_column,
-                            settings=settings)
-        settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
+        labeled = data.load(dataset, taxonomy=settings.taxonomy, text_column=text_column, label_column=label_column,
+                            settings=settings, label_spec=spec)
         splits = data.split(labeled, seed=settings.seed)
     # Rows no split needs go to training: the test split once an evaluation set is frozen (the gate
     # judges on that), the validation split in fast mode (no early stopping).
@@ -98,7 +126,8 @@ def train(
     console.print(f"{labeled.source}: {len(labeled)} rows after de-duplication; training on {len(train_frame)}"
                   f"{validating}, taxonomy {labeled.taxonomy.name} {list(labeled.taxonomy.labels)}")
     config = FineTuneConfig(base_model=settings.base_model, max_length=settings.max_length, epochs=epochs,
-                            seed=settings.seed, min_steps=DEFAULT_MIN_STEPS if min_steps is None else min_steps)
+                            seed=settings.seed, min_steps=DEFAULT_MIN_STEPS if min_steps is None else min_steps,
+                            device=settings.device)
     if mode == "finetune" and planned_epochs(len(train_frame), config) > epochs:
         console.print(f"small training set: up to {planned_epochs(len(train_frame), config)} epochs, to reach "
                       f"{config.min_steps} optimiser steps (early stopping may end sooner after those)")
@@ -128,6 +157,13 @@ def evaluate(
     dataset: Annotated[str | None, typer.Option(help="evaluate on this dataset's test split instead of the "
                                                 "frozen evaluation set")] = None,
     taxonomy: TaxonomyOpt = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: LabelMapOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    label_delimiter: LabelDelimiterOpt = None,
+    label_threshold: LabelThresholdOpt = None,
+    sep: SepOpt = None,
 ) -> None:
     """Evaluate a registered model (per-class precision/recall/F1, confusion matrix, calibration) and log
     the result to MLflow."""
@@ -140,7 +176,9 @@ def evaluate(
     registry = _registry(settings)
     loaded = registry.load(version)
     if dataset:
-        labeled = data.load(dataset, taxonomy=settings.taxonomy, settings=settings)
+        labeled = data.load(dataset, taxonomy=settings.taxonomy, text_column=text_column, label_column=label_column,
+                            settings=settings, label_spec=label_spec(label_map, label_columns, label_delimiter,
+                                                                     label_threshold, sep))
         frame, eval_name = data.split(labeled, seed=settings.seed).test, f"{labeled.source}:test"
     else:
         frozen = registry.eval_set()
@@ -221,6 +259,9 @@ def serve(
     from monitoring.app import DriftSchedule, instrument, monitoring_routers
     from serving.auth import Credentials
 
+    # The service retries an unreachable MLflow itself, with capped backoff, and says so in /health; MLflow's
+    # own default (7 retries, doubling) would hide an outage inside one call for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     settings = settings_for(taxonomy)
     settings = settings.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
     try:
@@ -279,8 +320,9 @@ def connect(
     """Connect the running backend (`labelloop serve`) to the Label Studio project, with its credentials.
 
     Registers the ML backend with HTTP Basic auth and keeps exactly one project webhook to <backend>/webhook
-    that carries the credentials. Connecting in Label Studio's UI instead makes that webhook without them,
-    so with auth on every annotation event is refused; this command also repairs such a webhook in place."""
+    that carries the credentials (and LABELLOOP_WEBHOOK_SECRET, when set). Connecting in Label Studio's UI
+    instead makes that webhook without them, so with auth on every annotation event is refused; this command
+    also repairs such a webhook in place."""
     from active_learning.labelstudio import LabelStudioClient
     from serving.auth import Credentials
 
@@ -295,16 +337,19 @@ def connect(
                        "cannot be sent)")
     url = _backend_url(settings, backend_url)
     basic = (settings.basic_user, settings.basic_password.get_secret_value()) if credentials.basic else None
-    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
+                               mask=settings.protection_policy.mask_text)
     with console.status(f"connecting {url} to project {project_id} (Label Studio calls its /health and /setup)"):
-        backend_id = client.connect_backend(project_id, url, title=title, basic_auth=basic)
+        backend_id = client.connect_backend(project_id, url, title=title, basic_auth=basic, webhook_secret=secret)
         problems = client.connection_problems(project_id, credentials.accepts, url)
     for problem in problems:
         err.print(f"[bold yellow]warning:[/] {escape(problem)}")
     if problems:
         raise typer.Exit(1)
     console.print(f"project {project_id}: ML backend {backend_id} at {url} and one webhook to {url}/webhook, "
-                  + ("both with HTTP Basic credentials" if basic else "without credentials (the backend has none)"))
+                  + ("both with HTTP Basic credentials" if basic else "without credentials (the backend has none)")
+                  + (", the webhook with the webhook secret" if secret else ""))
 
 
 loop_app = typer.Typer(help="The active-learning loop against a Label Studio project.", no_args_is_help=True)
@@ -317,6 +362,14 @@ app.add_typer(quality_app, name="quality")
 from monitoring.drift_cli import drift_app  # noqa: E402  (same: monitoring is composed here)
 
 app.add_typer(drift_app, name="drift")
+
+from labelloop.journal_cli import journal_app  # noqa: E402
+
+app.add_typer(journal_app, name="journal")
+
+from labelloop.taxonomy_cli import taxonomy_app  # noqa: E402  (taxonomy check / show / migrate)
+
+app.add_typer(taxonomy_app, name="taxonomy")
 
 from monitoring.report import report as report_command  # noqa: E402  (same: the dashboard as a file)
 
@@ -332,8 +385,9 @@ def _loop(settings: Settings, project_id: int | None = None):
     project_id = project_id or settings.ls_project_id
     if settings.ls_api_key is None or project_id is None:
         raise CliError("set LABELLOOP_LS_API_KEY and LABELLOOP_LS_PROJECT_ID (or pass --project) first")
-    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
-    journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
+    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
+                               mask=settings.protection_policy.mask_text)
+    journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy), policy=settings.review_policy)
     return ActiveLearningLoop(settings, client, project_id, journal)
 
 
@@ -352,6 +406,13 @@ def loop_import(
                                          "batch (any labels dropped; the project keeps its taxonomy and "
                                          "evaluation set), e.g. content from another platform")] = False,
     project: ProjectOpt = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: LabelMapOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    label_delimiter: LabelDelimiterOpt = None,
+    label_threshold: LabelThresholdOpt = None,
+    sep: SepOpt = None,
 ) -> None:
     """Create (or reuse) the review project, freeze the evaluation set, and import the pool as tasks.
 
@@ -359,15 +420,16 @@ def loop_import(
     time, so drift is measured per day, week or batch (`labelloop drift`)."""
     from active_learning.labelstudio import LabelStudioClient
     from labelloop import data
+    from labelloop.taxonomy import project_label_config
 
     if append:
         import pandas as pd
 
         settings = settings_for(taxonomy)
-        items = data.load_unlabeled(dataset, settings=settings)
+        items = data.load_unlabeled(dataset, text_column=text_column, settings=settings, sep=sep)
         frozen = _registry(settings).eval_set()
         if frozen is not None:  # as on a first import: the gate's items are never queued for labelling
-            items = items[~items["text"].isin(set(frozen[1]["text"]))]
+            items = items[~items["text"].isin(data.held_out_texts(frozen[1]["text"]))]
         if limit:
             items = items.sample(min(limit, len(items)), random_state=settings.seed)
         loop = _loop(settings, project)
@@ -393,15 +455,22 @@ def loop_import(
     settings = settings_for(tax_name)
     if settings.ls_api_key is None:
         raise CliError("set LABELLOOP_LS_API_KEY (the Label Studio token) first")
-    labeled = data.load(dataset, taxonomy=tax_name, settings=settings)
-    settings = settings.model_copy(update={"taxonomy": labeled.taxonomy.name})
+    labeled = data.load(dataset, taxonomy=settings.taxonomy, text_column=text_column, label_column=label_column,
+                        settings=settings, label_spec=label_spec(label_map, label_columns, label_delimiter,
+                                                                 label_threshold, sep))
+    # a hand-edited config that does not fit the taxonomy fails before anything is frozen or created
+    label_config = project_label_config(labeled.taxonomy, settings.label_config_file,
+                                        policy=settings.review_controls,
+                                        masked=settings.protection_policy.lexicon is not None)
     splits = data.split(labeled, seed=settings.seed)
     frozen = _registry(settings).freeze_eval_set(splits.test, labeled.source)
-    pool = splits.train[~splits.train["text"].isin(set(frozen[1]["text"]))]
+    pool = splits.train[~splits.train["text"].isin(data.held_out_texts(frozen[1]["text"]))]
     if limit:
         pool = data.stratified_sample(pool, limit, seed=settings.seed)
-    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
-    project_id = client.ensure_project(title, labeled.taxonomy, description="labelloop integrity review queue")
+    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
+                               mask=settings.protection_policy.mask_text)
+    project_id = client.ensure_project(title, labeled.taxonomy, description="labelloop integrity review queue",
+                                       label_config=label_config)
     client.use_uncertainty_sampling(project_id)
     with console.status(f"importing {len(pool)} tasks into project {project_id}"):
         count = _loop(settings, project_id).import_pool(pool[[c for c in ("id", "text", "created_at") if c in pool]])
@@ -464,7 +533,8 @@ def _print_connection(settings: Settings, project_id: int | None) -> None:
     if settings.ls_api_key is None or project_id is None:
         console.print("Label Studio connection: not checked (set LABELLOOP_LS_API_KEY and LABELLOOP_LS_PROJECT_ID)")
         return
-    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value())
+    client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
+                               mask=settings.protection_policy.mask_text)
     try:
         problems = client.connection_problems(project_id, Credentials(settings).accepts)
     except LabelStudioError as e:
@@ -496,13 +566,17 @@ def loop_export(
     if out.suffix not in writers:
         raise CliError(f"{out}: unsupported format {out.suffix!r}; use one of {sorted(writers)}")
     settings = settings_for(taxonomy)
-    with (Journal(settings.journal_path, get_taxonomy(settings.taxonomy)) as journal,
+    policy = get_taxonomy(settings.taxonomy)
+    with (Journal(settings.journal_path, policy, policy=settings.review_policy) as journal,
           SliceStore(settings.slices_path) as slices):
         labels = training_labels(journal, slices, project)
+    if policy.multi and out.suffix == ".csv":  # a CSV cell is text: label sets in the loader's "a|b" form
+        labels["label"] = labels["label"].map(lambda names: "|".join(names) or (policy.none_label or ""))
     if labels.empty:
         raise CliError(f"no labels in the journal {settings.journal_path}"
                        + (f" for project {project}" if project else ""))
-    frame = labels[["id", "text", "label", "annotator", "updated_at", "n_annotations", "project_id", "task_id"]]
+    frame = labels[["id", "text", "label", "annotator", "updated_at", "n_annotations", "project_id", "task_id",
+                    "severity", "severity_weight"]]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     writers[out.suffix](frame, tmp)
@@ -551,8 +625,10 @@ def loop_reconcile(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> 
 def simulate(
     dataset: DatasetOpt = "davidson",
     strategies: Annotated[str, typer.Option(help="comma-separated: random, least_confidence, margin, entropy, "
-                                            "bald, margin_kmeans, class_balanced[:base], mixed[:base]")] =
-        "random,entropy,margin,margin_kmeans",
+                                            "bald, margin_kmeans, class_balanced[:base], mixed[:base], "
+                                            "kmeans:<base>; multi-label: mean_binary_entropy, "
+                                            "max_binary_entropy, cardinality (default: random and three "
+                                            "uncertainty strategies of the taxonomy's kind)")] = "",
     seeds: Annotated[int, typer.Option(help="repetitions per strategy (paired by seed)")] = 3,
     budget: Annotated[int, typer.Option(help="labels at the end of each run")] = 2000,
     step: Annotated[int, typer.Option(help="labels per round")] = 100,
@@ -560,15 +636,25 @@ def simulate(
     noise: Annotated[float, typer.Option(help="share of simulated answers flipped to a wrong label")] = 0.0,
     out: Annotated[Path, typer.Option(help="directory for al_curves_<dataset name>.csv/.md/.png (the CSV and "
                                       "summary are written as the simulation goes)")] = Path("var/simulations"),
+    taxonomy: TaxonomyOpt = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: LabelMapOpt = None,
+    label_columns: LabelColumnsOpt = None,
+    label_delimiter: LabelDelimiterOpt = None,
+    label_threshold: LabelThresholdOpt = None,
+    sep: SepOpt = None,
 ) -> None:
     """Replay the loop offline with simulated reviewers; write learning curves (CSV, Markdown summary, PNG),
-    log to MLflow."""
+    log to MLflow. Multi-label taxonomies report macro-F1 over labels, micro-F1 and subset accuracy."""
     from active_learning.simulate import gain_table, labels_to_reach
     from active_learning.simulate import simulate as run_simulation
 
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     if not 0 <= noise < 1:
         raise CliError("--noise must be in [0, 1)")
+    load_options = {"text_column": text_column, "label_column": label_column,
+                    "label_spec": label_spec(label_map, label_columns, label_delimiter, label_threshold, sep)}
     with progress_bars() as progress:
         rounds_per_run = (budget - initial) // step + 1
 
@@ -576,10 +662,10 @@ def simulate(
             key = f"{row['strategy']} seed {row['seed']}"
             progress(key, int((row["n_labels"] - initial) // step + 1), rounds_per_run)
 
-        result = run_simulation(dataset, names, seeds, budget, step, initial, noise, get_settings(),
-                                out_dir=out, progress=on_round)
+        result = run_simulation(dataset, names or None, seeds, budget, step, initial, noise, get_settings(),
+                                out_dir=out, progress=on_round, taxonomy=taxonomy, load_options=load_options)
     table = Table(title=f"{result.dataset}: macro-F1 gain over random (paired by seed, mean ± sd)")
-    gains = gain_table(result.curves, names, budget)
+    gains = gain_table(result.curves, list(dict.fromkeys(result.curves["strategy"])), budget)
     for col in ("strategy", *gains.columns):
         table.add_column(col)
     for name, cells in gains.iterrows():
@@ -637,6 +723,67 @@ def stop() -> None:
     console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
+@app.command()
+@friendly_errors
+def escalations(
+    status: Annotated[str | None, typer.Option(help="only open (not yet delivered) or delivered ones")] = None,
+    since: Annotated[str | None, typer.Option(help="escalated at or after this time (ISO-8601, UTC if no "
+                                              "offset), e.g. 2026-11-30 or 2026-11-30T09:00")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="at most this many, newest first")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (one object with counts and the list)")] = False,
+    deliver: Annotated[bool, typer.Option(help="first POST the due ones to escalation_url (what `labelloop serve` "
+                                          "does in the background)")] = False,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """What reviewers escalated, newest first, with whether each reached the escalation receiver."""
+    from datetime import datetime
+
+    import httpx
+
+    from labelloop.escalations import REQUEST_TIMEOUT, EscalationOutbox
+    from labelloop.journal import Journal
+    from labelloop.taxonomy import get_taxonomy
+
+    if status not in (None, "open", "delivered"):
+        raise CliError(f"--status must be open or delivered, not {status!r}")
+    try:
+        since_at = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise CliError(f"--since {since!r} is not an ISO-8601 date or time") from None
+    settings = settings_for(taxonomy)
+    if deliver and not settings.escalation_url:
+        raise CliError("--deliver needs escalation_url (LABELLOOP_ESCALATION_URL)")
+    with (Journal(settings.journal_path, get_taxonomy(settings.taxonomy), policy=settings.review_policy) as journal,
+          EscalationOutbox(settings.escalations_path) as outbox):
+        outbox.sync(journal)
+        if deliver:
+            with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
+                report = outbox.deliver(settings.escalation_url, client,
+                                        retry_seconds=settings.escalation_retry_seconds,
+                                        retry_max_seconds=settings.escalation_retry_max_seconds)
+            err.print(f"delivered {report.delivered}, failed {report.failed}, still open {report.pending}")
+        entries = outbox.entries(status, since_at, limit)  # type: ignore[arg-type]
+        counts = outbox.counts()
+    if as_json:
+        from serving.escalations_api import EscalationOut, EscalationsResponse
+
+        body = EscalationsResponse(**counts, escalations=[EscalationOut.of(e) for e in entries])
+        console.print_json(body.model_dump_json())
+        return
+    table = Table(title=f"escalations: {counts['open']} open, {counts['delivered']} delivered")
+    for col in ("escalated", "status", "task", "item", "label", "severity", "reason", "reviewer", "attempts",
+                "id"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        b = e.body
+        table.add_row(e.escalated_at[:19], e.status if e.delivered_at is None else f"delivered {e.delivered_at[:19]}",
+                      str(b["task_id"]), escape(str(b["item_id"])), escape(str(b["label"] or "-")),
+                      b["severity"] or "-", escape(b["reason"] or "-"), str(b["annotator"] or "-"),
+                      str(e.attempts) + (f" ({escape(e.last_error)})" if e.last_error and e.delivered_at is None
+                                         else ""), e.uid)
+    console.print(table)
+
+
 @app.command("label-configs")
 def label_configs() -> None:
     """Regenerate label_studio_config/*.xml from the taxonomy (the model's label list)."""
@@ -657,7 +804,7 @@ def _v(version: int | None) -> str:
 
 
 def _print_report(report) -> None:
-    table = Table(title=f"macro-F1 {report.macro_f1:.4f} · accuracy {report.accuracy:.4f} · ECE {report.ece:.4f}")
+    table = Table(title=report.headline().replace("   ", " · "))  # multi-label: micro-F1, subset accuracy too
     for col in ("label", "precision", "recall", "F1", "support"):
         table.add_column(col)
     for label, m in report.per_class.items():

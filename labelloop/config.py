@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from labelloop.policy import Escalation, Protection, ReviewPolicy, Severity
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -47,7 +49,10 @@ class Settings(BaseSettings):
     model_name: str | None = Field(None, description="registered model name; default labelloop-<taxonomy>")
 
     # --- the task ----------------------------------------------------------------------------
-    taxonomy: str = "hate_offensive"
+    taxonomy: str = Field("hate_offensive", description="a built-in taxonomy's name or a taxonomy file "
+                          "(TOML; see `labelloop taxonomy check`); checked when settings load")
+    label_config_file: Path | None = Field(None, description="a hand-edited Label Studio config for new projects "
+                                           "(default: generated from the taxonomy); its choices must match it")
     base_model: str = Field(DEFAULT_BASE_MODEL, description="HF model id or local path")
     max_length: int = Field(64, ge=8, le=512)
     seed: int = 13
@@ -73,17 +78,39 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, description="serving: texts per forward pass. Length-sorted batches of 16 "
                             "pad less than 64: on 2 CPU cores /predict with 100 tasks went from 175 to 219 texts/s "
                             "(int8, bench/serve_throughput.py)")
+    max_queued_texts: int = Field(200, ge=0, description="admission control for POST /v1/predict: texts that may "
+                                  "wait for or be inside the model call at once; a request beyond it is refused at "
+                                  "once with 503 and Retry-After (0: unbounded). About one second of model work at "
+                                  "the ~200 short texts/s of 2 idle CPU cores (bench/results/serve_throughput.md), so "
+                                  "an admitted request is answered within about two; size it to your capacity "
+                                  "(bench/results/load.md)")
+    max_queued_texts_label_studio: int = Field(1024, ge=0, description="the same bound for Label Studio's POST "
+                                               "/predict, a lane of its own that the model serves first, so a "
+                                               "flood of /v1/predict cannot starve pre-labels (0: unbounded)")
+    webhook_secret: SecretStr | None = Field(None, description="when set, POST /webhook must carry it in the "
+                                             "X-Labelloop-Webhook-Secret header (`labelloop connect` makes Label "
+                                             "Studio send it); otherwise 401 and nothing is journaled")
     poll_seconds: float = Field(10.0, ge=0, description="how often serving checks whether the champion alias "
                                 "moved (0: only at start and on POST /reload)")
-    quantize: Literal["none", "int8"] = Field(
-        "int8", description="serving: int8 dynamic quantisation of fine-tuned champions at load time, kept only "
-        "if the top label agrees with fp32 on >= 99% of the frozen eval texts (serving/quantize.py)")
+    backoff_first_seconds: float = Field(2.0, gt=0, description="first wait before asking an unreachable MLflow "
+                                         "again for the champion (or retrying a failed load); doubles per failure")
+    backoff_max_seconds: float = Field(300.0, gt=0, description="longest wait between two attempts to reach MLflow "
+                                       "(champion) or Label Studio (reconciliation, which starts from "
+                                       "reconcile_seconds)")
+    quantize: Literal["none", "int8", "auto"] = Field(
+        "auto", description="serving: at each champion load, time fp32 torch and the faster candidates (auto: torch "
+        "int8, ONNX Runtime fp32 and per-channel int8 on CPU, bf16/fp16 autocast on CUDA; int8: torch int8 only) and "
+        "serve the fastest whose top label agrees with fp32 on >= 99% of the frozen eval texts "
+        "(serving/quantize.py); none: fp32 torch, nothing tried")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where training, serving and "
+                        "pool scoring run: auto is cuda when torch sees a GPU, else cpu")
 
     # --- active learning ---------------------------------------------------------------------
     retrain_every: int = Field(100, ge=1, description="retrain after this many new labels")
     query_batch: int = Field(100, ge=1, description="items selected per round (the front of the queue)")
     queue_size: int = Field(1000, ge=1, description="items whose review priority is pushed to Label Studio")
-    strategy: str = Field("margin", description="query strategy for the annotators' queue")
+    strategy: str = Field("auto", description="query strategy for the annotators' queue ('auto': margin for "
+                          "single-label taxonomies, kmeans:mean_binary_entropy for multi-label ones)")
     reconcile_seconds: float = Field(60.0, description="how often the service pulls annotations from Label "
                                      "Studio to catch missed webhooks (0: never)")
 
@@ -112,6 +139,19 @@ class Settings(BaseSettings):
                                        "raises or clears alerts (0: only on `labelloop drift` or POST "
                                        "/v1/monitoring/drift/evaluate)")
 
+    # --- severity, escalation, reviewer protection (labelloop/policy.py) ----------------------
+    severity: Severity = Field(Severity(), description="the severity scale: [severity] levels, severe_from, "
+                               "required, severe_labels, weights")
+    escalation: Escalation = Field(Escalation(), description="the escalate checkbox: [escalation] enabled, "
+                                   "reasons, require_reason")
+    protection: Protection = Field(Protection(), description="[protection] lexicon (masking; null: off), "
+                                   "blur_threshold, daily_severe_cap")
+    escalation_url: str | None = Field(None, description="each escalation is POSTed here as JSON, once, with an "
+                                       "Idempotency-Key header, retried with backoff until a 2xx")
+    escalation_retry_seconds: float = Field(2.0, gt=0, description="first retry delay of an undelivered "
+                                            "escalation; doubles per failed attempt")
+    escalation_retry_max_seconds: float = Field(300.0, gt=0, description="longest delay between two attempts")
+
     # --- Label Studio ------------------------------------------------------------------------
     ls_url: str = "http://127.0.0.1:8080"
     ls_api_key: SecretStr | None = None
@@ -122,7 +162,16 @@ class Settings(BaseSettings):
     def _absolute(cls, v: Path | None) -> Path | None:
         return v.expanduser().resolve() if v is not None else None
 
-    @field_validator("alert_url")
+    @field_validator("taxonomy")
+    @classmethod
+    def _loadable_taxonomy(cls, v: str) -> str:
+        """A broken taxonomy file fails when settings load, naming the line (``taxonomy_setting``).
+        ``labelloop.taxonomy`` imports only ``labelloop.policy``, so importing it here makes no cycle."""
+        from labelloop.taxonomy import taxonomy_setting
+
+        return taxonomy_setting(v)
+
+    @field_validator("alert_url", "escalation_url")
     @classmethod
     def _http_url(cls, v: str | None) -> str | None:
         """A typo in the alert URL must fail at start, not at the first alert, which it would then never send."""
@@ -135,17 +184,21 @@ class Settings(BaseSettings):
 
     @field_validator("strategy")
     @classmethod
-    def _known_strategy(cls, v: str) -> str:
+    def _known_strategy(cls, v: str, info: ValidationInfo) -> str:
         """A misspelt strategy fails here, when settings load, instead of at the first round hours later.
 
         The spec grammar and the names live in ``active_learning.strategies`` (one parser for the service,
         simulations and benchmarks, so they cannot drift apart). It is imported inside the validator, not
         at module level: config belongs to the data layer that every other layer imports, and a module-level
         import would make all of them depend on active learning. ``strategies`` imports nothing from
-        labelloop (no cycle) and only numpy at import time, so validating stays cheap."""
+        labelloop (no cycle) and only numpy at import time, so validating stays cheap. The taxonomy setting
+        (validated before this one) says which kind of model the strategy must fit: margin on a multi-label
+        taxonomy fails here too."""
         from active_learning.strategies import validate_strategy_spec
+        from labelloop.taxonomy import get_taxonomy
 
-        return validate_strategy_spec(v)
+        taxonomy = info.data.get("taxonomy")
+        return validate_strategy_spec(v, get_taxonomy(taxonomy).multi if taxonomy else None)
 
     @model_validator(mode="after")
     def _default_cache_dir(self) -> Settings:
@@ -176,7 +229,14 @@ class Settings(BaseSettings):
 
     @property
     def registered_model_name(self) -> str:
-        return self.model_name or f"labelloop-{self.taxonomy.replace('_', '-')}"
+        return self.model_name or f"labelloop-{self.taxonomy_name.replace('_', '-')}"
+
+    @property
+    def taxonomy_name(self) -> str:
+        """The taxonomy's own name (its file's ``name``), not the path the setting may hold."""
+        from labelloop.taxonomy import get_taxonomy
+
+        return get_taxonomy(self.taxonomy).name
 
     @property
     def journal_path(self) -> Path:
@@ -185,6 +245,38 @@ class Settings(BaseSettings):
     @property
     def slices_path(self) -> Path:
         return self.state_dir / "slices.sqlite"
+
+    @property
+    def escalations_path(self) -> Path:
+        return self.state_dir / "escalations.sqlite"
+
+    @property
+    def exposure_path(self) -> Path:
+        return self.state_dir / "exposure.sqlite"
+
+    @property
+    def review_policy(self) -> ReviewPolicy:
+        """What the journal reads review marks with (checked against the taxonomy when a journal opens): the
+        taxonomy file's [severity]/[escalation] sections when it has them, else these settings."""
+        return self.review_controls or ReviewPolicy(severity=self.severity, escalation=self.escalation)
+
+    @property
+    def review_controls(self) -> ReviewPolicy | None:
+        """The severity and escalation controls a generated Label Studio config shows: the taxonomy file's
+        sections, else the settings' when they were set explicitly; None (no such controls) otherwise."""
+        from labelloop.taxonomy import get_taxonomy
+
+        policy = get_taxonomy(self.taxonomy).policy
+        if policy is None and {"severity", "escalation"} & self.model_fields_set:
+            policy = ReviewPolicy(severity=self.severity, escalation=self.escalation)
+        return policy
+
+    @property
+    def protection_policy(self) -> Protection:
+        """Masking, blur and the daily cap: the taxonomy file's [protection] section, else the settings'."""
+        from labelloop.taxonomy import get_taxonomy
+
+        return get_taxonomy(self.taxonomy).protection or self.protection
 
     @property
     def eval_sets_dir(self) -> Path:

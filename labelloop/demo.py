@@ -47,7 +47,15 @@ from labelloop import data
 from labelloop.config import Settings
 from labelloop.ls_accounts import ReviewerAccount, sign_up_reviewer, still_valid
 from labelloop.ls_server import LabelStudioServer
-from labelloop.taxonomy import FROM_NAME, TO_NAME
+from labelloop.policy import (
+    ESCALATE_CONTROL,
+    REASON_CONTROL,
+    SEVERITY_CONTROL,
+    Escalation,
+    Protection,
+    Severity,
+)
+from labelloop.taxonomy import ESCALATE_CHOICE, FROM_NAME, TO_NAME, project_label_config
 from monitoring.app import instrument, monitoring_routers
 from monitoring.drift import run_drift_evaluation
 from monitoring.quality_context import open_context
@@ -55,6 +63,45 @@ from training.registry import CHAMPION, Registry
 
 console = Console(soft_wrap=True)  # a URL or password split over two lines cannot be copied from a log
 PROJECT_TITLE = "labelloop integrity review (demo)"
+
+
+#: the review policy the demo project runs under: a severity scale, escalation reasons and a daily cap
+DEMO_POLICY = {
+    "severity": Severity(severe_labels=("hate",)),
+    "escalation": Escalation(reasons=("credible threat", "child safety", "self-harm")),
+    "protection": Protection(daily_severe_cap=20),
+}
+
+
+class EscalationReceiver:
+    """A stand-in for a team's incident tool: a local HTTP endpoint that logs every escalation POSTed to it,
+    so the demo can show one arriving (once) from the durable outbox."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    received.append({"key": self.headers.get("Idempotency-Key"), **json.loads(body)})
+                except ValueError:
+                    received.append({"key": self.headers.get("Idempotency-Key"), "raw": body[:200].decode("latin-1")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/escalations"
+        threading.Thread(target=self.server.serve_forever, name="escalation-receiver", daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def project_title(taxonomy: str) -> str:
@@ -405,7 +452,7 @@ def run(settings: Settings, options: DemoOptions) -> dict:
     test = splits.test if options.eval_size is None else data.stratified_sample(splits.test, options.eval_size,
                                                                                   seed=settings.seed)
     eval_id, eval_frame = registry.freeze_eval_set(test, labeled.source)
-    pool = splits.train[~splits.train["text"].isin(set(eval_frame["text"]))]
+    pool = splits.train[~splits.train["text"].isin(data.held_out_texts(eval_frame["text"]))]
     pool = data.stratified_sample(pool, options.pool_size, seed=settings.seed)
     # every labeled row, not just this run's sample: a re-run with another --pool-size serves older tasks too
     gold = dict(zip(labeled.frame["id"].astype(str), labeled.frame["label"], strict=True))
@@ -413,8 +460,14 @@ def run(settings: Settings, options: DemoOptions) -> dict:
                                                        labeled.taxonomy.labels, settings.seed, settings)
                                   if options.drift_items else (None, {}))
     gold.update(other_gold)  # a re-run's queue draws a share from the drifted batch: reviewers answer those too
+    receiver = EscalationReceiver()
+    settings = settings.model_copy(update={**DEMO_POLICY, "escalation_url": receiver.url})
+    label_config = project_label_config(labeled.taxonomy, policy=settings.review_controls, masked=True)
     project_id = client.ensure_project(project_title(labeled.taxonomy.name), labeled.taxonomy,
-                                       description="Integrity review queue steered by labelloop active learning")
+                                       description="Integrity review queue steered by labelloop active learning",
+                                       label_config=label_config)
+    client.sdk.projects.update(project_id, label_config=label_config)  # a reused project gets the review controls
+    client.mask = settings.protection_policy.mask_text
     client.use_uncertainty_sampling(project_id)
     settings = settings.model_copy(update={
         "ls_url": ls_url, "ls_api_key": SecretStr(token), "ls_project_id": project_id, "port": options.backend_port,
@@ -426,12 +479,15 @@ def run(settings: Settings, options: DemoOptions) -> dict:
     mlflow_url = f"http://127.0.0.1:{options.mlflow_port}" if options.mlflow_ui else None
     service = Service(settings, client, extra_routers=monitoring_routers(mlflow_url))
     alert_store = instrument(service.app)
+    service.delivery.start()  # escalations reach the receiver as in `labelloop serve`, within seconds
     with steps.step(f"importing {len(pool)} tasks into project {project_id} and embedding the pool"):
         service.loop.import_pool(pool[["id", "text"]])
         service.loop.cache.get(service.loop.pool()["text"].tolist())
+    _show_masking(pool["text"].tolist(), settings, steps)
     backend = _serve_in_thread(service, settings)
     backend_url = f"http://127.0.0.1:{settings.port}"
-    client.connect_backend(project_id, backend_url, basic_auth=(user, password))
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    client.connect_backend(project_id, backend_url, basic_auth=(user, password), webhook_secret=secret)
     with steps.step(f"signing up {len(options.reviewers)} reviewer accounts in Label Studio"):
         members = reviewer_accounts(settings, client, ls_url, options.reviewers)
     steps.log("reviewers: " + ", ".join(f"{m.account.email} (user {m.account.user_id}, accuracy "
@@ -459,6 +515,7 @@ def run(settings: Settings, options: DemoOptions) -> dict:
             _adjudication_pass(service, reviewers, settings, options.adjudicate, steps)
         if other_platform is not None:
             _drift_batch(service, settings, other_platform, drift_source(options.dataset), steps)
+        _escalate_one(service, members[0], receiver, steps)
         summary = _summary(settings, client, project_id, registry, eval_id)
         _print_urls(settings, ls_url, options, project_id, ls_server, user, password)
         if options.wait:
@@ -468,12 +525,54 @@ def run(settings: Settings, options: DemoOptions) -> dict:
     finally:
         backend.should_exit = True
         service.close()
+        receiver.close()
         alert_store.close()
         if mlflow_proc:
             os.killpg(mlflow_proc.pid, signal.SIGTERM)
         if ls_server:
             ls_server.stop()  # a server this run started (a reused one keeps running)
         (demo_dir(settings) / "pids.json").unlink(missing_ok=True)
+
+
+def _show_masking(texts: list[str], settings: Settings, steps: Steps, shown: int = 3) -> None:
+    """A few pool texts as reviewers see them by default (lexicon terms masked; "Show original" reveals)."""
+    masked = [(t, settings.protection_policy.mask_text(t)) for t in texts]
+    changed = [(t, m) for t, m in masked if t != m]
+    steps.log(f"masking: {len(changed)} of {len(texts)} pool texts have lexicon terms masked by default, e.g.")
+    for _, m in changed[:shown]:
+        steps.log(f"  {m[:140]}")
+
+
+def _escalate_one(service: Service, reviewer: Reviewer, receiver: EscalationReceiver, steps: Steps,
+                  timeout: float = 60.0) -> None:
+    """One reviewer escalates a task as a credible threat; the demo waits for the local receiver's log."""
+    assert service.client is not None and service.settings.ls_project_id is not None
+    project_id = service.settings.ls_project_id
+    tasks = service.client.unlabelled_tasks(project_id)
+    if not tasks:
+        steps.log("escalation: no unlabelled task left to escalate")
+        return
+    task_id = int(tasks[0]["task_id"])
+    result = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": ["hate"]}},
+              {"from_name": SEVERITY_CONTROL, "to_name": TO_NAME, "type": "choices",
+               "value": {"choices": ["critical"]}},
+              {"from_name": ESCALATE_CONTROL, "to_name": TO_NAME, "type": "choices",
+               "value": {"choices": [ESCALATE_CHOICE]}},
+              {"from_name": REASON_CONTROL, "to_name": TO_NAME, "type": "choices",
+               "value": {"choices": ["credible threat"]}}]
+    with steps.step(f"escalation: {reviewer.account.email} escalates task {task_id} as a credible threat"):
+        reviewer.client.sdk.annotations.create(task_id, result=result, lead_time=30.0)
+        deadline = time.monotonic() + timeout
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+    if not receiver.received:
+        steps.log(f"escalation: nothing reached {receiver.url} within {timeout:.0f} s; it stays in the outbox "
+                  "(`labelloop escalations`)")
+        return
+    steps.log(f"escalation receiver log ({receiver.url}):")
+    for entry in receiver.received:
+        steps.log(f"  POST key={entry.get('key')} task={entry.get('task_id')} label={entry.get('label')} "
+                  f"severity={entry.get('severity')} reason={entry.get('reason')!r}")
 
 
 def _adjudication_pass(service: Service, reviewers: Reviewers, settings: Settings, top_k: int, steps: Steps) -> None:
@@ -551,4 +650,6 @@ def _print_urls(settings: Settings, ls_url: str, options: DemoOptions, project_i
         console.print(f"MLflow                 http://127.0.0.1:{options.mlflow_port}")
     console.print(f"labelloop API docs     http://127.0.0.1:{settings.port}/docs  (basic auth {user} / {password})")
     console.print(f"PM dashboard           http://127.0.0.1:{settings.port}/dashboard  (same basic auth)")
+    console.print(f"reviewers' next task   http://127.0.0.1:{settings.port}/queue/next?reviewer=<email>  (respects "
+                  "the daily cap of severe items; same basic auth)")
     console.print(f"credentials are kept in {demo_dir(settings)} (git-ignored)")

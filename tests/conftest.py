@@ -30,9 +30,13 @@ def embedding_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, embedding_cache_dir: Path) -> Settings:
-    """Settings whose MLflow store, journal and state live in this test's temp dir."""
+    """Settings whose MLflow store, journal and state live in this test's temp dir.
+
+    Served champions run as fp32 torch (``quantize="none"``): choosing a fast path exports and times every
+    candidate at each load, which tests that are not about that choice should not pay for; the chooser has
+    its own tests (test_fast_path.py, test_serving.py)."""
     return Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", data_dir=SHARED_DATA,
-                    cache_dir=embedding_cache_dir)
+                    cache_dir=embedding_cache_dir, quantize="none")
 
 
 @pytest.fixture(scope="session")

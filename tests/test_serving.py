@@ -178,7 +178,12 @@ def test_health_and_root_report_the_served_champion(client: TestClient):
         assert r.status_code == 200
         assert r.json() == {"status": "UP", "model_class": "KeywordClassifier",
                             "model_version": f"{NAME}:v1", "model_loaded": True, "precision": "fp32",
-                            "detail": None}
+                            "serving_path": {"chosen": "torch-fp32", "check_texts": 0, "min_agreement": 0.99,
+                                             "reason": "settings.quantize is none: fp32 torch, nothing tried",
+                                             "candidates": []},
+                            "detail": None, "champion_error": None, "retry_in_s": None,
+                            "dependencies": {name: {"status": "ok", "detail": None, "since": None, "retry_in_s": None}
+                                             for name in ("registry", "journal")}}
 
 
 def test_setup_returns_the_champion_version(client: TestClient):
@@ -778,9 +783,10 @@ def real_classifier(davidson_small):
     return EmbeddingHeadClassifier(encoder, head, TAXONOMY.labels)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none"])
 def test_real_embedding_head_served_end_to_end_in_fp32(make_client, real_classifier, davidson_small, quantize):
-    """Fast-mode models stay fp32 even with quantize=int8 (int8 changes too many of their labels)."""
+    """A fast-mode model served as loaded: exactly its own probabilities, through both routes (whether a
+    faster path keeps its labels is the guard's business: tests/test_fast_path.py)."""
     texts = davidson_small.frame["text"].tail(12).tolist()
     source = FakeSource({4: real_classifier}, champion=4, check_texts=texts)
     client = make_client(source, quantize=quantize)
@@ -827,10 +833,49 @@ def test_finetuned_champion_is_served_int8_when_it_agrees_with_fp32(make_client,
                                          pytest.param(["some text"] * 4, id="disagrees")])
 def test_int8_copy_that_cannot_be_verified_is_not_served(make_client, decisive_finetuned, monkeypatch,
                                                          check_texts):
+    import dataclasses
+
     import serving.quantize
 
-    monkeypatch.setattr(serving.quantize, "top_label_agreement", lambda a, b, texts: 0.98)
+    measured = serving.quantize.measure
+
+    def int8_disagrees(options, *args, **kwargs):
+        trials, built = measured(options, *args, **kwargs)
+        return [dataclasses.replace(t, agreement=0.98) if t.path == "torch-int8" else t for t in trials], built
+
+    monkeypatch.setattr(serving.quantize, "measure", int8_disagrees)
     client = make_client(FakeSource({5: decisive_finetuned}, champion=5, check_texts=check_texts),
                          quantize="int8")
     health = client.get("/health").json()
     assert health["model_version"] == f"{NAME}:v5" and health["precision"] == "fp32"
+
+
+# ------------------------------------------------------------------------------------------------
+# The schema says what the server accepts (found by schemathesis; see tests/test_api_fuzz.py)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route, body", [("/setup", {"project": False, "schema": CONFIG}),
+                                         ("/predict", {"project": True, "tasks": []}),
+                                         ("/predict", {"tasks": {"id": False, "data": {"text": "x"}}})])
+def test_a_bool_is_no_project_or_task_id(client: TestClient, route: str, body: dict):
+    assert client.post(route, json=body).status_code == 422
+
+
+def test_a_query_parameter_given_twice_is_refused(client: TestClient):
+    response = client.get("/health?verbose=1&verbose=2")
+    assert response.status_code == 400
+    assert "verbose" in response.json()["detail"]
+    assert client.get("/health?verbose=1").status_code == 200
+
+
+def test_the_schema_says_v1_texts_must_not_be_blank(client: TestClient):
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["V1PredictRequest"]
+    assert schema["properties"]["texts"]["items"]["pattern"] == r"\S"
+
+
+def test_an_unparseable_body_is_a_documented_400(client: TestClient):
+    response = client.post("/webhook", content=b"\xff\xfe[", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    documented = client.get("/openapi.json").json()["paths"]["/webhook"]["post"]["responses"]
+    assert "400" in documented
