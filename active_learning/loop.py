@@ -18,7 +18,7 @@ import fcntl
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from numbers import Number
@@ -52,6 +52,7 @@ from labelloop.journal import Journal, label_cell, label_text
 from labelloop.slices import SliceStore
 from labelloop.taxonomy import get_taxonomy
 from serving.quantize import precision
+from serving.queue_api import judged_prediction
 from training.classifier import TextClassifier
 from training.fast import EmbeddingCache
 from training.registry import CHAMPION, LoadedModel, Registry
@@ -380,34 +381,43 @@ class ActiveLearningLoop:
             place_pending(pending, carried_labels, {by_position[i].task_id for i in plan.al},
                           lambda stored: self._shown([label_cell(self.taxonomy, stored)])[0]), rng)
         predictions = priorities_for(order, adjudications, priority_classes(loaded.classifier), version)
+        # blurred before the priorities move these items to the head of the queue, never after
+        self._blur_confident_severe(unlabeled, ctx.proba, loaded.classifier.labels, [*plan.al, *plan.tail],
+                                    dict(zip(plan.overlap_sources, copy_tasks, strict=True)))
         if progress:
             progress(0.8, f"pushing {len(predictions)} priorities to Label Studio")
         pushed = self.client.import_predictions(self.project_id, predictions)
         if predictions:
             self.client.set_model_version(self.project_id, version)
         self.pool_predictions = pool_decisions(loaded.classifier, ctx.proba, unlabeled["task_id"].to_numpy())
-        self._blur_confident_severe(unlabeled, ctx.proba, loaded.classifier.labels, [*plan.al, *plan.tail])
         counts = {"audit": plan.counts.audit, "honeypot": plan.counts.honeypot, "overlap": plan.counts.overlap,
                   "pending": len(pending)}
         return QueueResult(version, strategy.spec, len(unlabeled), [by_position[i].task_id for i in plan.al],
                            pushed, time.perf_counter() - started, counts)
 
     def _blur_confident_severe(self, unlabeled: pd.DataFrame, proba: np.ndarray, labels: Sequence[str],
-                               positions: Sequence[int]) -> int:
+                               positions: Sequence[int], copies: Mapping[int, int] | None = None) -> int:
         """Hide the whole text of queued items the champion predicts as a severe label with at least
         ``blur_threshold`` confidence: the masked view shows a notice until the reviewer chooses "Show
-        original" (a recorded reveal), so nobody reads such an item before deciding to."""
+        original" (a recorded reveal), so nobody reads such an item before deciding to. ``copies`` maps a
+        position to the overlap copy of its item (a task of its own, created with only the lexicon mask):
+        the copy is blurred with it, or its second reviewer would read the item the first one was spared."""
         guard, scale = self.settings.protection_policy, self.settings.review_policy.severity
+        copies = copies or {}
         blurred = 0
-        for i in positions:
-            top = int(np.argmax(proba[i]))
-            label, probability = labels[top], float(proba[i, top])
+        multi = self.taxonomy.multi
+        for i in dict.fromkeys([*positions, *copies]):
+            label, probability = judged_prediction(labels, proba[i], multi_label=multi,
+                                                   severe_labels=scale.severe_labels)
             if guard.blurs(scale, label, probability):
                 row = unlabeled.iloc[i]
-                self.client.set_masked_text(int(row["task_id"]), str(row["item_id"]), str(row["text"]),
-                                            guard.masked_view(str(row["text"]), scale, label, probability))
-                self.blurred[int(row["task_id"])] = (label, probability)
-                blurred += 1
+                masked = guard.masked_view(str(row["text"]), scale, label, probability)
+                task_ids = [*([int(row["task_id"])] if i in positions else []),
+                            *([int(copies[i])] if i in copies else [])]
+                for task_id in task_ids:
+                    self.client.set_masked_text(task_id, str(row["item_id"]), str(row["text"]), masked)
+                    self.blurred[task_id] = (label, probability)
+                    blurred += 1
         return blurred
 
     def _shown(self, decided: list) -> list:

@@ -32,7 +32,7 @@ from labelloop.taxonomy import get_taxonomy
 from serving.app import create_app
 from serving.auth import Credentials
 from serving.escalations_api import escalations_router
-from serving.queue_api import queue_router
+from serving.queue_api import TaskSourceUnavailable, queue_router
 from training.registry import CHAMPION
 
 log = logging.getLogger("labelloop.service")
@@ -49,10 +49,16 @@ class ProjectTasks:
     project_id: int
 
     def unlabelled_tasks(self) -> list[dict[str, Any]]:
-        return self.client.unlabelled_tasks(self.project_id)
+        try:
+            return self.client.unlabelled_tasks(self.project_id)
+        except LabelStudioError as e:
+            raise TaskSourceUnavailable(str(e)) from None
 
     def user_id(self, email: str) -> int | None:
-        return self.client.user_id(email)
+        try:
+            return self.client.user_id(email)
+        except LabelStudioError as e:
+            raise TaskSourceUnavailable(str(e)) from None
 
     def labeling_url(self, task_id: int) -> str:
         return self.client.labeling_url(self.project_id, task_id)

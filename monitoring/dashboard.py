@@ -196,8 +196,14 @@ def collect_label_accuracy(quality: QualityContext) -> LabelAccuracy | None:
 
 
 def collect_label_errors(context: MonitoringContext, quality: QualityContext) -> LabelErrors:
+    """The page shows each suspicious item's text, and people who review harmful content read this page
+    too, so the text is lexicon-masked as in Label Studio's default view (the original stays in
+    ``/v1/quality/label-issues`` and one click away in the linked task)."""
     issues = quality.label_issues()
-    rows = adjudication_states(issues.issues, context.slice_store.frame(context.project_id),
+    guard = context.settings.protection_policy
+    masked = [issue.model_copy(update={"text": guard.mask_text(issue.text)})
+              for issue in issues.issues]
+    rows = adjudication_states(masked, context.slice_store.frame(context.project_id),
                                context.journal.annotations(context.project_id), context.task_url)
     return LabelErrors(n_labelled=issues.n_labelled, rows=rows, note=issues.note)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -37,6 +38,8 @@ from serving.protocol import ErrorResponse
 from serving.quantize import prepare_for_serving
 from serving.routes import BACKEND_ROUTERS, EventHandler, JournalHealth, ProjectConfigs, SetupHandler
 from training.registry import LoadedModel
+
+log = logging.getLogger(__name__)
 
 _PROJECT_CONFIGS_KEPT = 256
 _FIRST_LOAD_WAIT_SECONDS = 120.0  # start serves once the first champion load ends, or after this long without it
@@ -70,7 +73,15 @@ def create_app(
     metrics = ServingMetrics()
 
     def prepare(loaded: LoadedModel) -> LoadedModel:
-        texts = source.check_texts(_QUANTIZE_CHECK_TEXTS) if settings.quantize != "none" else []
+        """The check texts are only for choosing a faster path: a champion that loaded is served (fp32
+        torch) even when they cannot be read, e.g. the registry went down between the load and the check."""
+        texts: list[str] = []
+        if settings.quantize != "none":
+            try:
+                texts = source.check_texts(_QUANTIZE_CHECK_TEXTS)
+            except Exception as e:
+                log.warning("%s: check texts unreadable (%s: %s); serving fp32 torch", loaded.ref.label,
+                            type(e).__name__, e)
         return prepare_for_serving(loaded, settings.quantize, texts, cache_dir=settings.cache_dir / "onnx",
                                    device=settings.device, batch_size=settings.batch_size)
 

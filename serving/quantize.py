@@ -9,11 +9,12 @@ So no path is fixed in advance. Each freshly loaded champion is run every candid
   weights;
 - CUDA: fp32 torch, and bf16 / fp16 autocast.
 
-Each candidate's top label is compared with fp32 torch on the check texts (the registry's frozen
-evaluation set) and its speed is timed on a short batch; the fastest candidate that agrees on at least
-:data:`MIN_AGREEMENT` is served, and ``/health`` reports the choice with every candidate's agreement and
-speed. A candidate that fails in any way (no onnxruntime, an export error) is recorded and skipped: the
-choice never stops a champion from being served, since fp32 torch always qualifies.
+Each candidate's top label (a multi-label model's whole decided label set) is compared with fp32 torch
+on the check texts (the registry's frozen evaluation set) and its speed is timed on a short batch;
+the fastest candidate that agrees on at least :data:`MIN_AGREEMENT` is served, and ``/health`` reports
+the choice with every candidate's agreement and speed. A candidate that fails in any way (no onnxruntime,
+an export error) is recorded and skipped: the choice never stops a champion from being
+served, since fp32 torch always qualifies.
 
 ONNX exports are cached on disk, keyed by the transformer's weights, so a restart (or a fast-mode
 version that shares its frozen encoder with the last one) does not export again. For the frozen encoder
@@ -69,7 +70,7 @@ class Trial:
     """One candidate way of running the champion, as measured at load."""
 
     path: str
-    agreement: float | None = None  # share of check texts whose top label matches fp32 torch's
+    agreement: float | None = None  # share of check texts decided as fp32 torch decides them
     texts_per_s: float | None = None
     error: str | None = None  # why the candidate could not be built or run
 
@@ -171,6 +172,12 @@ class OrtModule(torch.nn.Module):
     @property
     def base_model(self):
         return self.original.base_model
+
+    def __deepcopy__(self, memo):
+        """A copy with its own torch module (MC dropout samples in a private copy) and the same session:
+        an inference session is immutable and cannot be copied."""
+        clone = OrtModule(copy.deepcopy(self.original, memo), self.session, self.output_name)
+        return clone.train(self.training)
 
     def forward(self, **inputs):
         if self.training:
@@ -341,7 +348,9 @@ def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_tex
     for candidate in options:
         try:
             model = candidate.build()
-            labels = model.predict_proba(check_texts, batch_size).argmax(1)
+            # what serving answers with: the top label, or a multi-label model's thresholded label set (a
+            # shifted sigmoid can flip a label across its threshold while the top label stays put)
+            labels = model.decide_ids(model.predict_proba(check_texts, batch_size)).reshape(len(check_texts), -1)
         except Exception as e:  # any failure only removes the candidate
             if reference is None:
                 raise  # the reference itself cannot run: the champion is broken, not a candidate
@@ -351,7 +360,7 @@ def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_tex
         if reference is None:
             reference = labels
         built[candidate.path] = model
-        agreement[candidate.path] = float((labels == reference).mean())
+        agreement[candidate.path] = float((labels == reference).all(axis=1).mean())
     best: dict[str, float] = {}
     for _ in range(_TIMING_ROUNDS):
         for path, model in list(built.items()):

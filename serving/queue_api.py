@@ -39,7 +39,8 @@ from serving.batching import Lane, MicroBatcher
 from serving.champion import Champion
 from serving.routes import get_batcher, get_champion, get_journal, get_settings
 
-#: candidates the champion looks at per request: the head of the queue is what gets served
+#: candidates the champion looks at per scoring call: the head of the queue is what gets served, and a reviewer
+#: over the cap whose head is all severe gets the next slice looked at, until other work or the end turns up
 LOOKAHEAD = 200
 CAP_HEADER = "X-Labelloop-Severe-Cap"
 
@@ -47,8 +48,13 @@ CAP_HEADER = "X-Labelloop-Severe-Cap"
 Scorer = Callable[[list[str]], Awaitable[list[tuple[str, float]] | None]]
 
 
+class TaskSourceUnavailable(RuntimeError):
+    """The task source could not answer (Label Studio down or refusing): the queue answers 503, not 500."""
+
+
 class TaskSource(Protocol):
-    """What the queue needs from Label Studio (``active_learning`` adapts its client to this)."""
+    """What the queue needs from Label Studio (``active_learning`` adapts its client to this); a failed call
+    raises :class:`TaskSourceUnavailable`."""
 
     def unlabelled_tasks(self) -> list[dict[str, Any]]: ...  # task_id, item_id, text, score; serving order
     def user_id(self, email: str) -> int | None: ...
@@ -68,6 +74,19 @@ class Pick:
     candidate: Candidate | None
     skipped_severe: int  # severe tasks ahead of it, held back because of the cap
     only_severe_left: bool = False
+
+
+def judged_prediction(labels: Sequence[str], row: Sequence[float], *, multi_label: bool,
+                      severe_labels: Sequence[str]) -> tuple[str, float]:
+    """The (label, probability) the blur rule (``Protection.blurs``) judges an item by: a single-label model's
+    top label; for a multi-label model, whose labels are independent yes/no decisions, its most probable
+    severe label, because a confident severe label beside a more probable harmless one (a target group)
+    is still a confident severe prediction. Without severe labels, the top label."""
+    scores = [float(p) for p in row]
+    top = max(range(len(scores)), key=scores.__getitem__)
+    severe = [i for i, label in enumerate(labels) if label in severe_labels] if multi_label else []
+    chosen = max(severe, key=scores.__getitem__) if severe else top
+    return labels[chosen], scores[chosen]
 
 
 def pick_next(candidates: Sequence[Candidate], *, over_cap: bool) -> Pick:
@@ -126,17 +145,19 @@ def get_exposure(request: Request) -> ExposureLedger:
 
 
 def get_scorer(champion: Annotated[Champion, Depends(get_champion)],
-               batcher: Annotated[MicroBatcher, Depends(get_batcher)]) -> Scorer:
-    """The served champion's top label and probability (single-label; a multi-label champion's items are
-    judged by their highest label probability)."""
+               batcher: Annotated[MicroBatcher, Depends(get_batcher)],
+               settings: Annotated[Settings, Depends(get_settings)]) -> Scorer:
+    """The served champion's prediction per text, as the blur rule judges it (:func:`judged_prediction`)."""
+    severe_labels = settings.review_policy.severity.severe_labels
 
     async def score(texts: list[str]) -> list[tuple[str, float]] | None:
         model = champion.current
         if model is None or not texts:
             return None
         proba = await batcher.predict(model, texts, Lane.API)
-        labels = model.classifier.labels
-        return [(labels[int(row.argmax())], float(row.max())) for row in proba]
+        classifier = model.classifier
+        return [judged_prediction(classifier.labels, row, multi_label=classifier.multi_label,
+                                  severe_labels=severe_labels) for row in proba]
 
     return score
 
@@ -155,20 +176,27 @@ async def _next(reviewer: str, settings: Settings, source: TaskSource, ledger: E
             return None, [], 0
         ledger.sync(journal, severity, protection)
         today = datetime.now(UTC).date()
-        return reviewer_id, source.unlabelled_tasks()[:LOOKAHEAD], ledger.day(reviewer_id, today).severe_seen
+        return reviewer_id, source.unlabelled_tasks(), ledger.day(reviewer_id, today).severe_seen
 
-    reviewer_id, tasks, seen = await anyio.to_thread.run_sync(gather)
+    try:
+        reviewer_id, tasks, seen = await anyio.to_thread.run_sync(gather)
+    except TaskSourceUnavailable as e:
+        raise HTTPException(503, f"Label Studio cannot be read: {e}") from None
     if reviewer_id is None:
         raise HTTPException(404, f"no Label Studio account with the email {reviewer!r}")
     cap = protection.daily_severe_cap
     over_cap = cap is not None and seen >= cap
-    predicted = await scorer([t["text"] or " " for t in tasks]) if tasks else None
-    candidates = []
-    for i, task in enumerate(tasks):
-        label, probability = predicted[i] if predicted else (None, None)
-        reason = (f"predicted {label} ({probability:.2f})"
-                  if protection.blurs(severity, label, probability) else None)
-        candidates.append(Candidate(int(task["task_id"]), str(task["item_id"]), reason))
+    candidates: list[Candidate] = []
+    for start in range(0, len(tasks), LOOKAHEAD):
+        chunk = tasks[start:start + LOOKAHEAD]
+        predicted = await scorer([t["text"] or " " for t in chunk])
+        for i, task in enumerate(chunk):
+            label, probability = predicted[i] if predicted else (None, None)
+            reason = (f"predicted {label} ({probability:.2f})"
+                      if protection.blurs(severity, label, probability) else None)
+            candidates.append(Candidate(int(task["task_id"]), str(task["item_id"]), reason))
+        if not over_cap or any(c.severe_reason is None for c in candidates):
+            break
     pick = pick_next(candidates, over_cap=over_cap)
     chosen = pick.candidate
     return QueueNextResponse(
@@ -194,7 +222,7 @@ def _deps(settings: Annotated[Settings, Depends(get_settings)],
 
 @queue_router.get("/v1/queue/next", response_model=QueueNextResponse, responses={
     404: {"description": "no Label Studio account has this email"},
-    503: {"description": "no Label Studio project is configured"}})
+    503: {"description": "no Label Studio project is configured, or Label Studio cannot be read"}})
 async def queue_next(reviewer: ReviewerQuery, response: Response,
                      deps: Annotated[Deps, Depends(_deps)]) -> QueueNextResponse:
     """The task this reviewer should label next, respecting their daily cap of severe items."""
@@ -206,7 +234,7 @@ async def queue_next(reviewer: ReviewerQuery, response: Response,
 @queue_router.get("/queue/next", response_class=HTMLResponse, responses={
     303: {"description": "straight to the task in Label Studio, when there is nothing to tell the reviewer"},
     404: {"description": "no Label Studio account has this email"},
-    503: {"description": "no Label Studio project is configured"}})
+    503: {"description": "no Label Studio project is configured, or Label Studio cannot be read"}})
 async def queue_next_page(reviewer: ReviewerQuery, deps: Annotated[Deps, Depends(_deps)]) -> Response:
     """A reviewer's bookmark: straight to their next task, or a page with the notice and a link to it."""
     out = await _next(reviewer, *deps)

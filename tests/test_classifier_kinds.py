@@ -178,3 +178,23 @@ def test_stochastic_predictions_per_kind(tokenizer):
     committee = head.stochastic_proba(TEXTS, 4, seed=1, labeled=lambda: labeled)
     assert committee.shape == (4, len(TEXTS), 3)
     assert np.allclose(committee.sum(-1), 1.0, atol=1e-5)
+
+
+def test_mc_dropout_never_switches_the_shared_model_to_train_mode(tokenizer):
+    """Active learning samples MC dropout from the very classifier serving answers with; serving's thread
+    must never see that module in train mode (its predictions would carry dropout noise)."""
+    finetuned = tiny_finetuned(tokenizer, hidden_dropout_prob=0.5)
+    shared = finetuned.model
+    seen_while_sampling = []
+    shared.register_forward_pre_hook(lambda module, args: seen_while_sampling.append(shared.training))
+    mc = finetuned.stochastic_proba(TEXTS, 3, seed=1)
+    assert seen_while_sampling and not any(seen_while_sampling)
+    assert mc.std(axis=0).max() > 1e-3  # the private copy did sample dropout
+
+
+def test_mc_dropout_of_a_multi_label_model_gives_per_label_sigmoids(tokenizer):
+    finetuned = tiny_finetuned(tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    finetuned.multi_label = True
+    mc = finetuned.stochastic_proba(TEXTS, 2, seed=0)
+    assert np.allclose(mc[0], finetuned.predict_proba(TEXTS), atol=1e-5)
+    assert not np.allclose(mc.sum(-1), 1.0, atol=1e-3)

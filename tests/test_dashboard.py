@@ -524,3 +524,25 @@ def test_the_protection_panel_equals_its_api(dash_settings: Settings) -> None:
         assert len(shown) >= 6
         for figure in shown:
             assert json.loads(figure["data-value"]) == resolve(body, figure["data-path"]), figure
+
+
+def test_likely_label_errors_show_the_lexicon_masked_text(settings: Settings) -> None:
+    """The dashboard's label-error table showed the original text, the one place a term the lexicon masks in
+    Label Studio's default view still reached a reader unmasked."""
+    from types import SimpleNamespace
+
+    from monitoring.dashboard import collect_label_errors, label_errors_section
+
+    issue = LabelIssue(rank=1, task_id=10, item_id="i10", annotation_id=1, label="hate", model_label="neither",
+                       quality=0.1, text="you are a bitch &amp; a liar")
+    quality = SimpleNamespace(label_issues=lambda: SimpleNamespace(issues=[issue], n_labelled=40, note=None))
+    context = SimpleNamespace(settings=settings, project_id=7, task_url=lambda t: f"http://ls/data?task={t}",
+                              slice_store=SimpleNamespace(frame=lambda project_id: pd.DataFrame(
+                                  columns=["kind", "task_id", "source_task_id"])),
+                              journal=SimpleNamespace(annotations=lambda project_id: annotations([])))
+    errors = collect_label_errors(context, quality)
+    [row] = errors.rows
+    assert "bitch" not in row.issue.text and row.issue.text.endswith("&amp; a liar")
+    assert row.issue.text == settings.protection_policy.mask_text(issue.text)
+    section = label_errors_section(SimpleNamespace(label_errors=errors, label_errors_note=None))
+    assert "bitch" not in repr(section)

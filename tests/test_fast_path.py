@@ -84,6 +84,30 @@ def test_a_candidate_that_raises_is_recorded_and_skipped():
     assert choose_path(trials, len(CHECK)).chosen == TORCH_FP32
 
 
+class FixedMultiLabel(LengthClassifier):
+    """A multi-label toy answering the same probabilities for every text."""
+
+    multi_label = True
+
+    def __init__(self, row):
+        super().__init__()
+        self.row = np.asarray(row, dtype=np.float32)
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        return np.tile(self.row, (len(texts), 1))
+
+
+def test_a_multi_label_candidate_must_keep_the_whole_label_set_not_just_the_top_label():
+    reference = FixedMultiLabel([0.9, 0.6])  # decides {a, b}
+    shifted = FixedMultiLabel([0.9, 0.4])  # same top label, but b fell below its threshold: decides {a}
+    same = FixedMultiLabel([0.8, 0.7])
+    trials, _ = measure([Candidate(TORCH_FP32, lambda: reference), Candidate("onnx-int8", lambda: shifted),
+                         Candidate("onnx-fp32", lambda: same)], CHECK, CHECK[:4], 16)
+    by_path = {t.path: t for t in trials}
+    assert by_path["onnx-int8"].agreement == 0.0 and by_path["onnx-fp32"].agreement == 1.0
+    assert choose_path(trials, len(CHECK)).chosen in (TORCH_FP32, "onnx-fp32")
+
+
 def test_a_broken_reference_is_a_load_failure_not_a_silent_choice():
     def broken():
         raise RuntimeError("weights missing")
@@ -201,3 +225,21 @@ def test_health_reports_the_chosen_path_and_why(tokenizer, tmp_path, monkeypatch
     assert "300 texts/s" in path["reason"] and path["check_texts"] == len(CHECK)
     assert predicted.status_code == 200
     assert list((settings.cache_dir / "onnx").iterdir())  # exported under the cache, for the next start
+
+
+class SourceWithoutCheckTexts(TinySource):
+    def check_texts(self, limit: int) -> list[str]:
+        raise ConnectionError("MLflow went away between the load and the check")
+
+
+def test_unreadable_check_texts_still_serve_the_loaded_champion_in_fp32(tokenizer, tmp_path):
+    from serving.app import create_app
+
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", quantize="auto", poll_seconds=0,
+                        basic_user=None, basic_password=None, api_token=None, device="cpu")
+    app = create_app(settings, model_source=SourceWithoutCheckTexts(tiny_finetuned(tokenizer)))
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+        predicted = client.post("/v1/predict", json={"texts": TEXTS[:2]})
+    assert health["model_loaded"] and health["champion_error"] is None
+    assert health["serving_path"]["chosen"] == TORCH_FP32 and predicted.status_code == 200

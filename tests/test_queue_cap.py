@@ -49,6 +49,119 @@ def test_over_the_cap_with_only_severe_work_left_it_is_served_and_said():
     assert pick_next([], over_cap=True).candidate is None
 
 
+def test_the_overlap_copy_of_a_blurred_item_is_blurred_too(settings: Settings):
+    """An overlap copy is a task of its own, created with only the lexicon mask: without blurring it, the
+    second reviewer read in full the item the first one was spared."""
+    import numpy as np
+    import pandas as pd
+
+    from active_learning.loop import ActiveLearningLoop
+    from labelloop.policy import Protection, Severity
+
+    class Tasks:
+        def __init__(self) -> None:
+            self.masked: dict[int, str] = {}
+
+        def set_masked_text(self, task_id: int, item_id: str, text: str, masked: str) -> None:
+            self.masked[task_id] = masked
+
+    loop = ActiveLearningLoop.__new__(ActiveLearningLoop)
+    loop.settings = settings.model_copy(update={"severity": Severity(severe_labels=("hate",)),
+                                                "protection": Protection(blur_threshold=0.9)})
+    loop.client, loop.blurred, loop.taxonomy = Tasks(), {}, get_taxonomy("hate_offensive")
+    unlabeled = pd.DataFrame({"task_id": [11, 12], "item_id": ["a", "b"], "text": ["vile threat", "a cat"]})
+    proba = np.array([[0.97, 0.03], [0.2, 0.8]])
+    assert loop._blur_confident_severe(unlabeled, proba, ["hate", "neither"], [0, 1], {0: 21, 1: 22}) == 2
+    assert set(loop.client.masked) == set(loop.blurred) == {11, 21}
+    assert all("vile" not in shown for shown in loop.client.masked.values())
+
+
+def test_a_multi_label_item_is_judged_by_its_most_probable_severe_label():
+    """Sigmoid labels are independent: "violence" at 0.95 beside a target group at 0.99 is a confident severe
+    prediction, which the queue and the blur missed when they looked only at the top label."""
+    from serving.queue_api import judged_prediction
+
+    labels = ["gender", "violence", "race"]
+    assert judged_prediction(labels, [0.99, 0.95, 0.1], multi_label=True, severe_labels=("violence",)) == (
+        "violence", 0.95)
+    assert judged_prediction(labels, [0.99, 0.95, 0.1], multi_label=True, severe_labels=()) == ("gender", 0.99)
+    assert judged_prediction(labels, [0.5, 0.3, 0.2], multi_label=False, severe_labels=("violence",)) == (
+        "gender", 0.5)
+
+
+def test_the_loop_blurs_a_multi_label_item_with_a_confident_severe_label_below_the_top(settings: Settings):
+    import numpy as np
+    import pandas as pd
+
+    from active_learning.loop import ActiveLearningLoop
+    from labelloop.policy import Protection, Severity
+
+    class Tasks:
+        def __init__(self) -> None:
+            self.masked: dict[int, str] = {}
+
+        def set_masked_text(self, task_id: int, item_id: str, text: str, masked: str) -> None:
+            self.masked[task_id] = masked
+
+    loop = ActiveLearningLoop.__new__(ActiveLearningLoop)
+    loop.settings = settings.model_copy(update={"severity": Severity(severe_labels=("violence",)),
+                                                "protection": Protection(blur_threshold=0.9)})
+    loop.client, loop.blurred = Tasks(), {}
+    loop.taxonomy = get_taxonomy(str(Path("examples/taxonomies/ethos_targets.toml").resolve()))
+    labels = list(loop.taxonomy.labels)
+    row = np.full(len(labels), 0.05)
+    row[labels.index("violence")], row[(labels.index("violence") + 1) % len(labels)] = 0.95, 0.99
+    unlabeled = pd.DataFrame({"task_id": [11], "item_id": ["a"], "text": ["kill them all"]})
+    assert loop._blur_confident_severe(unlabeled, row[None, :], labels, [0]) == 1
+    assert loop.blurred == {11: ("violence", 0.95)} and "kill" not in loop.client.masked[11]
+
+
+def test_over_the_cap_a_non_severe_task_past_the_first_lookahead_is_still_found(settings: Settings):
+    """The queue looked only at the first LOOKAHEAD tasks: with those all severe it served a severe one and
+    told the reviewer only severe work was left, though non-severe tasks waited further down."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from labelloop.policy import Protection, Severity
+    from serving.queue_api import LOOKAHEAD, _next
+
+    n_severe = LOOKAHEAD + 30
+    tasks = [{"task_id": i, "item_id": f"i{i}", "text": "bad" if i <= n_severe else "fine", "score": None}
+             for i in range(1, n_severe + 11)]
+    source = SimpleNamespace(unlabelled_tasks=lambda: tasks, user_id=lambda email: 5,
+                             labeling_url=lambda task_id: f"http://ls/projects/1/data?task={task_id}")
+    ledger = SimpleNamespace(sync=lambda *a: None, day=lambda reviewer, day: SimpleNamespace(severe_seen=3))
+    guarded = settings.model_copy(update={"severity": Severity(severe_labels=("hate",)),
+                                          "protection": Protection(daily_severe_cap=3, blur_threshold=0.9)})
+
+    async def scorer(texts: list[str]) -> list[tuple[str, float]]:
+        return [("hate", 0.99) if text == "bad" else ("neither", 0.99) for text in texts]
+
+    out = asyncio.run(_next("r@example.org", guarded, source, ledger, None, scorer))
+    assert (out.task_id, out.severe, out.skipped_severe) == (n_severe + 1, False, n_severe)
+    assert "only severe" not in (out.notice or "") and out.over_cap
+
+
+def test_label_studio_down_gives_503_not_500(settings: Settings):
+    """A Label Studio outage raised LabelStudioError through the route: a 500 where the issue asks for a
+    clear answer."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from active_learning.labelstudio import LabelStudioError
+    from serving.queue_api import _next
+
+    class Down:
+        def user_id(self, email: str) -> int | None:
+            raise LabelStudioError("listing users failed: cannot reach Label Studio at http://ls")
+
+    source = ProjectTasks(Down(), 1)  # type: ignore[arg-type]
+    with pytest.raises(HTTPException) as raised:
+        asyncio.run(_next("r@example.org", settings, source, None, None, None))  # type: ignore[arg-type]
+    assert raised.value.status_code == 503 and "cannot reach Label Studio" in raised.value.detail
+
+
 # ------------------------------------------------------------------------------------- real server
 async def fake_champion(texts: list[str]) -> list[tuple[str, float]]:
     return [("hate", 0.97) if "SEVERE" in t else ("neither", 0.8) for t in texts]

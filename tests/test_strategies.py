@@ -690,3 +690,48 @@ def test_severity_weighted_ranks_a_possibly_severe_item_above_an_equally_uncerta
                                   "mixed:kmeans:cardinality"])
 def test_a_strategy_reports_the_spec_that_built_it(spec: str):
     assert parse_strategy(spec).spec == spec
+
+
+class ConfidentHate(CountingClassifier):
+    """Sure that every text is hate: every queued item is blurred."""
+
+    labels = ("hate", "offensive", "neither")
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        self.scored.extend(texts)
+        return np.tile(np.array([0.95, 0.03, 0.02], dtype=np.float32), (len(texts), 1))
+
+
+def test_queued_items_are_blurred_before_their_priorities_reach_label_studio(tmp_path, monkeypatch):
+    """The loop pushed the priorities first and blurred afterwards: in between, a reviewer opening the head of
+    the queue read a confidently severe item in full."""
+    from active_learning.loop import ActiveLearningLoop
+    from labelloop.config import Settings
+    from labelloop.journal import Journal
+    from labelloop.policy import Protection, Severity
+    from labelloop.taxonomy import get_taxonomy
+    from training.registry import LoadedModel, ModelRef
+
+    class Recording(FakeLabelStudio):
+        def __init__(self):
+            super().__init__()
+            self.events: list[str] = []
+
+        def import_predictions(self, project_id, predictions, **_):
+            self.events.append("push")
+            return super().import_predictions(project_id, predictions)
+
+        def set_masked_text(self, task_id, item_id, text, masked):
+            self.events.append("blur")
+
+    monkeypatch.setenv("LABELLOOP_CONFIG", str(tmp_path / "none.toml"))
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", query_batch=4, queue_size=8,
+                        taxonomy="hate_offensive", honeypot_rate=0, overlap_rate=0, audit_rate=0,
+                        severity=Severity(severe_labels=("hate",)), protection=Protection(blur_threshold=0.9))
+    client = Recording()
+    with Journal(settings.journal_path, get_taxonomy(settings.taxonomy)) as journal:
+        loop = ActiveLearningLoop(settings, client, 1, journal)
+        loop.import_pool(pool_items(20))
+        loop.push_queue(LoadedModel(ModelRef(settings.registered_model_name, 1), ConfidentHate()))
+    assert "blur" in client.events and client.events.index("push") > max(
+        i for i, event in enumerate(client.events) if event == "blur")

@@ -429,22 +429,20 @@ def bootstrap_committee_proba(head, labeled_embeddings: np.ndarray, labeled_y: n
 
 def mc_dropout_proba(classifier: FineTunedClassifier, texts: Sequence[str], n_samples: int, *, seed: int,
                      batch_size: int = 64) -> np.ndarray:
-    """T x N x K softmax outputs with dropout left on (Gal & Ghahramani 2016): each text is tokenised
-    once and run ``n_samples`` times. The model is put back in eval mode afterwards, and the global
-    torch RNG is left as it was."""
+    """T x N x K outputs (softmax, or per-label sigmoids for multi-label) with dropout left on (Gal &
+    Ghahramani 2016): each text is tokenised once and run ``n_samples`` times. Dropout runs in a private
+    copy of the model: the classifier may be the one serving answers with (active learning ranks with
+    the served champion), and a shared module switched to train mode would give serving's concurrent
+    predictions dropout noise. The global torch RNG is left as it was."""
     out = np.zeros((n_samples, len(texts), len(classifier.labels)), dtype=np.float32)
     if not len(texts):
         return out
-    model = classifier.model
+    model = copy.deepcopy(classifier.model).train()
     devices = [classifier.device] if classifier.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         torch.manual_seed(seed)
-        model.train()
-        try:
-            for idx, batch in length_sorted_batches(classifier.tokenizer, texts, batch_size, classifier.max_length):
-                batch = batch.to(classifier.device)
-                for t in range(n_samples):
-                    out[t, idx] = torch.softmax(model(**batch).logits, dim=-1).float().cpu().numpy()
-        finally:
-            model.eval()
+        for idx, batch in length_sorted_batches(classifier.tokenizer, texts, batch_size, classifier.max_length):
+            batch = batch.to(classifier.device)
+            for t in range(n_samples):
+                out[t, idx] = classifier._activation(model(**batch).logits).float().cpu().numpy()
     return out
