@@ -52,6 +52,7 @@ from monitoring.overview import (
 from monitoring.quality import Group
 from monitoring.quality_context import LabelIssues, QualityContext, QualityReport
 from monitoring.quality_stats import Proportion
+from serving.protocol import HTML_PAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -720,7 +721,7 @@ def render(data: DashboardData, *, inline_plotly: bool = False) -> str:
 router = APIRouter(tags=["dashboard"])
 
 
-@router.get("/dashboard", response_class=HTMLResponse, summary="the PM dashboard (HTML)")
+@router.get("/dashboard", response_class=HTMLResponse, summary="the PM dashboard (HTML)", responses=HTML_PAGE_ERRORS)
 def dashboard(context: ContextDep) -> HTMLResponse:
     return HTMLResponse(render(collect(context)))
 

@@ -122,6 +122,9 @@ class ServingPath(_Strict):
     reason: str
     check_texts: int
     min_agreement: float
+    speeds_from: Literal["measured", "memo"] | None = Field(
+        None, description="memo: speeds remembered from an earlier champion over the same accelerated module "
+                          "(agreement is still checked for this one); null when nothing was tried")
     candidates: list[ServingCandidate]
 
 
@@ -202,6 +205,21 @@ class V1PredictResponse(_Strict):
 
 class ErrorResponse(_Strict):
     detail: Any
+
+
+def json_errors_on_html(**descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for an HTML page's error answers, which are JSON like every other route's.
+
+    FastAPI documents a route's extra responses in the route's own media type, so a page would claim its
+    400/401/404/413/503 answers are HTML. ``descriptions`` maps ``s<status>`` to its description."""
+    schema = ErrorResponse.model_json_schema()
+    return {int(code.lstrip("s")): {"description": text, "content": {"application/json": {"schema": schema}}}
+            for code, text in descriptions.items()}
+
+
+#: the errors any route can answer before it runs: a body or query that cannot be read, credentials, size
+HTML_PAGE_ERRORS = json_errors_on_html(s400="the request cannot be parsed", s401="missing or wrong credentials",
+                                       s413="body larger than max_request_bytes")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from labelloop.journal import Journal
 from labelloop.policy import Protection, Severity
 from serving.batching import Lane, MicroBatcher
 from serving.champion import Champion
+from serving.protocol import HTML_PAGE_ERRORS, json_errors_on_html
 from serving.routes import get_batcher, get_champion, get_journal, get_settings
 
 #: candidates the champion looks at per scoring call: the head of the queue is what gets served, and a reviewer
@@ -233,8 +234,9 @@ async def queue_next(reviewer: ReviewerQuery, response: Response,
 
 @queue_router.get("/queue/next", response_class=HTMLResponse, responses={
     303: {"description": "straight to the task in Label Studio, when there is nothing to tell the reviewer"},
-    404: {"description": "no Label Studio account has this email"},
-    503: {"description": "no Label Studio project is configured, or Label Studio cannot be read"}})
+    **HTML_PAGE_ERRORS, **json_errors_on_html(
+        s404="no Label Studio account has this email",
+        s503="no Label Studio project is configured, or Label Studio cannot be read")})
 async def queue_next_page(reviewer: ReviewerQuery, deps: Annotated[Deps, Depends(_deps)]) -> Response:
     """A reviewer's bookmark: straight to their next task, or a page with the notice and a link to it."""
     out = await _next(reviewer, *deps)

@@ -158,7 +158,9 @@ def test_import_tasks_is_idempotent(
 
     texts = dict(zip(both["id"], both["text"], strict=True))
     some = label_studio.sdk.tasks.get(mapping2[both["id"][35]])
-    assert some.data == {"text": texts[both["id"][35]], "item_id": both["id"][35]}
+    # text_masked: what reviewers see by default; this client has no lexicon, so it is the text itself
+    assert some.data == {"text": texts[both["id"][35]], "text_masked": texts[both["id"][35]],
+                         "item_id": both["id"][35]}
 
 
 @pytest.mark.integration
@@ -293,7 +295,7 @@ def test_annotations_round_trip(label_studio: RunningLabelStudio, ls_project: in
     annotation, task = by_id[labelled["id"]]
     assert annotation["result"] == choice_result("offensive")
     assert annotation["task"] == task["id"] == mapping[rows["id"][1]]
-    assert task["data"] == {"text": rows["text"][1], "item_id": rows["id"][1]}
+    assert task["data"] == {"text": rows["text"][1], "text_masked": rows["text"][1], "item_id": rows["id"][1]}
     assert annotation["was_cancelled"] is False
     assert by_id[skipped["id"]][0]["was_cancelled"] is True
 

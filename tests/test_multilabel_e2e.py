@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from active_learning.service import Service
 from labelloop import data
 from labelloop.cli import app as cli_app
-from labelloop.config import REPO_ROOT, Settings
+from labelloop.config import REPO_ROOT, Settings, get_settings
 from labelloop.ls_server import free_port
 from labelloop.taxonomy import get_taxonomy, parse_label_config
 from tests.conftest import SHARED_DATA
@@ -159,7 +159,11 @@ def test_a_multi_label_taxonomy_file_runs_the_whole_loop(multi_settings: Setting
     out = tmp_path / "export.csv"
     env = {"LABELLOOP_TAXONOMY": str(TAXONOMY_FILE), "LABELLOOP_STATE_DIR": str(settings.state_dir),
            "LABELLOOP_MLRUNS_DIR": str(settings.mlruns_dir)}
-    exported = CliRunner().invoke(cli_app, ["loop", "export", str(out), "--project", str(project)], env=env)
+    get_settings.cache_clear()  # the CLI reads settings once per process: make it read this test's env
+    try:
+        exported = CliRunner().invoke(cli_app, ["loop", "export", str(out), "--project", str(project)], env=env)
+    finally:
+        get_settings.cache_clear()
     assert exported.exit_code == 0, exported.output
     back = data.load(str(out), taxonomy=str(TAXONOMY_FILE), settings=settings, dedupe=False)
     by_item = {str(k): v for k, v in zip(pd.read_csv(out)["id"], back.frame["label"], strict=True)}
