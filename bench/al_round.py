@@ -34,6 +34,14 @@ Baselines, side by side in the same run (same project, same labels):
   costs (the same encoder forward pass over the same texts, at the embedding rate measured in this run),
   so that round is the measured round with ``ScoredPool.context`` replaced by ``unlabeled / rate``.
 
+Serving's swap, side by side (issue 15: a fast-path round, swap included, stays ≤ 15 s): after each
+round the new champion is prepared for serving as ``serving.app`` does at every load
+(:func:`serving.quantize.prepare_for_serving` on the registry's check texts), three ways in turn:
+``quantize=none`` (fp32 torch, nothing checked), the default ``auto`` (speeds, and each path's embeddings
+of the check texts, remembered per encoder, so after the first load only agreement is checked) and
+``auto`` with an empty memo (every candidate checked and timed, what each load cost before the memo).
+``--no-serving-swap`` skips this.
+
 Run: ``.venv/bin/python bench/al_round.py``. With an empty embedding cache (``--cache-dir``, default
 ``var/bench/cache``, git-ignored) the one-off embedding of ≈ 22k texts takes 2-15 min depending on what
 else the 2 cores run; with a warm one the run takes ≈ 6 min and the embedding rate is measured on a
@@ -78,6 +86,9 @@ from labelloop.config import REPO_ROOT, Settings  # noqa: E402
 from labelloop.journal import Journal  # noqa: E402
 from labelloop.ls_server import LabelStudioServer, free_port  # noqa: E402
 from labelloop.taxonomy import get_taxonomy  # noqa: E402
+from serving.app import _QUANTIZE_CHECK_TEXTS  # noqa: E402
+from serving.champion import RegistryModelSource  # noqa: E402
+from serving.quantize import SpeedMemo, prepare_for_serving  # noqa: E402
 from training.fast import EmbeddingCache  # noqa: E402
 from training.registry import Registry  # noqa: E402
 
@@ -361,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         with timer(one_off, "freeze_eval_set"):
             Registry(settings).freeze_eval_set(eval_frame, "davidson")
+        check_texts = RegistryModelSource(settings).check_texts(_QUANTIZE_CHECK_TEXTS) if args.serving_swap else []
 
         log(f"cold start: {args.seed_labels} gold labels through the Label Studio API")
         with timer(one_off, "cold_start_pick"):
@@ -377,6 +389,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profile = stats or profile
                 rounds.append(round_record(number, "top queue_size", result, seconds))
                 log(f"round {number}: {seconds}")
+                if args.serving_swap:
+                    rounds[-1]["serving_swap"] = serving_swap(loop, settings, check_texts)
+                    log(f"round {number} serving swap: {rounds[-1]['serving_swap']}")
                 rounds[-1]["labels_after"] = annotate(loop, result.queue.queued_task_ids, gold)
 
             log("baseline: one round pushing priorities for the whole unlabeled pool")
@@ -397,6 +412,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+SWAP_VARIANTS = ("none", "auto", "auto_no_memo")
+
+
+def serving_swap(loop: ActiveLearningLoop, settings: Settings, check_texts: list[str]) -> dict[str, Any]:
+    """Seconds to prepare the round's champion for serving each way (see the module docstring); a variant
+    that raises is recorded, not fatal. The champion is already loaded by the round (its rescore)."""
+    loaded = loop.registry_champion()
+    out: dict[str, Any] = {}
+    for variant in SWAP_VARIANTS:
+        mode = "none" if variant == "none" else "auto"
+        extra = {"memo": SpeedMemo()} if variant == "auto_no_memo" else {}
+        started = time.perf_counter()
+        try:
+            served = prepare_for_serving(loaded, mode, check_texts, cache_dir=settings.cache_dir / "onnx",
+                                         device="cpu", batch_size=settings.batch_size, **extra)
+        except Exception as e:
+            out[variant] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        out[variant] = {"seconds": round(time.perf_counter() - started, 3), "chosen": served.serving["chosen"],
+                        "speeds_from": served.serving["speeds_from"]}
+    return out
 
 
 def round_record(number: int, push: str, result: RoundResult, seconds: dict[str, float]) -> dict[str, Any]:
@@ -482,6 +520,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| full forward pass instead of cached embeddings (derived: unlabeled pool at the measured "
                      f"embedding rate, {s['no_cache_forward_pass_seconds']} s) | "
                      f"{s['no_cache_round_seconds_derived']:.1f} | {s['ratio_no_cache_vs_median_round']} |")
+    lines += swap_lines(results["rounds"])
     seed = one["seed_labels"]
     lines += [
         "",
@@ -520,6 +559,41 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def swap_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    """The serving-swap table: each round's wall time plus serving's swap, per ``quantize`` variant."""
+    if not any("serving_swap" in r for r in rounds):
+        return []
+
+    def cell(swap: dict[str, Any], variant: str, base: float) -> str:
+        v = swap.get(variant, {})
+        if "seconds" not in v:
+            return f"failed ({v.get('error', 'not run')})"
+        return f"{v['seconds']:.2f} / **{base + v['seconds']:.2f}** ({v['chosen']}, speeds {v['speeds_from'] or '-'})"
+
+    lines = ["", f"## Round + serving swap, side by side (goal: ≤ {TARGET_SECONDS:.0f} s per fast-path round, "
+             "swap included; issue 15)", "",
+             "Each cell: swap s / **round + swap s** (path served, where its speeds came from). `auto` is the "
+             "default; `auto, no memo` is every load measuring every candidate (the cost before the memo).", "",
+             "| round | round s | quantize=none | quantize=auto (default) | quantize=auto, no memo |",
+             "|---|---|---|---|---|"]
+    for r in rounds:
+        if "serving_swap" not in r:
+            continue
+        base, swap = r["seconds"]["total"], r["serving_swap"]
+        lines.append(f"| {r['round']} | {base:.2f} | " + " | ".join(cell(swap, v, base) for v in SWAP_VARIANTS) + " |")
+    warm = [r for r in rounds[1:] if "seconds" in r.get("serving_swap", {}).get("auto", {})]
+    if warm:
+        totals = {v: statistics.median(r["seconds"]["total"] + r["serving_swap"][v]["seconds"] for r in warm
+                                       if "seconds" in r["serving_swap"].get(v, {})) for v in SWAP_VARIANTS}
+        auto = totals["auto"]
+        lines += ["", f"Median round + swap after round 1: none {totals['none']:.2f} s, **auto {auto:.2f} s** "
+                  f"(goal ≤ {TARGET_SECONDS:.0f} s: {'met' if auto <= TARGET_SECONDS else 'NOT met'}), "
+                  f"auto without the memo {totals['auto_no_memo']:.2f} s. Round 1's `auto` pays this "
+                  "process's first full measurement, and the ONNX export unless an earlier run left it cached "
+                  "on disk (keyed by the encoder's weights)."]
+    return lines
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """Plain statements from the numbers: the largest parts of a warm round."""
     warm = results["rounds"][1:] or results["rounds"]
@@ -543,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="with a warm cache, measure the embedding rate on this many pool texts")
     parser.add_argument("--profile-round", type=int, default=2, help="run this round under cProfile (0: none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-serving-swap", dest="serving_swap", action="store_false",
+                        help="skip timing serving's swap to each round's champion")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")

@@ -19,6 +19,15 @@ served, since fp32 torch always qualifies.
 ONNX exports are cached on disk, keyed by the transformer's weights, so a restart (or a fast-mode
 version that shares its frozen encoder with the last one) does not export again. For the frozen encoder
 + linear head kind the encoder is what is accelerated; the head stays in scikit-learn.
+
+Speeds are a property of the accelerated module, not of the head: fast mode registers a new version every
+active-learning round over the same frozen encoder, and timing every candidate again each round would
+cost seconds a round cannot spare (issue 15). So each process remembers the measured speeds per module
+weights and device (:class:`SpeedMemo`); a later champion over the same module re-checks agreement (it
+depends on the head, so the guard is never skipped) only for the remembered faster candidates, fastest
+first, and stops at the first that passes. Nothing remembered, or nothing passing, means the full
+measurement. For a frozen encoder + head the memo also keeps each path's embeddings of the check texts:
+a new head's agreement is then computed on exactly what its path's encoder produces, in milliseconds.
 """
 
 from __future__ import annotations
@@ -28,9 +37,11 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -86,10 +97,28 @@ class PathChoice:
     reason: str
     check_texts: int = 0
     trials: tuple[Trial, ...] = field(default_factory=tuple)
+    #: where the candidates' speeds came from: timed at this load, or remembered from an earlier champion
+    #: over the same accelerated module (agreement is measured at every load either way)
+    speeds_from: Literal["measured", "memo"] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "reason": self.reason, "check_texts": self.check_texts,
-                "min_agreement": MIN_AGREEMENT, "candidates": [asdict(t) for t in self.trials]}
+                "min_agreement": MIN_AGREEMENT, "speeds_from": self.speeds_from,
+                "candidates": [asdict(t) for t in self.trials]}
+
+
+def memo_order(speeds: dict[str, float | None], preferred: str | None = None) -> list[str]:
+    """The candidates worth re-checking on a champion over a remembered module: those that were faster
+    than fp32 torch, fastest first (a ``preferred`` one first, as :func:`choose_path` would take it)."""
+    reference = speeds.get(TORCH_FP32) or 0.0
+    faster = sorted((p for p, v in speeds.items() if p != TORCH_FP32 and v is not None and v > reference),
+                    key=lambda p: -speeds[p])
+    if preferred in faster:
+        faster.remove(preferred)
+        return [preferred, *faster]
+    if preferred is not None and speeds.get(preferred) is not None and preferred != TORCH_FP32:
+        return [preferred, *faster]
+    return faster
 
 
 def choose_path(trials: Sequence[Trial], check_texts: int, preferred: str | None = None) -> PathChoice:
@@ -337,7 +366,8 @@ def _error(e: BaseException) -> str:
 
 
 def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_texts: Sequence[str],
-            batch_size: int) -> tuple[list[Trial], dict[str, TextClassifier]]:
+            batch_size: int, outputs: dict[str, np.ndarray] | None = None
+            ) -> tuple[list[Trial], dict[str, TextClassifier]]:
     """Agreement of each candidate with the first (the reference) on ``check_texts``, then speed on
     ``timing_texts``: ``_TIMING_ROUNDS`` interleaved rounds, best round kept, so a burst of load from
     anything else on the machine does not decide the choice."""
@@ -350,7 +380,7 @@ def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_tex
             model = candidate.build()
             # what serving answers with: the top label, or a multi-label model's thresholded label set (a
             # shifted sigmoid can flip a label across its threshold while the top label stays put)
-            labels = model.decide_ids(model.predict_proba(check_texts, batch_size)).reshape(len(check_texts), -1)
+            labels = _labels(model, check_texts, batch_size, outputs, candidate.path)
         except Exception as e:  # any failure only removes the candidate
             if reference is None:
                 raise  # the reference itself cannot run: the champion is broken, not a candidate
@@ -383,24 +413,145 @@ def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_tex
     return trials, built
 
 
+def _labels(model: TextClassifier, texts: Sequence[str], batch_size: int,
+            outputs: dict[str, np.ndarray] | None = None, path: str | None = None) -> np.ndarray:
+    """What serving answers on ``texts``. A frozen-encoder model's embeddings of the check texts are kept
+    in ``outputs`` by path: they depend on the encoder alone, so a later head over the same encoder is
+    checked on exactly the outputs its path produces, without running the encoder again."""
+    if outputs is None or model.frozen_encoder is None:
+        proba = model.predict_proba(texts, batch_size)
+    else:
+        if path not in outputs:
+            outputs[path] = model.embed(texts, batch_size)
+        proba = model.proba_from_embeddings(outputs[path])
+    return model.decide_ids(proba).reshape(len(texts), -1)
+
+
+def recheck(options: Sequence[Candidate], order: Sequence[str], speeds: dict[str, float | None],
+            check_texts: Sequence[str], batch_size: int, outputs: dict[str, np.ndarray] | None = None
+            ) -> tuple[list[Trial], dict[str, TextClassifier]]:
+    """Agreement with the reference (the first option) for the candidates in ``order``, stopping at the
+    first that passes; speeds are the remembered ones. Candidates not reached keep no agreement, so
+    :func:`choose_path` cannot pick them."""
+    by_path = {c.path: c for c in options}
+    reference = options[0].build()
+    expected = _labels(reference, check_texts, batch_size, outputs, options[0].path)
+    built = {options[0].path: reference}
+    found: dict[str, Trial] = {options[0].path: Trial(options[0].path, 1.0, speeds.get(options[0].path))}
+    for path in order:
+        try:
+            model = by_path[path].build()
+            labels = _labels(model, check_texts, batch_size, outputs, path)
+            agreement = round(float((labels == expected).all(axis=1).mean()), 4)
+        except Exception as e:  # as in measure: a failure only removes the candidate
+            found[path] = Trial(path, None, None, _error(e))
+            continue
+        found[path] = Trial(path, agreement, speeds.get(path))
+        if found[path].passed:
+            built[path] = model
+            break
+    trials = [found.get(c.path, Trial(c.path, None, speeds.get(c.path))) for c in options]
+    return trials, built
+
+
+class SpeedMemo:
+    """Each candidate's measured speed per accelerated module (its weights fingerprint), device and batch
+    size, for this process: the most recent few modules, since a long-lived server sees a new encoder
+    only when the recipe changes."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._speeds: OrderedDict[tuple[str, str, int], dict[str, float | None]] = OrderedDict()
+        self._outputs: OrderedDict[tuple[tuple[str, str, int], str], dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def outputs(self, key: tuple[str, str, int], texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The (mutable) per-path encoder outputs on ``texts`` for a frozen-encoder module: the check
+        texts are a fixed sample of the frozen evaluation set, so the same few arrays serve every round."""
+        digest = hashlib.sha1("\x00".join(texts).encode()).hexdigest()
+        with self._lock:
+            found = self._outputs.setdefault((key, digest), {})
+            self._outputs.move_to_end((key, digest))
+            while len(self._outputs) > self.size:
+                self._outputs.popitem(last=False)
+            return found
+
+    def get(self, key: tuple[str, str, int]) -> dict[str, float | None] | None:
+        with self._lock:
+            found = self._speeds.get(key)
+            if found is not None:
+                self._speeds.move_to_end(key)
+            return dict(found) if found is not None else None
+
+    def put(self, key: tuple[str, str, int], trials: Sequence[Trial]) -> None:
+        """Remembers what the full measurement timed; a candidate that failed is remembered as ``None``
+        (a failure to build or run is the module's or the machine's, not the head's)."""
+        with self._lock:
+            self._speeds[key] = {t.path: (t.texts_per_s if t.error is None else None) for t in trials}
+            self._speeds.move_to_end(key)
+            while len(self._speeds) > self.size:
+                self._speeds.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._speeds.clear()
+            self._outputs.clear()
+
+
+SPEEDS = SpeedMemo()
+
+
+def _memo_key(classifier: TextClassifier, batch_size: int) -> tuple[str, str, int] | None:
+    """The accelerated module's identity, or ``None`` when it cannot be named (then nothing is remembered)."""
+    try:
+        return weights_fingerprint(classifier.transformer()), str(classifier.device), batch_size
+    except Exception as e:
+        log.info("serving speeds not remembered: %s", _error(e))
+        return None
+
+
 def choose_for_serving(classifier: TextClassifier, mode: Mode, check_texts: Sequence[str], cache_dir: Path,
-                       batch_size: int = 16, timing_texts: int = 128) -> tuple[TextClassifier, PathChoice]:
+                       batch_size: int = 16, timing_texts: int = 128,
+                       memo: SpeedMemo = SPEEDS) -> tuple[TextClassifier, PathChoice]:
     """The copy of ``classifier`` to serve and why (see the module docstring)."""
     if mode == "none":
         return classifier, PathChoice(TORCH_FP32, "settings.quantize is none: fp32 torch, nothing tried")
     if not check_texts:
         return classifier, PathChoice(TORCH_FP32, "no check texts to verify a faster path against; fp32 torch")
     options = candidates(classifier, mode, cache_dir)
-    trials, built = measure(options, check_texts, list(check_texts[:timing_texts]), batch_size)
-    choice = choose_path(trials, len(check_texts), preferred="torch-int8" if mode == "int8" else None)
-    return built[choice.chosen], choice
+    preferred = "torch-int8" if mode == "int8" else None
+    key = _memo_key(classifier, batch_size)
+    speeds = memo.get(key) if key is not None else None
+    outputs = memo.outputs(key, check_texts) if key is not None else None
+    if speeds is not None and {c.path for c in options} <= speeds.keys():
+        order = memo_order(speeds, preferred)
+        if not order:  # fp32 torch was the fastest: the reference needs no guard, and nothing is faster
+            trials = [Trial(c.path, 1.0 if c.path == TORCH_FP32 else None, speeds[c.path]) for c in options]
+            reason = (f"speeds remembered from an earlier champion over the same {key[1]} module ({key[0]}): "
+                      f"no candidate was faster than fp32 torch")
+            return classifier, PathChoice(TORCH_FP32, reason, len(check_texts), tuple(trials), speeds_from="memo")
+        trials, built = recheck(options, order, speeds, check_texts, batch_size, outputs)
+        choice = choose_path(trials, len(check_texts), preferred)
+        if choice.chosen != TORCH_FP32:
+            reason = (f"speeds remembered from an earlier champion over the same {key[1]} module "
+                      f"({key[0]}), agreement checked now; {choice.reason}")
+            return built[choice.chosen], PathChoice(choice.chosen, reason, choice.check_texts, choice.trials,
+                                                    speeds_from="memo")
+        log.info("no remembered faster path passed the guard for this champion; measuring every candidate")
+    trials, built = measure(options, check_texts, list(check_texts[:timing_texts]), batch_size, outputs)
+    if key is not None:
+        memo.put(key, trials)
+    choice = choose_path(trials, len(check_texts), preferred)
+    return built[choice.chosen], PathChoice(choice.chosen, choice.reason, choice.check_texts, choice.trials,
+                                            speeds_from="measured")
 
 
 def prepare_for_serving(loaded: LoadedModel, mode: Mode, check_texts: Sequence[str], *,
-                        cache_dir: Path, device: str = "cpu", batch_size: int = 16) -> LoadedModel:
+                        cache_dir: Path, device: str = "cpu", batch_size: int = 16,
+                        memo: SpeedMemo = SPEEDS) -> LoadedModel:
     """The model to swap in: ``loaded``'s classifier on ``device``, run the fastest way that keeps its
     labels, with the choice recorded in ``serving`` for /health."""
     classifier = loaded.classifier.to(device)
-    served, choice = choose_for_serving(classifier, mode, check_texts, cache_dir, batch_size)
+    served, choice = choose_for_serving(classifier, mode, check_texts, cache_dir, batch_size, memo=memo)
     log.info("%s: serving %s (%s)", loaded.ref.label, choice.chosen, choice.reason)
     return LoadedModel(loaded.ref, served, serving=choice.as_dict())

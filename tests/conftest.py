@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,16 @@ def settings(tmp_path: Path, embedding_cache_dir: Path) -> Settings:
     its own tests (test_fast_path.py, test_serving.py)."""
     return Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", data_dir=SHARED_DATA,
                     cache_dir=embedding_cache_dir, quantize="none")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_serving_path_memo():
+    """Serving remembers each encoder's measured paths for the life of the process; a test's champion must
+    not be served from what an earlier test's measured (nor a test's monkeypatched measurement skipped)."""
+    quantize = sys.modules.get("serving.quantize")
+    if quantize is not None:
+        quantize.SPEEDS.clear()
+    yield
 
 
 @pytest.fixture(scope="session")

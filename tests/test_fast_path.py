@@ -3,6 +3,7 @@ failure stop serving, a real ONNX Runtime export that keeps PyTorch's labels, an
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import numpy as np
@@ -32,6 +33,14 @@ CHECK = [f"check text {i} " + "word " * (i % 17) for i in range(60)]
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(autouse=True)
+def no_remembered_speeds():
+    """Each test starts without the process-wide speed memo (tiny models share weights across tests)."""
+    quantize.SPEEDS.clear()
+    yield
+    quantize.SPEEDS.clear()
 
 
 # --- the policy -----------------------------------------------------------------------------------
@@ -243,3 +252,165 @@ def test_unreadable_check_texts_still_serve_the_loaded_champion_in_fp32(tokenize
         predicted = client.post("/v1/predict", json={"texts": TEXTS[:2]})
     assert health["model_loaded"] and health["champion_error"] is None
     assert health["serving_path"]["chosen"] == TORCH_FP32 and predicted.status_code == 200
+
+
+# --- remembered speeds (fast mode: a new head each round over the same encoder) ------------------
+
+
+def test_memo_order_rechecks_only_faster_candidates_fastest_first():
+    speeds = {TORCH_FP32: 100.0, "torch-int8": 90.0, "onnx-fp32": 180.0, "onnx-int8": 250.0}
+    assert quantize.memo_order(speeds) == ["onnx-int8", "onnx-fp32"]
+    assert quantize.memo_order(speeds | {"onnx-int8": None}) == ["onnx-fp32"]  # failed before: not retried
+    assert quantize.memo_order({TORCH_FP32: 100.0, "torch-int8": 90.0}, preferred="torch-int8") == ["torch-int8"]
+    assert quantize.memo_order({TORCH_FP32: 300.0, "onnx-fp32": 200.0}) == []
+
+
+class CountingLength(LengthClassifier):
+    """A toy whose calls are counted, standing for one way of running a champion."""
+
+    def __init__(self, cut: int):
+        super().__init__(cut=cut)
+        self.calls: list[int] = []
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        self.calls.append(len(texts))
+        return super().predict_proba(texts, batch_size, progress)
+
+
+class FakeChampion:
+    """Candidates for one champion: ``heads`` maps a path to the cut its copy decides with."""
+
+    def __init__(self, reference_cut: int, heads: dict[str, int]):
+        self.models = {TORCH_FP32: CountingLength(reference_cut)} | {p: CountingLength(c) for p, c in heads.items()}
+        self.built: list[str] = []
+
+    def options(self) -> list[Candidate]:
+        def build(path):
+            self.built.append(path)
+            return self.models[path]
+
+        return [Candidate(path, lambda path=path: build(path)) for path in self.models]
+
+
+def fake_speeds(measure_calls: list[int]):
+    def fixed(options, check_texts, timing_texts, batch_size, outputs=None):
+        measure_calls.append(1)
+        trials, built = measure(options, check_texts, timing_texts, batch_size, outputs)
+        speeds = {TORCH_FP32: 100.0, "torch-int8": 150.0, "onnx-fp32": 200.0, "onnx-int8": 300.0}
+        return [Trial(t.path, t.agreement, speeds[t.path], t.error) for t in trials], built
+
+    return fixed
+
+
+@pytest.fixture
+def one_encoder(monkeypatch):
+    """Every champion here shares one accelerated module; ``use`` picks the champion's candidates."""
+    measure_calls: list[int] = []
+    current: dict[str, FakeChampion] = {}
+    monkeypatch.setattr(quantize, "measure", fake_speeds(measure_calls))
+    monkeypatch.setattr(quantize, "candidates", lambda classifier, mode, cache_dir: current["c"].options())
+    monkeypatch.setattr(quantize, "_memo_key", lambda classifier, batch_size: ("encoder-abc", "cpu", batch_size))
+
+    def use(champion: FakeChampion):
+        current["c"] = champion
+        return champion.models[TORCH_FP32]
+
+    return use, measure_calls
+
+
+def test_a_second_champion_over_the_same_module_rechecks_agreement_without_timing(one_encoder, tmp_path):
+    use, measure_calls = one_encoder
+    first = FakeChampion(20, {"torch-int8": 20, "onnx-fp32": 20, "onnx-int8": 20})
+    served, choice = choose_for_serving(use(first), "auto", CHECK, tmp_path)
+    assert choice.chosen == "onnx-int8" and choice.speeds_from == "measured" and len(measure_calls) == 1
+
+    # the next round's head disagrees in its int8 copy: the guard must catch it, with no timing run
+    second = FakeChampion(20, {"torch-int8": 20, "onnx-fp32": 20, "onnx-int8": 0})
+    served, choice = choose_for_serving(use(second), "auto", CHECK, tmp_path)
+    assert len(measure_calls) == 1  # nothing timed again
+    assert choice.speeds_from == "memo" and choice.chosen == "onnx-fp32" and served is second.models["onnx-fp32"]
+    assert second.built == [TORCH_FP32, "onnx-int8", "onnx-fp32"]  # fastest first, stopped at the first pass
+    assert all(calls == [len(CHECK)] for calls in (second.models[p].calls for p in second.built))
+    by_path = {c["path"]: c for c in choice.as_dict()["candidates"]}
+    assert by_path["onnx-int8"]["agreement"] < MIN_AGREEMENT and by_path["onnx-fp32"]["agreement"] == 1.0
+    assert by_path["torch-int8"]["agreement"] is None and by_path["onnx-fp32"]["texts_per_s"] == 200.0
+    assert "remembered" in choice.reason and "encoder-abc" in choice.reason
+
+
+def test_when_no_remembered_faster_candidate_passes_everything_is_measured_again(one_encoder, tmp_path):
+    use, measure_calls = one_encoder
+    choose_for_serving(use(FakeChampion(20, {"torch-int8": 20, "onnx-fp32": 20, "onnx-int8": 20})), "auto",
+                       CHECK, tmp_path)
+    refused = FakeChampion(20, {"torch-int8": 0, "onnx-fp32": 0, "onnx-int8": 0})
+    served, choice = choose_for_serving(use(refused), "auto", CHECK, tmp_path)
+    assert len(measure_calls) == 2 and choice.speeds_from == "measured"
+    assert choice.chosen == TORCH_FP32 and served is refused.models[TORCH_FP32]
+
+
+def test_a_different_device_or_module_is_measured_not_remembered(one_encoder, tmp_path, monkeypatch):
+    use, measure_calls = one_encoder
+    heads = {"torch-int8": 20, "onnx-fp32": 20, "onnx-int8": 20}
+    choose_for_serving(use(FakeChampion(20, heads)), "auto", CHECK, tmp_path)
+    monkeypatch.setattr(quantize, "_memo_key", lambda classifier, batch_size: ("encoder-abc", "cuda:0", batch_size))
+    _, choice = choose_for_serving(use(FakeChampion(20, heads)), "auto", CHECK, tmp_path)
+    assert len(measure_calls) == 2 and choice.speeds_from == "measured"
+
+
+def _other_head(model):
+    """The same frozen encoder under a head trained on other labels: the next active-learning round."""
+    from sklearn.linear_model import LogisticRegression
+
+    texts = [f"other {i} " + "z " * (i % 5) for i in range(12)]
+    clone = copy.copy(model)
+    clone.head = LogisticRegression().fit(model.embed(texts), [(i // 2) % 3 for i in range(12)])
+    return clone
+
+
+def test_a_real_fast_mode_champion_with_a_new_head_skips_timing_and_still_checks_agreement(
+        tokenizer, tmp_path, monkeypatch):
+    real_measure = quantize.measure
+
+    def onnx_fp32_fastest(options, *args, **kwargs):  # a real measurement, its speeds fixed so the
+        trials, built = real_measure(options, *args, **kwargs)  # remembered order is machine-independent
+        speeds = {TORCH_FP32: 100.0, "torch-int8": 150.0, "onnx-fp32": 300.0, "onnx-int8": 200.0}
+        return [Trial(t.path, t.agreement, speeds[t.path], t.error) for t in trials], built
+
+    monkeypatch.setattr(quantize, "measure", onnx_fp32_fastest)
+    first = tiny_embedding_head(tokenizer)
+    _, choice = choose_for_serving(first, "auto", CHECK, tmp_path)
+    assert choice.speeds_from == "measured" and choice.chosen == "onnx-fp32"
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a champion over a remembered encoder must not be timed again")
+
+    monkeypatch.setattr(quantize, "measure", no_timing)
+    checked: list[str] = []
+    real_labels = quantize._labels
+    monkeypatch.setattr(quantize, "_labels", lambda model, *args: checked.append(model.precision)
+                        or real_labels(model, *args))
+    second = _other_head(tiny_embedding_head(tokenizer))
+    expected = second.predict_proba(CHECK).argmax(1)
+    assert not np.allclose(second.predict_proba(CHECK), first.predict_proba(CHECK))
+    encoder_runs: list[int] = []
+    real_embed = type(second.encoder).embed
+    monkeypatch.setattr(type(second.encoder), "embed", lambda self, texts, *a, **k: encoder_runs.append(len(texts))
+                        or real_embed(self, texts, *a, **k))
+    served, again = choose_for_serving(second, "auto", CHECK, tmp_path)
+    assert not encoder_runs  # the check texts' embeddings per path were kept from the first load
+    assert again.speeds_from == "memo" and again.chosen == "onnx-fp32" and served.precision == "onnx-fp32"
+    assert checked == ["fp32", "onnx-fp32"]  # the reference and the fastest remembered path, on this head
+    chosen = next(c for c in again.as_dict()["candidates"] if c["path"] == "onnx-fp32")
+    assert chosen["agreement"] >= MIN_AGREEMENT and chosen["texts_per_s"] == 300.0
+    assert (served.predict_proba(CHECK).argmax(1) == expected).all()
+
+
+def test_health_says_when_speeds_came_from_the_memo(tokenizer, tmp_path):
+    from serving.app import create_app
+
+    settings = Settings(mlruns_dir=tmp_path / "mlruns", state_dir=tmp_path / "var", quantize="auto", poll_seconds=0,
+                        basic_user=None, basic_password=None, api_token=None, device="cpu")
+    model = tiny_embedding_head(tokenizer)
+    for expected in ("measured", "memo"):
+        app = create_app(settings, model_source=TinySource(_other_head(model) if expected == "memo" else model))
+        with TestClient(app) as client:
+            assert client.get("/health").json()["serving_path"]["speeds_from"] == expected

@@ -180,7 +180,7 @@ def test_health_and_root_report_the_served_champion(client: TestClient):
                             "model_version": f"{NAME}:v1", "model_loaded": True, "precision": "fp32",
                             "serving_path": {"chosen": "torch-fp32", "check_texts": 0, "min_agreement": 0.99,
                                              "reason": "settings.quantize is none: fp32 torch, nothing tried",
-                                             "candidates": []},
+                                             "speeds_from": None, "candidates": []},
                             "detail": None, "champion_error": None, "retry_in_s": None,
                             "dependencies": {name: {"status": "ok", "detail": None, "since": None, "retry_in_s": None}
                                              for name in ("registry", "journal")}}
