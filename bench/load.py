@@ -388,12 +388,11 @@ def markdown(report: dict) -> str:
         "held-out Davidson tweets. Load tool: locust (headless, library API, FastHttpUser), in its own process "
         "on the same machine as the server. Every scenario runs against a fresh `labelloop serve` process.",
         "",
-        f"Machine: {report['machine']['cpus']} CPUs shared with other engineers' work while this ran (load "
-        f"average {_loads(report['machine']['load_average_start'])} at the start, "
-        f"{_loads(report['machine'].get('load_average_end'))} at the end), and locust runs on the same cores as "
-        "the server. The latencies are upper bounds and the throughputs lower bounds of what the server does on "
-        "a machine of its own; read the overload rows for the *shape* (who is refused, how fast, whether Label "
-        "Studio is served), not for this hardware's capacity.",
+        f"Machine: {report['machine']['cpus']} CPUs (load average "
+        f"{_loads(report['machine']['load_average_start'])} at the start, "
+        f"{_loads(report['machine'].get('load_average_end'))} at the end; above about the CPU count means other "
+        "work shared the cores), and locust runs on the same cores as the server, so the latencies are upper "
+        "bounds and the throughputs lower bounds of what the server does on a machine of its own.",
         "",
         f"Settings: `max_queued_texts` = {report['settings']['max_queued_texts']} (/v1/predict), "
         f"`max_queued_texts_label_studio` = {report['settings']['max_queued_texts_label_studio']} (/predict), "
