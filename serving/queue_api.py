@@ -188,8 +188,10 @@ async def _next(reviewer: str, settings: Settings, source: TaskSource, ledger: E
     cap = protection.daily_severe_cap
     over_cap = cap is not None and seen >= cap
     candidates: list[Candidate] = []
-    for start in range(0, len(tasks), LOOKAHEAD):
-        chunk = tasks[start:start + LOOKAHEAD]
+    # under the cap the first task is served whatever it is: score it alone, not a whole lookahead per click
+    step = LOOKAHEAD if over_cap else 1
+    for start in range(0, len(tasks), step):
+        chunk = tasks[start:start + step]
         predicted = await scorer([t["text"] or " " for t in chunk])
         for i, task in enumerate(chunk):
             label, probability = predicted[i] if predicted else (None, None)
