@@ -216,11 +216,7 @@ def evaluate_proba(proba: np.ndarray, y_true: np.ndarray, labels: Sequence[str])
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=ids, zero_division=0
     )
-    per_class = {
-        label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                "support": float(support[i])}
-        for i, label in enumerate(labels)
-    }
+    per_class = _per_class(labels, precision, recall, f1, support)
     return EvalReport(
         labels=labels,
         macro_f1=float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
@@ -229,6 +225,12 @@ def evaluate_proba(proba: np.ndarray, y_true: np.ndarray, labels: Sequence[str])
         per_class=per_class,
         confusion=confusion_matrix(y_true, y_pred, labels=ids).tolist(),
     )
+
+
+def _per_class(labels: Sequence[str], *columns: np.ndarray) -> dict[str, dict[str, float]]:
+    """sklearn's precision/recall/F1/support columns as one dict per label: the layout every report keeps."""
+    return {label: dict(zip(("precision", "recall", "f1", "support"), (float(c[i]) for c in columns), strict=True))
+            for i, label in enumerate(labels)}
 
 
 def binary_calibration_error(proba: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> float:
@@ -269,11 +271,7 @@ def evaluate_multilabel(proba: np.ndarray, y_true: np.ndarray, labels: Sequence[
     y_true = y_true.astype(np.int8)
     y_pred = (proba >= np.asarray(thresholds, dtype=np.float64)).astype(np.int8)
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
-    per_class = {
-        label: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                "support": float(support[i])}
-        for i, label in enumerate(labels)
-    }
+    per_class = _per_class(labels, precision, recall, f1, support)
     return MultiLabelEvalReport(
         labels=labels,
         macro_f1=float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
