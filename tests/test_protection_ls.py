@@ -97,14 +97,15 @@ def test_masked_by_default_reveal_on_demand_and_the_reveal_is_journaled(label_st
             page.goto(f"{label_studio.url}/projects/{review_project}/data?task={task_id}")
             main = page.locator(".lsf-main-view")  # the labeling interface (the Data Manager grid is beside it)
             main.get_by_text(REVEAL_CHOICE).wait_for(timeout=90_000)
-            assert main.get_by_text(masked, exact=True).is_visible()
+            # the choices can render before the text views: wait for the masked text to be shown (fails if never)
+            main.get_by_text(masked, exact=True).wait_for(state="visible", timeout=30_000)
             assert not main.get_by_text(ORIGINAL, exact=True).is_visible(), "the original shows before a reveal"
             assert not main.get_by_text("Escalation reason").is_visible()
             page.screenshot(path=str(tmp_path / "masked.png"))
 
             main.get_by_text(REVEAL_CHOICE).click()
             main.get_by_text(ORIGINAL, exact=True).wait_for(timeout=10_000)
-            assert not main.get_by_text(masked, exact=True).is_visible()
+            main.get_by_text(masked, exact=True).wait_for(state="hidden", timeout=10_000)
 
             main.get_by_text(re.compile(r"^hate")).click()
             main.get_by_text(re.compile(r"^high")).click()
