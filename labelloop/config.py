@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -23,6 +23,9 @@ from pydantic_settings import (
 )
 
 from labelloop.policy import Escalation, Protection, ReviewPolicy, Severity
+
+if TYPE_CHECKING:
+    from labelloop.db import Database
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -41,6 +44,9 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="embedding/probability caches (content-addressed); "
                                              "default: state_dir/cache")
     data_dir: Path = Field(REPO_ROOT.parent / "shared" / "data", description="the shared public datasets")
+    database_url: str | None = Field(None, description="PostgreSQL (postgresql://user:pass@host/db) for the state "
+                                     "that replicas share: journal, jobs, round lock, escalations, exposure, "
+                                     "slices, alerts. Default: SQLite files in state_dir (one machine)")
 
     # --- MLflow ------------------------------------------------------------------------------
     tracking_uri: str | None = Field(None, description="default: SQLite under mlruns_dir")
@@ -237,6 +243,24 @@ class Settings(BaseSettings):
         from labelloop.taxonomy import get_taxonomy
 
         return get_taxonomy(self.taxonomy).name
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, v: str | None) -> str | None:
+        """A typo'd scheme fails when settings load, not at the first webhook."""
+        if v is None or not v.strip():
+            return None
+        from labelloop.db import postgres_url
+
+        postgres_url(v.strip())
+        return v.strip()
+
+    def database(self, store: str) -> Database:
+        """Where ``store`` (``journal``, ``jobs``, ``slices``, ...) keeps its tables: its schema in the shared
+        PostgreSQL when ``database_url`` is set, else ``state_dir/<store>.sqlite``."""
+        from labelloop.db import Database
+
+        return Database.open(self.database_url, self.state_dir / f"{store}.sqlite", store)
 
     @property
     def journal_path(self) -> Path:

@@ -19,7 +19,7 @@ from labelloop.config import REPO_ROOT, Settings  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("LABELLOOP_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
-pytest_plugins = ["tests.label_studio_fixtures"]
+pytest_plugins = ["tests.label_studio_fixtures", "tests.pg_fixtures"]
 
 
 @pytest.fixture(scope="session")
