@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from labelloop.alerts_store import AlertStore, alerts_path, window_ids
+from labelloop.alerts_store import AlertStore, window_ids
 from labelloop.config import Settings
 
 
@@ -62,10 +62,12 @@ def drift_batch(batch: np.ndarray, scores: np.ndarray, unlabeled: pd.DataFrame, 
     The drifted picks then move right behind the batch's head: the loop cuts the quality slices' places
     from the batch's end (``slices_push.plan_batch``), and that cut must come out of the strategy's own
     picks, or the audit and overlap items would eat the drift share."""
-    path = alerts_path(settings.state_dir)
-    if settings.drift_query_share <= 0 or not path.exists() or "created_at" not in unlabeled.columns:
+    if settings.drift_query_share <= 0 or "created_at" not in unlabeled.columns:
         return batch
-    with AlertStore(path) as store:
+    store = AlertStore.existing(settings)
+    if store is None:
+        return batch
+    with store:
         drifted = store.drifted_windows(settings.drift_window)
     if not drifted:
         return batch

@@ -1,28 +1,53 @@
 """Background retraining jobs: one at a time, with status a client can poll at ``GET /jobs/{id}``.
 
 Retraining never runs inside a webhook request. Events only *trigger* a job (after N new labels, or
-Label Studio's START_TRAINING); a single worker thread runs jobs in order, and a trigger that arrives
-while a job is queued joins that job instead of piling up another. Jobs and the trigger's high-water
-mark live in SQLite next to the journal, so a restart neither forgets a finished job nor recounts
-labels that were already trained on; a job that was running when the process died is marked failed.
+Label Studio's START_TRAINING); a worker thread runs jobs in order, and a trigger that arrives while a job
+is queued joins that job instead of piling up another. Jobs and the trigger's high-water mark live in the
+``jobs`` store (``Settings.database("jobs")``: SQLite next to the journal, or the shared PostgreSQL), so a
+restart neither forgets a finished job nor recounts labels that were already trained on.
+
+Several replicas may run workers on one database. What keeps them in step:
+
+* **One job at a time, across replicas.** A worker claims and runs a job only while it holds the store's
+  ``job-slot`` lock (``Database.exclusive``: ``fcntl`` next to the SQLite file, a session advisory lock on
+  PostgreSQL). Whoever holds the slot takes the oldest queued job inside a serialised write, so a job is
+  claimed by exactly one worker, and the jobs table never shows two running jobs.
+* **Triggers coalesce across replicas.** ``submit`` looks for a queued job and inserts one only if there is
+  none, inside ``Database.write("jobs")``, which no other replica's write interleaves with.
+* **Crash recovery fails only orphans.** A live worker holds the slot for as long as its job runs and writes
+  the job's final state before it lets go. So a worker that holds the slot and still finds a ``running`` job
+  knows its runner is gone (the process died, and with it the ``fcntl`` lock or the PostgreSQL session), and
+  marks it failed. Workers check this at start and whenever they poll, so a surviving replica cleans up
+  after a dead one without a restart, and a replica that starts never fails the job a live one is running.
+  (A lease with heartbeats would need clocks and timeouts; the lock is released by the OS or the database
+  server the moment its holder is gone.)
+* **Submissions from elsewhere are seen.** A worker also polls every ``poll_seconds``, so a job submitted on
+  another replica or by the CLI starts even when this replica's own submit never woke it.
+
+One limit: if a PostgreSQL session holding the slot is cut while its job still runs (a database restart),
+another replica may fail that job and start the next; the job's own final write then records how it ended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
+import os
+import socket
 import threading
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import Connection
 
+from labelloop.db import Database
 from labelloop.journal import Journal, RecordResult
 
 log = logging.getLogger("labelloop.jobs")
@@ -32,6 +57,27 @@ ReportProgress = Callable[[float, str], None]
 _ERROR_CHARS = 1000  # a job's error is one line; the traceback's tail is in its message
 #: the work of one job: reports progress, returns a JSON-able summary
 JobWork = Callable[[ReportProgress], dict[str, Any]]
+#: the lock a worker holds while it claims and runs a job (see the module docstring)
+JOB_SLOT = "job-slot"
+#: the key of every serialised write to the jobs store
+_WRITE_KEY = "jobs"
+INTERRUPTED = "interrupted: the service stopped while it ran"
+
+_metadata = sa.MetaData()
+_jobs = sa.Table(
+    "jobs", _metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    # a column of its own (the body has it too) so that claiming filters on it the same way on both engines
+    sa.Column("state", sa.Text),
+)
+_jobs_by_state = sa.Index("ix_jobs_state", _jobs.c.state, _jobs.c.created_at)
+_meta = sa.Table(
+    "meta", _metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text),
+)
 
 
 class Job(BaseModel):
@@ -44,6 +90,7 @@ class Job(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    runner: str | None = Field(None, description="the worker that ran it (host:pid:worker), among replicas")
     result: dict[str, Any] | None = None
     error: str | None = None
 
@@ -60,74 +107,123 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-class JobRunner:
-    """Retrain jobs in SQLite, run one at a time by a worker thread.
+def _create_schema(conn: Connection) -> None:
+    """Create the tables, and give a jobs table written before ``state`` was a column that column: stores
+    from earlier versions open unchanged in meaning."""
+    _metadata.create_all(conn)
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    if "state" not in columns:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN state TEXT"))
+        for job_id, body in conn.execute(sa.select(_jobs.c.id, _jobs.c.body)).all():
+            conn.execute(_jobs.update().where(_jobs.c.id == job_id).values(state=json.loads(body)["state"]))
+    _jobs_by_state.create(conn, checkfirst=True)
 
-    Exactly one process (the service) may run jobs on a database: it recovers jobs that a crash left
-    ``running``. Other processes that only read or submit (``labelloop loop status``) pass
-    ``run_jobs=False``, so they neither recover nor claim anything.
+
+class JobRunner:
+    """Retrain jobs in the jobs store, run one at a time (across every replica on the store) by worker threads.
+
+    Processes that only read or submit (``labelloop loop status``, the dashboard) pass ``run_jobs=False``:
+    they neither recover nor claim anything. The runner owns ``db`` and disposes of it on ``close``.
     """
 
-    def __init__(self, db_path: Path, work: JobWork | None = None, *, run_jobs: bool = True):
+    def __init__(self, db: Database, work: JobWork | None = None, *, run_jobs: bool = True,
+                 poll_seconds: float = 1.0):
         if run_jobs and work is None:
             raise ValueError("a runner that runs jobs needs the work to run")
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at TEXT, body TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._db = db
+        self._schema_ready = False
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._work = work
+        self._poll_seconds = poll_seconds
         self._stopped = False
+        self._submitted = False  # a local submit since the worker last looked: look again before sleeping
         self._thread: threading.Thread | None = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        try:
+            self._open()
+            if run_jobs:
+                with db.exclusive(JOB_SLOT, wait=False) as free:
+                    if free:  # nobody runs a job: any job still "running" lost its runner
+                        with self._write() as conn:
+                            self._recover(conn)
+        except sa.exc.OperationalError as e:  # the worker and every call try again
+            log.warning("the jobs store cannot be reached (%s); jobs wait until it answers",
+                        (str(e.orig or e).strip().splitlines() or [""])[0])
         if not run_jobs:
             return
-        for job in self.list(state="running"):
-            self._save(job.model_copy(update={"state": "failed", "finished_at": _now(),
-                                              "error": "interrupted: the service stopped while it ran"}))
         self._thread = threading.Thread(target=self._loop, name="labelloop-jobs", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ storage
-    def _save(self, job: Job) -> Job:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)",
-                             (job.id, job.created_at, job.model_dump_json()))
+    def _open(self) -> None:
+        """Make the tables, once per runner. Not in ``__init__`` alone: a shared database that is down when
+        a replica starts must not keep it from starting and serving; the first call that reaches it makes
+        them (concurrent replicas serialise on the write key, so they never race to create a table)."""
+        if self._schema_ready:
+            return
+        with self._db.write(_WRITE_KEY) as conn:
+            _create_schema(conn)
+        self._schema_ready = True
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        self._open()
+        with self._db.write(_WRITE_KEY) as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        self._open()
+        with self._db.read() as conn:
+            yield conn
+
+    def _update(self, conn: Connection, job: Job) -> Job:
+        conn.execute(_jobs.update().where(_jobs.c.id == job.id).values(state=job.state, body=job.model_dump_json()))
         return job
 
+    def _save(self, job: Job) -> Job:
+        with self._write() as conn:
+            return self._update(conn, job)
+
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.model_validate_json(row[0]) if row else None
+        with self._read() as conn:
+            body = conn.execute(sa.select(_jobs.c.body).where(_jobs.c.id == job_id)).scalar()
+        return Job.model_validate_json(body) if body is not None else None
 
     def list(self, state: JobStateName | None = None, limit: int = 50) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT body FROM jobs WHERE ?1 IS NULL OR json_extract(body, '$.state') = ?1 "
-                "ORDER BY created_at DESC LIMIT ?2", (state, limit)).fetchall()
-        return [Job.model_validate_json(r[0]) for r in rows]
+        query = sa.select(_jobs.c.body).order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(_jobs.c.state == state)
+        with self._read() as conn:
+            return [Job.model_validate_json(body) for body in conn.execute(query).scalars()]
 
     def meta(self, key: str, default: str | None = None) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else default
+        with self._read() as conn:
+            value = conn.execute(sa.select(_meta.c.value).where(_meta.c.key == key)).scalar()
+        return default if value is None else value
 
     def set_meta(self, key: str, value: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        with self._write() as conn:
+            if not conn.execute(_meta.update().where(_meta.c.key == key).values(value=value)).rowcount:
+                conn.execute(_meta.insert().values(key=key, value=value))
 
     # ------------------------------------------------------------------ scheduling
     def submit(self, reason: str) -> Job:
-        """Queue a job, or return the one already queued (triggers coalesce; a running job is not
-        interrupted, so a trigger during a run queues exactly one follow-up)."""
+        """Queue a job, or return the one already queued, by whichever replica (triggers coalesce; a running
+        job is not interrupted, so a trigger during a run queues exactly one follow-up)."""
+        with self._write() as conn:
+            body = conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "queued")
+                                .order_by(_jobs.c.created_at, _jobs.c.id).limit(1)).scalar()
+            if body is not None:
+                return Job.model_validate_json(body)
+            job = Job(id=uuid.uuid4().hex[:12], reason=reason, state="queued", created_at=_now())
+            conn.execute(_jobs.insert().values(id=job.id, created_at=job.created_at, state=job.state,
+                                               body=job.model_dump_json()))
         with self._lock:
-            queued = self.list(state="queued", limit=1)
-            if queued:
-                return queued[0]
-            job = self._save(Job(id=uuid.uuid4().hex[:12], reason=reason, state="queued", created_at=_now()))
-            self._wake.notify()
-            return job
+            self._submitted = True
+            self._wake.notify_all()
+        return job
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """Block until the job finishes (for the CLI and tests); None if it does not exist."""
@@ -149,17 +245,66 @@ class JobRunner:
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._thread is None or not self._thread.is_alive():
-            self._db.close()
+            self._db.dispose()
+
+    # ------------------------------------------------------------------ the worker
+    def _recover(self, conn: Connection) -> None:
+        """Fail every ``running`` job. Only call with the job slot held: then none of them has a live runner."""
+        for body in conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "running")).scalars():
+            job = Job.model_validate_json(body)
+            log.warning("job %s lost its runner %s: marking it failed", job.id, job.runner)
+            self._update(conn, job.model_copy(update={"state": "failed", "finished_at": _now(),
+                                                      "error": INTERRUPTED}))
+
+    def _claim(self) -> Job | None:
+        """Fail orphans and take the oldest queued job, in one write (with the job slot held)."""
+        with self._write() as conn:
+            self._recover(conn)
+            body = conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "queued")
+                                .order_by(_jobs.c.created_at, _jobs.c.id).limit(1)).scalar()
+            if body is None:
+                return None
+            job = Job.model_validate_json(body).model_copy(
+                update={"state": "running", "started_at": _now(), "runner": self.name})
+            return self._update(conn, job)
+
+    def _run_next(self) -> bool:
+        """Claim and run the oldest queued job; False when there was nothing this worker could run (none
+        queued, or another worker holds the slot). An idle poll is one read: no lock, no write."""
+        with self._read() as conn:
+            if conn.execute(sa.select(_jobs.c.id).where(_jobs.c.state.in_(("queued", "running"))).limit(1)
+                            ).first() is None:
+                return False
+        with self._db.exclusive(JOB_SLOT, wait=False) as held:
+            if not held:
+                return False
+            job = self._claim()
+            if job is None:
+                return False
+            self._run(job)  # writes the final state before the slot is let go
+            return True
 
     def _loop(self) -> None:
+        problem: str | None = None  # logged when it starts and when it ends, not at every poll
         while True:
             with self._lock:
-                while not self._stopped and not (queued := self.list(state="queued")):
-                    self._wake.wait()
                 if self._stopped:
                     return
-                job = self._save(queued[-1].model_copy(update={"state": "running", "started_at": _now()}))
-            self._run(job)
+                self._submitted = False
+            try:
+                ran = self._run_next()
+            except Exception as e:  # the database is unreachable: keep the worker, try again at the next poll
+                if problem is None:
+                    log.warning("job worker cannot use the jobs store, retrying every %.0f s: %s: %s",
+                                self._poll_seconds, type(e).__name__, (str(e).strip().splitlines() or [""])[0])
+                problem, ran = str(e), False
+            else:
+                if problem is not None:
+                    log.info("job worker: the jobs store answers again")
+                problem = None
+            with self._lock:
+                if not ran and not self._submitted and not self._stopped:
+                    self._wake.wait(self._poll_seconds)
 
     def _run(self, job: Job) -> None:
         def progress(fraction: float, message: str) -> None:
@@ -176,13 +321,14 @@ class JobRunner:
         else:
             job = job.model_copy(update={"state": "done", "progress": 1.0, "result": json.loads(
                 json.dumps(result, default=str))})
+        self._save(job.model_copy(update={"finished_at": _now()}))
         with self._lock:
-            self._save(job.model_copy(update={"finished_at": _now()}))
             self._wake.notify_all()
 
 
 class RetrainTrigger:
-    """Turns journal events into retrain jobs: after ``every`` new labels, or on START_TRAINING."""
+    """Turns journal events into retrain jobs: after ``every`` new labels, or on START_TRAINING. The
+    high-water mark is in the jobs store, so replicas on one database count from the same mark."""
 
     MARK = "trained_through_event"
 

@@ -14,7 +14,6 @@ rest are pre-labeled on demand by the ML backend when an annotator opens them.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import time
@@ -146,15 +145,16 @@ def _created_at(items: pd.DataFrame) -> pd.Series:
 
 
 @contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``lock_path``, held by this process until the block ends."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+def _exclusive_round(settings: Settings) -> Iterator[None]:
+    """The round lock of the jobs store: ``state_dir/round.lock`` (``fcntl``) on SQLite, a session advisory
+    lock on a shared PostgreSQL, which the server drops if the holding replica dies, so one that crashed
+    mid-round never wedges the others."""
+    db = settings.database("jobs")
+    try:
+        with db.exclusive("round"):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        db.dispose()
 
 
 class ActiveLearningLoop:
@@ -175,7 +175,7 @@ class ActiveLearningLoop:
         self.client = client
         self.project_id = project_id
         self.journal = journal
-        self.slices = SliceStore(settings.slices_path)
+        self.slices = SliceStore(settings.database("slices"))
         self.strategy_name = settings.strategy
         parse_strategy(self.strategy_name, self.taxonomy.multi)  # a spec unfit for the taxonomy's kind fails here
         self.queue_size = settings.queue_size
@@ -450,9 +450,10 @@ class ActiveLearningLoop:
 
         ``on_snapshot`` runs right before the labels are read (the retrain trigger moves its mark there):
         a label that arrives in between is trained on now and also counts towards the next round, so
-        none is ever skipped. Rounds on one state dir never overlap, across processes too (the service's
-        retrain job and `labelloop loop round`)."""
-        with _exclusive(self.settings.state_dir / "round.lock"):
+        none is ever skipped. Rounds on one jobs store (a state dir, or a PostgreSQL that replicas share)
+        never overlap, across processes and replicas too (the services' retrain jobs and `labelloop loop
+        round`)."""
+        with _exclusive_round(self.settings):
             return self._run_round(progress, on_snapshot)
 
     def _run_round(self, progress: ReportProgress | None, on_snapshot: Callable[[], object] | None) -> RoundResult:

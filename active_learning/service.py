@@ -72,7 +72,7 @@ class Service:
         """``extra_routers`` are mounted next to the backend's own, behind the same authentication: the
         composition points add downstream routers (monitoring) that this package must not import."""
         self.settings = settings
-        self.journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy),
+        self.journal = Journal(settings.database("journal"), get_taxonomy(settings.taxonomy),
                                policy=settings.review_policy)
         if client is None and settings.ls_api_key is not None and settings.ls_project_id is not None:
             client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
@@ -80,10 +80,10 @@ class Service:
         self.client = client
         self.loop = ActiveLearningLoop(settings, client, settings.ls_project_id, self.journal,
                                        champion=self._served_champion, on_promoted=self._refresh_serving)
-        self.runner = JobRunner(settings.state_dir / "jobs.sqlite", self._run_round)
+        self.runner = JobRunner(settings.database("jobs"), self._run_round)
         self.trigger = RetrainTrigger(self.journal, self.runner, settings.retrain_every)
-        self.escalations = EscalationOutbox(settings.escalations_path)
-        self.exposure = ExposureLedger(settings.exposure_path)
+        self.escalations = EscalationOutbox(settings.database("escalations"))
+        self.exposure = ExposureLedger(settings.database("exposure"))
         self.delivery = DeliveryWorker(self.escalations, self.journal, settings.escalation_url,
                                        retry_seconds=settings.escalation_retry_seconds,
                                        retry_max_seconds=settings.escalation_retry_max_seconds)

@@ -342,7 +342,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client = LabelStudioClient(server.url, server.api_key)
         project_id = client.ensure_project(f"al-round-bench-{uuid.uuid4().hex[:8]}", TAXONOMY)
         client.use_uncertainty_sampling(project_id)
-        journal = Journal(settings.journal_path, TAXONOMY)
+        journal = Journal(settings.database("journal"), TAXONOMY)
         loop = ActiveLearningLoop(settings, client, project_id, journal)
 
         log(f"importing the pool: {len(pool_frame)} tasks")

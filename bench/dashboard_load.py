@@ -101,13 +101,13 @@ def build_state(settings: Settings, n_items: int, seed: int) -> int:
     slices += slice_items(PROJECT, "honeypot", [1_000 + i for i in honeypot], frame.loc[list(honeypot), "id"].tolist(),
                           version, gold_label=frame.loc[list(honeypot), "label"].tolist())
     slices += slice_items(PROJECT, "audit", [1_000 + i for i in audit], frame.loc[list(audit), "id"].tolist(), version)
-    with Journal(settings.journal_path, taxonomy) as journal:
+    with Journal(settings.database("journal"), taxonomy) as journal:
         for n, (task, item, text, label, who) in enumerate(rows):
             journal.record(payload(n + 1, task, item, text, label, who, float(rng.lognormal(2.0, 0.4))))
         recorded = journal.annotations(PROJECT)
         if len(recorded) != len(rows) or recorded["label"].isna().any():
             raise RuntimeError(f"the journal kept {len(recorded)} usable annotations of {len(rows)} sent")
-    with SliceStore(settings.slices_path) as store:
+    with SliceStore(settings.database("slices")) as store:
         store.add(slices)
     return len(rows)
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         settings = Settings(state_dir=Path(tmp) / "var", mlruns_dir=Path(tmp) / "mlruns", cache_dir=args.cache_dir,
                             ls_project_id=PROJECT, taxonomy="hate_offensive")
         n_annotations = build_state(settings, args.items, args.seed)
-        with Journal(settings.journal_path, get_taxonomy("hate_offensive")) as journal:
+        with Journal(settings.database("journal"), get_taxonomy("hate_offensive")) as journal:
             context = MonitoringContext(settings, journal)
             warm = timed(lambda: before(context))  # embeddings cached, audit predictions attempted once
             first_after = timed(lambda: after(context))  # its label-error cache is cold: a first load

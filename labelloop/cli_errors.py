@@ -28,6 +28,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     import sqlite3
 
     import httpx
+    import sqlalchemy.exc
     from mlflow.exceptions import MlflowException
 
     from active_learning.labelstudio import LabelStudioError
@@ -38,7 +39,8 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from training.registry import RegistryError
 
     return (CliError, DataError, RegistryError, LabelConfigError, LabelStudioError, LabelStudioServerError,
-            JournalError, MlflowException, httpx.HTTPError, sqlite3.DatabaseError, OSError, ValueError)
+            JournalError, MlflowException, httpx.HTTPError, sqlite3.DatabaseError, sqlalchemy.exc.DatabaseError,
+            OSError, ValueError)
 
 
 def friendly_errors(fn: Callable) -> Callable:

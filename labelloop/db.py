@@ -29,6 +29,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+#: seconds a PostgreSQL connection attempt may take before the store reports the database unavailable
+PG_CONNECT_TIMEOUT_S = 5
 #: seconds a SQLite writer waits for another process's write lock before failing
 SQLITE_BUSY_TIMEOUT_S = 30
 
@@ -116,7 +118,12 @@ class Database:
         every replica has one, and PostgreSQL's default allows 100 connections in all."""
         if not re.fullmatch(r"[a-z_][a-z0-9_]*", schema):
             raise ValueError(f"schema name {schema!r} is not a plain lower-case identifier")
-        engine = sa.create_engine(postgres_url(url), pool_pre_ping=True, pool_size=2, max_overflow=6)
+        # a database that is partitioned away (packets dropped, not refused) must fail a webhook with 503 in
+        # seconds, not hang it: bounded connect, and TCP keepalives that notice a dead peer mid-session
+        engine = sa.create_engine(postgres_url(url), pool_pre_ping=True, pool_size=2, max_overflow=6,
+                                  connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "keepalives": 1,
+                                                "keepalives_idle": 10, "keepalives_interval": 5,
+                                                "keepalives_count": 3})
 
         @sa.event.listens_for(engine, "connect")
         def _connect(dbapi_connection, _record) -> None:

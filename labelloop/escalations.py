@@ -2,18 +2,21 @@
 
 The journal records each escalated annotation in its ``escalations`` table in the same transaction as the
 label, before the webhook is acknowledged. This module copies those rows into an outbox of its own
-(``escalations.sqlite``) and POSTs each one to ``settings.escalation_url`` until the receiver answers 2xx:
+(``escalations.sqlite``, or the ``escalations`` schema of the shared PostgreSQL when ``database_url`` is set)
+and POSTs each one to ``settings.escalation_url`` until the receiver answers 2xx:
 
-* **Never lost.** :meth:`EscalationOutbox.sync` copies every journal escalation with an id above the
-  outbox's highest (journal ids only grow, in commit order), with ``INSERT OR IGNORE``, so it can run any
-  number of times, from any process: right after each webhook, before each delivery pass, at start. A
-  service that dies between acknowledging a webhook and copying its escalation finds it at the next sync.
-* **Delivered once.** A row is marked delivered only after a 2xx. Each POST carries the escalation's uid in
-  an ``Idempotency-Key`` header (and the body), the same on every attempt, so a receiver that answered but
-  whose answer was lost (a crash right after the POST) can drop the second copy. Two delivering processes
-  do not both send one escalation: a pass first claims its rows (``next_attempt_at`` pushed past the
-  request timeout, inside one write transaction), and right before each POST checks that the claim is still
-  its own, so a pass slowed past its claim skips the rows another pass took meanwhile.
+* **Never lost.** :meth:`EscalationOutbox.sync` copies every journal escalation with an id above the outbox's
+  highest (journal ids only grow, in commit order), skipping the rows it already holds, so it can run any number
+  of times, from any process or replica: right after each webhook, before each delivery pass, at start. A service
+  that dies between acknowledging a webhook and copying its escalation finds it at the next sync.
+* **Delivered once.** A row is marked delivered only after a 2xx. Each POST carries the escalation's uid in an
+  ``Idempotency-Key`` header (and the body), the same on every attempt, so a receiver that answered but whose
+  answer was lost (a crash right after the POST) can drop the second copy. Two delivering processes (every replica
+  of ``labelloop serve`` runs a worker) do not both send one escalation: a pass first claims its rows
+  (``next_attempt_at`` pushed past the request timeout, inside one write transaction), and right before each POST
+  checks that the claim is still its own, so a pass slowed past its claim skips the rows another pass took
+  meanwhile. Claims are stamped with each replica's own clock, so replicas' clocks must agree to well within
+  ``CLAIM_SECONDS`` (NTP does).
 * **Retried with backoff.** A failed attempt (refused, timed out, any non-2xx) schedules the next one
   ``retry_seconds * 2**(attempts-1)`` later, at most ``retry_max_seconds``; it is never given up, because a
   dropped escalation is the one failure this exists to prevent. Training, MLflow and Label Studio play no
@@ -34,9 +37,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import httpx
+import sqlalchemy as sa
 
 from labelloop.journal import Journal
-from labelloop.sqlite_store import SQLiteStore
+from labelloop.store import ID, Store
 
 log = logging.getLogger("labelloop.escalations")
 
@@ -46,23 +50,24 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 CLAIM_SECONDS = 60.0
 REQUEST_TIMEOUT = 10.0
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    escalation_id   INTEGER PRIMARY KEY,
-    uid             TEXT    NOT NULL UNIQUE,
-    body            TEXT    NOT NULL,
-    escalated_at    TEXT    NOT NULL,
-    queued_at       TEXT    NOT NULL,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at TEXT    NOT NULL,
-    last_error      TEXT,
-    delivered_at    TEXT
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (delivered_at, next_attempt_at);
-"""
+METADATA = sa.MetaData()
+OUTBOX = sa.Table(
+    "outbox", METADATA,
+    sa.Column("escalation_id", ID, primary_key=True, autoincrement=False),
+    sa.Column("uid", sa.Text, nullable=False, unique=True),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("escalated_at", sa.Text, nullable=False),
+    sa.Column("queued_at", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("next_attempt_at", sa.Text, nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.Column("delivered_at", sa.Text),
+    sa.Index("outbox_due", "delivered_at", "next_attempt_at"),
+)
 
 _COLUMNS = ("escalation_id", "uid", "body", "escalated_at", "queued_at", "attempts", "next_attempt_at",
             "last_error", "delivered_at")
+_SELECT = sa.select(*(OUTBOX.c[name] for name in _COLUMNS))
 
 
 def _stamp(moment: datetime) -> str:
@@ -120,97 +125,105 @@ class DeliveryReport:
     pending: int
 
 
-class EscalationOutbox(SQLiteStore):
-    """The outbox file; safe to share between threads and processes."""
+class EscalationOutbox(Store):
+    """The outbox (``escalations.sqlite``, or the ``escalations`` schema of the shared PostgreSQL); safe to
+    share between threads, processes and replicas."""
 
-    SCHEMA = _SCHEMA
+    METADATA = METADATA
+    KEY = "outbox"
 
     # ------------------------------------------------------------------ filling
     def sync(self, journal: Journal, now: datetime | None = None) -> int:
         """Copy the journal's escalations this outbox lacks; returns how many were new. Idempotent."""
         stamp = _stamp(now or _utcnow())
         added = 0
-        with self._lock:
-            after = self._conn.execute("SELECT COALESCE(MAX(escalation_id), 0) FROM outbox").fetchone()[0]
+        with self._read() as conn:
+            after = conn.execute(sa.select(sa.func.coalesce(sa.func.max(OUTBOX.c.escalation_id), 0))).scalar_one()
         while True:
             rows = journal.escalations(after)
             if not rows:
                 return added
             after = rows[-1]["escalation_id"]
+            # no conflict target: a row already copied (same id) and a uid seen before are both skipped. New
+            # rows are counted by RETURNING: an INSERT's rowcount is not kept by every driver
+            insert = self.insert(OUTBOX).on_conflict_do_nothing().returning(OUTBOX.c.escalation_id)
             with self._transaction() as conn:
                 for row in rows:
-                    added += conn.execute(
-                        "INSERT OR IGNORE INTO outbox (escalation_id, uid, body, escalated_at, queued_at, "
-                        "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (row["escalation_id"], row["uid"], json.dumps(payload(row), ensure_ascii=False),
-                         row["escalated_at"], stamp, stamp)).rowcount
+                    added += conn.execute(insert, {
+                        "escalation_id": row["escalation_id"], "uid": row["uid"],
+                        "body": json.dumps(payload(row), ensure_ascii=False), "escalated_at": row["escalated_at"],
+                        "queued_at": stamp, "next_attempt_at": stamp}).first() is not None
 
     # ------------------------------------------------------------------ reading
     def entries(self, status: Status | None = None, since: datetime | None = None, limit: int = 500
              ) -> list[OutboxEntry]:
         """Newest first; ``since`` compares with the escalation's time (the annotation's ``updated_at``)."""
-        where, params = ["1 = 1"], []
+        query = _SELECT
         if status == "open":
-            where.append("delivered_at IS NULL")
+            query = query.where(OUTBOX.c.delivered_at.is_(None))
         elif status == "delivered":
-            where.append("delivered_at IS NOT NULL")
+            query = query.where(OUTBOX.c.delivered_at.is_not(None))
         if since is not None:
-            where.append("escalated_at >= ?")
             since = since if since.tzinfo else since.replace(tzinfo=UTC)
             try:
-                params.append(_stamp(since))
+                bound = _stamp(since)
             except OverflowError:  # within a day of datetime's range: in UTC it falls outside it
-                params.append("9999-12-31T23:59:59.999999Z" if since.year > 1 else "0001-01-01T00:00:00.000000Z")
-        sql = (f"SELECT {', '.join(_COLUMNS)} FROM outbox WHERE {' AND '.join(where)} "
-               "ORDER BY escalation_id DESC LIMIT ?")
-        with self._lock:
-            rows = self._conn.execute(sql, (*params, limit)).fetchall()
+                bound = "9999-12-31T23:59:59.999999Z" if since.year > 1 else "0001-01-01T00:00:00.000000Z"
+            query = query.where(OUTBOX.c.escalated_at >= bound)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(OUTBOX.c.escalation_id.desc()).limit(limit)).all()
         return [OutboxEntry.from_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            open_, delivered = self._conn.execute(
-                "SELECT COALESCE(SUM(delivered_at IS NULL), 0), COALESCE(SUM(delivered_at IS NOT NULL), 0) "
-                "FROM outbox").fetchone()
-        return {"open": open_, "delivered": delivered}
+        with self._read() as conn:
+            total, delivered = conn.execute(
+                sa.select(sa.func.count(), sa.func.count(OUTBOX.c.delivered_at))).one()
+        return {"open": total - delivered, "delivered": delivered}
 
     def next_due(self) -> datetime | None:
         """When the earliest undelivered escalation is due (None: nothing to deliver)."""
-        with self._lock:
-            row = self._conn.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE delivered_at IS NULL").fetchone()
-        return datetime.strptime(row[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC) if row[0] else None
+        with self._read() as conn:
+            due = conn.execute(sa.select(sa.func.min(OUTBOX.c.next_attempt_at))
+                               .where(OUTBOX.c.delivered_at.is_(None))).scalar()
+        return datetime.strptime(due, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC) if due else None
 
     # ------------------------------------------------------------------ delivering
     def claim_due(self, now: datetime, limit: int = 100, claim_seconds: float = CLAIM_SECONDS
                   ) -> list[OutboxEntry]:
         """The undelivered escalations due now, oldest first, claimed for ``claim_seconds`` so that another
-        process's pass leaves them alone while this one posts them. Each entry's ``next_attempt_at`` is the
-        claim's end: :meth:`deliver` checks that it still holds that claim right before each POST."""
+        pass (another thread, process or replica) leaves them alone while this one posts them. Each entry's
+        ``next_attempt_at`` is the claim's end: :meth:`deliver` checks that it still holds that claim right
+        before each POST.
+
+        The claim is a lease rather than a row lock (``FOR UPDATE SKIP LOCKED``) because a row lock lives only
+        as long as its transaction, and holding a transaction open across an HTTP POST to a slow receiver
+        would pin a connection per escalation; the lease also expires by itself when its holder dies. Select
+        and update run in one ``write`` transaction, so two replicas never claim the same row."""
         until = _stamp(now + timedelta(seconds=claim_seconds))
         with self._transaction() as conn:
             rows = conn.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM outbox WHERE delivered_at IS NULL AND next_attempt_at <= ? "
-                "ORDER BY escalation_id LIMIT ?", (_stamp(now), limit)).fetchall()
+                _SELECT.where(OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= _stamp(now))
+                .order_by(OUTBOX.c.escalation_id).limit(limit)).all()
             if rows:
-                conn.execute(
-                    f"UPDATE outbox SET next_attempt_at = ? WHERE escalation_id IN ({','.join('?' * len(rows))})",
-                    (until, *(r[0] for r in rows)))
+                conn.execute(OUTBOX.update().where(OUTBOX.c.escalation_id.in_([r[0] for r in rows]))
+                             .values(next_attempt_at=until))
         return [replace(OutboxEntry.from_row(r), next_attempt_at=until) for r in rows]
 
     def mark_delivered(self, escalation_id: int, now: datetime) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE outbox SET delivered_at = ?, attempts = attempts + 1, last_error = NULL "
-                         "WHERE escalation_id = ? AND delivered_at IS NULL", (_stamp(now), escalation_id))
+            conn.execute(OUTBOX.update()
+                         .where(OUTBOX.c.escalation_id == escalation_id, OUTBOX.c.delivered_at.is_(None))
+                         .values(delivered_at=_stamp(now), attempts=OUTBOX.c.attempts + 1, last_error=None))
 
     def mark_failed(self, escalation_id: int, now: datetime, error: str, base: float, cap: float) -> datetime:
         """Count a failed attempt; returns when the escalation is due again."""
         with self._transaction() as conn:
-            row = conn.execute("SELECT attempts FROM outbox WHERE escalation_id = ?", (escalation_id,)).fetchone()
-            attempts = (row[0] if row else 0) + 1
+            attempts = (conn.execute(sa.select(OUTBOX.c.attempts).where(OUTBOX.c.escalation_id == escalation_id))
+                        .scalar() or 0) + 1
             retry_at = now + timedelta(seconds=backoff_seconds(attempts, base, cap))
-            conn.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
-                         "WHERE escalation_id = ? AND delivered_at IS NULL",
-                         (attempts, _stamp(retry_at), error[:500], escalation_id))
+            conn.execute(OUTBOX.update()
+                         .where(OUTBOX.c.escalation_id == escalation_id, OUTBOX.c.delivered_at.is_(None))
+                         .values(attempts=attempts, next_attempt_at=_stamp(retry_at), last_error=error[:500]))
         return retry_at
 
     def deliver(self, url: str | None, client: httpx.Client, *, retry_seconds: float, retry_max_seconds: float,
@@ -241,19 +254,21 @@ class EscalationOutbox(SQLiteStore):
                 delivered += 1
         return DeliveryReport(delivered, failed, self.counts()["open"])
 
+    def _claimed(self, entry: OutboxEntry) -> sa.Update:
+        """An UPDATE of ``entry``'s row that matches only while ``entry``'s claim is still the row's."""
+        return OUTBOX.update().where(OUTBOX.c.escalation_id == entry.escalation_id, OUTBOX.c.delivered_at.is_(None),
+                                     OUTBOX.c.next_attempt_at == entry.next_attempt_at)
+
     def _release(self, entry: OutboxEntry, due: datetime) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE outbox SET next_attempt_at = ? WHERE escalation_id = ? AND delivered_at IS NULL "
-                         "AND next_attempt_at = ?", (_stamp(due), entry.escalation_id, entry.next_attempt_at))
+            conn.execute(self._claimed(entry).values(next_attempt_at=_stamp(due)))
 
     def _renew(self, entry: OutboxEntry, now: datetime) -> bool:
         """Whether this pass still holds its claim on ``entry`` (not delivered, not claimed by another pass
         since), extending it for one more POST if so."""
         with self._transaction() as conn:
-            return conn.execute(
-                "UPDATE outbox SET next_attempt_at = ? WHERE escalation_id = ? AND delivered_at IS NULL "
-                "AND next_attempt_at = ?", (_stamp(now + timedelta(seconds=CLAIM_SECONDS)), entry.escalation_id,
-                                            entry.next_attempt_at)).rowcount == 1
+            return conn.execute(self._claimed(entry).values(
+                next_attempt_at=_stamp(now + timedelta(seconds=CLAIM_SECONDS)))).rowcount == 1
 
 
 class DeliveryWorker:

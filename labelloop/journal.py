@@ -4,12 +4,15 @@ Label Studio posts webhooks synchronously with a 1 s timeout and never retries, 
 ``POST /webhook`` writes the payload here and acknowledges only after :meth:`Journal.record` returns;
 anything Label Studio failed to deliver is found later by the reconciler
 (``active_learning.reconcile``), which feeds the annotations it lists through
-:meth:`Journal.apply_annotation`. Both paths meet in one SQLite file with three tables:
+:meth:`Journal.apply_annotation`. Both paths meet in one database (a SQLite file by default, the schema
+``journal`` of the shared PostgreSQL when ``database_url`` is set, so that several ``labelloop serve``
+replicas share one journal) with these tables:
 
 ``events``
     Every webhook payload exactly as received (plus the reconciler's state-changing applications),
     with the status and reason it was given: the audit trail and the replay source. ``event_id`` is
-    monotonic (AUTOINCREMENT never reuses ids), so "labels since event N" is a well-defined question.
+    monotonic (AUTOINCREMENT and PostgreSQL sequences never reuse ids), so "labels since event N" is a
+    well-defined question.
 ``annotations``
     The current state, one row per Label Studio annotation id: task, item id and text, label,
     annotator, ``updated_at``, the cancelled / ground-truth / deleted flags, which path wrote it
@@ -46,22 +49,34 @@ Exactly-once rules, applied inside one write transaction per call:
   text) is quarantined *and* replaces the stored row with an unlabeled one: the annotator changed
   their answer, so the older label must stop counting.
 
-Durability: WAL mode with ``synchronous=FULL``. In WAL mode ``NORMAL`` survives an application crash
-but may lose the last commits on power loss or an OS crash; the journal's promise is that an
-acknowledged webhook is never lost, and Label Studio does not resend, so every commit is fsynced.
-The cost is one fsync per webhook, negligible at human labeling rates; reconcile passes mostly
-find duplicates, which commit nothing.
+The write transaction is :meth:`labelloop.db.Database.write`'s on PostgreSQL: READ COMMITTED alone would
+let two replicas both read "not seen yet" and both apply a version, so every write first takes a
+transaction-scoped advisory lock on the journal, which makes the read-check-write of one replica wait for
+the other's commit. SQLite gets the same from ``BEGIN IMMEDIATE``. The tables are written once, as
+SQLAlchemy ``Table`` definitions (:data:`METADATA`); the schema version is SQLite's ``user_version`` or,
+on PostgreSQL, the one row of ``journal_meta``, and the same migrations run on both.
+
+Durability: on SQLite, WAL mode with ``synchronous=FULL``. In WAL mode ``NORMAL`` survives an application
+crash but may lose the last commits on power loss or an OS crash; the journal's promise is that an
+acknowledged webhook is never lost, and Label Studio does not resend, so every commit is fsynced. The
+cost is one fsync per webhook, negligible at human labeling rates; reconcile passes mostly find
+duplicates, which commit nothing. PostgreSQL's default ``synchronous_commit=on`` gives the same promise.
 
 Unwritable: a journal whose file, directory or disk refuses writes (read-only, full, I/O errors) is
 opened read-only (empty, if not even that works), so that everything that only reads keeps working;
 each write then raises :class:`JournalUnavailable` and nothing is recorded, so the webhook answers
 503 rather than acknowledging an event it could not store. ``write_problem`` says why; the next write
 tries again (reopening read-write when the file was read-only) and clears it once a commit succeeds.
+A PostgreSQL that is down, restarting, full or read-only is the same case: its connection errors raise
+:class:`JournalUnavailable` (reads too, as there is nothing to read from), a journal opened while it is
+down creates its tables at the first write that reaches it, and the pool's pre-ping replaces the
+connections a restart killed.
 
-Concurrency: one connection per :class:`Journal`, serialised by a lock (so any number of threads
-may share one instance), every write in ``BEGIN IMMEDIATE`` so that a second process (the
+Concurrency: on SQLite one connection per :class:`Journal`, serialised by a lock (so any number of
+threads may share one instance), every write in ``BEGIN IMMEDIATE`` so that a second process (the
 reconciler) waits on the database lock (``busy_timeout``) instead of failing or interleaving a
-read-check-write.
+read-check-write. On PostgreSQL each call checks a connection out of the pool, and the advisory lock
+serialises the writers of every thread and every replica.
 """
 
 from __future__ import annotations
@@ -73,15 +88,18 @@ import sqlite3
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
 
+from labelloop.db import Database
 from labelloop.policy import ReviewMarks, ReviewPolicy, is_review_item, read_marks
 from labelloop.taxonomy import Taxonomy
 
@@ -94,6 +112,8 @@ SOURCES: tuple[Source, ...] = ("webhook", "reconcile")
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 30_000
+#: the key of the journal's writes in :meth:`labelloop.db.Database.write`
+WRITE_KEY = "journal"
 
 #: actions that carry annotations to apply (``ANNOTATIONS_CREATED`` carries lists)
 ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED")
@@ -108,81 +128,112 @@ NON_LABEL_ACTIONS = (
     "LABEL_LINK_DELETED",
 )
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    event_id      INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_at   TEXT    NOT NULL,
-    source        TEXT    NOT NULL CHECK (source IN ('webhook', 'reconcile')),
-    action        TEXT,
-    project_id    INTEGER,
-    annotation_id INTEGER,
-    status        TEXT    NOT NULL CHECK (status IN ('accepted', 'duplicate', 'ignored', 'quarantined')),
-    reason        TEXT,
-    payload       TEXT    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_status ON events (status);
-CREATE INDEX IF NOT EXISTS events_annotation ON events (annotation_id);
+# --- the schema, once for both engines ---------------------------------------------------------------------
+#: Label Studio ids are 64-bit (PostgreSQL's INTEGER is 32); on SQLite the id columns stay ``INTEGER`` because
+#: only that exact type makes a primary key the rowid that AUTOINCREMENT needs
+_Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-CREATE TABLE IF NOT EXISTS annotations (
-    annotation_id  INTEGER PRIMARY KEY,
-    project_id     INTEGER,
-    task_id        INTEGER,
-    item_id        TEXT,
-    text           TEXT,
-    label          TEXT,
-    annotator      INTEGER,
-    created_at     TEXT,
-    updated_at     TEXT,
-    cancelled      INTEGER NOT NULL DEFAULT 0 CHECK (cancelled IN (0, 1)),
-    ground_truth   INTEGER NOT NULL DEFAULT 0 CHECK (ground_truth IN (0, 1)),
-    deleted        INTEGER NOT NULL DEFAULT 0 CHECK (deleted IN (0, 1)),
-    problem        TEXT,
-    source         TEXT    NOT NULL CHECK (source IN ('webhook', 'reconcile')),
-    event_id       INTEGER NOT NULL REFERENCES events (event_id),
-    label_event_id INTEGER REFERENCES events (event_id),
-    lead_time      REAL,
-    prediction_id  INTEGER,
-    suggested_label TEXT,
-    suggested_model_version TEXT,
-    severity       TEXT,
-    escalated      INTEGER NOT NULL DEFAULT 0,
-    revealed       INTEGER NOT NULL DEFAULT 0,
-    -- only a tombstone (deleted before it was ever seen) may lack the task fields
-    CHECK (deleted = 1 OR (task_id IS NOT NULL AND item_id IS NOT NULL AND updated_at IS NOT NULL)),
-    -- a label is never stored next to a reason it is unusable, nor on a skipped annotation
-    CHECK (label IS NULL OR (problem IS NULL AND cancelled = 0 AND text IS NOT NULL))
-);
-CREATE INDEX IF NOT EXISTS annotations_task ON annotations (task_id);
-CREATE INDEX IF NOT EXISTS annotations_project ON annotations (project_id);
-CREATE INDEX IF NOT EXISTS annotations_label_event ON annotations (label_event_id);
 
--- one row per escalated annotation, written in the transaction that journals it: the durable record that
--- labelloop.escalations' outbox copies (by escalation_id, monotonic) and delivers. Never updated or deleted.
-CREATE TABLE IF NOT EXISTS escalations (
-    escalation_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    uid           TEXT    NOT NULL UNIQUE,
-    annotation_id INTEGER NOT NULL UNIQUE,
-    event_id      INTEGER NOT NULL REFERENCES events (event_id),
-    project_id    INTEGER,
-    task_id       INTEGER NOT NULL,
-    item_id       TEXT    NOT NULL,
-    text          TEXT,
-    label         TEXT,
-    severity      TEXT,
-    reason        TEXT,
-    annotator     INTEGER,
-    escalated_at  TEXT    NOT NULL,
-    recorded_at   TEXT    NOT NULL
-);
+def _flag(name: str, checked: bool = True) -> list[Any]:
+    """A 0/1 column (SQLite has no boolean type, and the stored 0/1 must read the same on both engines)."""
+    column = sa.Column(name, sa.Integer, nullable=False, server_default=sa.text("0"))
+    return [column, sa.CheckConstraint(f"{name} IN (0, 1)")] if checked else [column]
 
-CREATE TABLE IF NOT EXISTS quarantine (
-    quarantine_id INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id      INTEGER NOT NULL REFERENCES events (event_id),
-    annotation_id INTEGER,
-    task_id       INTEGER,
-    reason        TEXT    NOT NULL
-);
-"""
+
+METADATA = sa.MetaData()
+
+EVENTS = sa.Table(
+    "events", METADATA,
+    sa.Column("event_id", _Id, primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, sa.CheckConstraint("source IN ('webhook', 'reconcile')"), nullable=False),
+    sa.Column("action", sa.Text),
+    sa.Column("project_id", _Id),
+    sa.Column("annotation_id", _Id),
+    sa.Column("status", sa.Text, sa.CheckConstraint("status IN ('accepted', 'duplicate', 'ignored', 'quarantined')"),
+              nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Index("events_status", "status"),
+    sa.Index("events_annotation", "annotation_id"),
+    sqlite_autoincrement=True,
+)
+
+ANNOTATIONS = sa.Table(
+    "annotations", METADATA,
+    sa.Column("annotation_id", _Id, primary_key=True, autoincrement=False),
+    sa.Column("project_id", _Id),
+    sa.Column("task_id", _Id),
+    sa.Column("item_id", sa.Text),
+    sa.Column("text", sa.Text),
+    sa.Column("label", sa.Text),
+    sa.Column("annotator", _Id),
+    sa.Column("created_at", sa.Text),
+    sa.Column("updated_at", sa.Text),
+    *_flag("cancelled"),
+    *_flag("ground_truth"),
+    *_flag("deleted"),
+    sa.Column("problem", sa.Text),
+    sa.Column("source", sa.Text, sa.CheckConstraint("source IN ('webhook', 'reconcile')"), nullable=False),
+    sa.Column("event_id", _Id, sa.ForeignKey("events.event_id"), nullable=False),
+    sa.Column("label_event_id", _Id, sa.ForeignKey("events.event_id")),
+    sa.Column("lead_time", sa.Float),
+    sa.Column("prediction_id", _Id),
+    sa.Column("suggested_label", sa.Text),
+    sa.Column("suggested_model_version", sa.Text),
+    sa.Column("severity", sa.Text),
+    *_flag("escalated", checked=False),
+    *_flag("revealed", checked=False),
+    # only a tombstone (deleted before it was ever seen) may lack the task fields
+    sa.CheckConstraint("deleted = 1 OR (task_id IS NOT NULL AND item_id IS NOT NULL AND updated_at IS NOT NULL)"),
+    # a label is never stored next to a reason it is unusable, nor on a skipped annotation
+    sa.CheckConstraint("label IS NULL OR (problem IS NULL AND cancelled = 0 AND text IS NOT NULL)"),
+    sa.Index("annotations_task", "task_id"),
+    sa.Index("annotations_project", "project_id"),
+    sa.Index("annotations_label_event", "label_event_id"),
+)
+
+#: one row per escalated annotation, written in the transaction that journals it: the durable record that
+#: labelloop.escalations' outbox copies (by escalation_id, monotonic) and delivers. Never updated or deleted.
+ESCALATIONS = sa.Table(
+    "escalations", METADATA,
+    sa.Column("escalation_id", _Id, primary_key=True, autoincrement=True),
+    sa.Column("uid", sa.Text, nullable=False, unique=True),
+    sa.Column("annotation_id", _Id, nullable=False, unique=True),
+    sa.Column("event_id", _Id, sa.ForeignKey("events.event_id"), nullable=False),
+    sa.Column("project_id", _Id),
+    sa.Column("task_id", _Id, nullable=False),
+    sa.Column("item_id", sa.Text, nullable=False),
+    sa.Column("text", sa.Text),
+    sa.Column("label", sa.Text),
+    sa.Column("severity", sa.Text),
+    sa.Column("reason", sa.Text),
+    sa.Column("annotator", _Id),
+    sa.Column("escalated_at", sa.Text, nullable=False),
+    sa.Column("recorded_at", sa.Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+QUARANTINE = sa.Table(
+    "quarantine", METADATA,
+    sa.Column("quarantine_id", _Id, primary_key=True, autoincrement=True),
+    sa.Column("event_id", _Id, sa.ForeignKey("events.event_id"), nullable=False),
+    sa.Column("annotation_id", _Id),
+    sa.Column("task_id", _Id),
+    sa.Column("reason", sa.Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# the statements of every webhook, built once: SQLAlchemy then reuses their compiled form from its cache
+_INSERT_EVENT = EVENTS.insert()
+_SET_STATUS = sa.text("UPDATE events SET status = :status, reason = :reason WHERE event_id = :id")
+_CURRENT = sa.text("SELECT * FROM annotations WHERE annotation_id = :id")
+_INSERT_ANNOTATION = ANNOTATIONS.insert()
+_UPDATE_ANNOTATION = ANNOTATIONS.update().where(ANNOTATIONS.c.annotation_id == sa.bindparam("key"))
+_INSERT_QUARANTINE = QUARANTINE.insert()
+
+#: PostgreSQL has no ``user_version``: the schema version is the one row of this table, beside the journal's
+_META = sa.Table("journal_meta", sa.MetaData(), sa.Column("schema_version", sa.Integer, nullable=False))
 
 LABEL_COLUMNS = [
     "id", "text", "label", "task_id", "project_id", "annotation_id", "annotator", "updated_at",
@@ -193,11 +244,10 @@ ANNOTATION_COLUMNS = [
     "updated_at", "cancelled", "ground_truth", "problem", "source", "lead_time", "prediction_id",
     "suggested_label", "suggested_model_version", "severity", "escalated", "revealed", "severity_weight",
 ]
-#: columns added after schema 1: (name, SQL type); an older journal gets them by ALTER TABLE and a backfill
-#: (schema 3's review marks need none: no generated config had those controls before, so old rows have none)
-_ADDED_COLUMNS = (("lead_time", "REAL"), ("prediction_id", "INTEGER"), ("suggested_label", "TEXT"),
-                  ("suggested_model_version", "TEXT"), ("severity", "TEXT"),
-                  ("escalated", "INTEGER NOT NULL DEFAULT 0"), ("revealed", "INTEGER NOT NULL DEFAULT 0"))
+#: columns added after schema 1; an older journal gets them by ALTER TABLE and a backfill (schema 3's review
+#: marks need none: no generated config had those controls before, so old rows have none)
+_ADDED_COLUMNS = ("lead_time", "prediction_id", "suggested_label", "suggested_model_version", "severity",
+                  "escalated", "revealed")
 
 
 @dataclass(frozen=True)
@@ -210,11 +260,12 @@ class RecordResult:
 
 
 class JournalError(RuntimeError):
-    """The journal file cannot be used (newer schema, not a journal); never raised for bad payloads."""
+    """The journal cannot be used (newer schema, not a journal); never raised for bad payloads."""
 
 
 class JournalUnavailable(JournalError):
-    """The journal cannot be written now (read-only, disk full, I/O error): nothing was recorded."""
+    """The journal cannot be written now (read-only, disk full, I/O error, database down): nothing was
+    recorded."""
 
 
 class _Malformed(ValueError):
@@ -248,79 +299,311 @@ class _Version:
         return self.label is not None
 
 
-class Journal:
-    """The persistent annotation journal for one taxonomy (any number of Label Studio projects)."""
+# --- where the tables live -----------------------------------------------------------------------------------
 
-    def __init__(self, path: Path, taxonomy: Taxonomy, text_field: str = "text",
-                 policy: ReviewPolicy | None = None):
-        """``policy``: how severity and escalation marks are read (``Settings.review_policy``); the
-        default scale and rules when None, which matter only to writers (readers see stored marks)."""
-        self.path = Path(path)
-        self.taxonomy = taxonomy
-        self.text_field = text_field
-        self.policy = (policy or ReviewPolicy()).check(taxonomy.labels)
-        self._codec = _codec_for(taxonomy)
-        self._lock = threading.Lock()
-        #: why writes fail now (None: they do not); ``write_problem_since`` is when that began (UTC)
-        self.write_problem: str | None = None
-        self.write_problem_since: str | None = None
+
+class _Store(ABC):
+    """One engine's way of keeping the journal's promises: serialised writes, the schema version, and which
+    errors mean "the database refuses writes now" (as opposed to a bad payload or a bug)."""
+
+    #: the journal's location in messages (a file, or a redacted URL and schema)
+    where: str
+    #: the SQLite file, where there is one
+    path: Path | None = None
+
+    @abstractmethod
+    def open(self, migrate: Callable[[Connection], None]) -> None:
+        """Open for writing and bring the schema up to date with ``migrate`` (called in a write transaction)."""
+
+    @abstractmethod
+    def degrade(self, problem: str) -> None:
+        """:meth:`open` failed with an error :meth:`unavailable` accepts: serve whatever reads can be served;
+        the next :meth:`write` tries to open (and migrate) again."""
+
+    @abstractmethod
+    def write(self) -> AbstractContextManager[Connection]:
+        """A transaction no other writer of this journal (thread, process or replica) interleaves with."""
+
+    @abstractmethod
+    def read(self) -> AbstractContextManager[Connection]:
+        """One consistent snapshot for several SELECTs."""
+
+    @abstractmethod
+    def unavailable(self, error: BaseException) -> bool:
+        """Whether ``error`` means the database refuses writes now, never that a payload is bad."""
+
+    @abstractmethod
+    def schema_version(self, conn: Connection) -> int:
+        """The stored schema version, 0 for a database without a journal."""
+
+    @abstractmethod
+    def set_schema_version(self, conn: Connection, version: int) -> None: ...
+
+    @property
+    def raw_connection(self) -> sqlite3.Connection | None:
+        """The one DBAPI connection every statement goes through, where there is one (SQLite)."""
+        return None
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+#: SQLite result codes that mean the file or its disk refuses writes, never that a payload is bad
+_UNWRITABLE_CODES = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM",
+                     "SQLITE_BUSY", "SQLITE_LOCKED")
+
+
+class _SqliteStore(_Store):
+    """One connection for the journal's lifetime, behind a lock: ``synchronous=FULL`` is a per-connection
+    setting, SQLite admits one writer at a time anyway, and the read-only fallback swaps that one connection
+    for another. Writes take the lock before ``BEGIN IMMEDIATE`` (the :class:`Database` engine's begin hook),
+    so threads queue on the lock rather than busy-wait on SQLite's, and other processes wait on
+    ``busy_timeout``."""
+
+    def __init__(self, path: Path, db: Database | None = None):
+        self.path = path
+        self.where = str(path)
+        self._db = db
+        self._conn: Connection | None = None
+        self._fallback: sa.Engine | None = None
         self._read_only = False
-        try:
-            self._conn = self._open_writable()
-        except (sqlite3.OperationalError, OSError) as e:
-            if not _unwritable(e):
-                raise
-            self._conn = self._open_read_only(e)
+        self._lock = threading.Lock()
+        self._migrate: Callable[[Connection], None] | None = None
 
-    def _open_writable(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
+    def open(self, migrate: Callable[[Connection], None]) -> None:
+        self._migrate = migrate
+        self._conn = self._open_writable()
+
+    def _open_writable(self) -> Connection:
+        assert self._migrate is not None
+        if self._db is None:
+            self._db = Database.sqlite(self.path)
+        conn = self._db.engine.connect()
         try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            raw = conn.connection.driver_connection
+            mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise JournalError(f"{self.path}: could not switch SQLite to WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._migrate(conn)
+            raw.execute("PRAGMA synchronous = FULL")
+            with self._transaction(conn, immediate=True):
+                self._migrate(conn)
         except BaseException:
+            # not back into the pool: a connection opened while the file was read-only (a read-only mount)
+            # stays read-only after the file becomes writable again, and the next try must open a fresh one
+            conn.invalidate()
             conn.close()
             raise
         return conn
 
-    def _open_read_only(self, error: BaseException) -> sqlite3.Connection:
-        """Serve reads from a journal that cannot be written: read-only, else immutable (a read-only
-        directory where SQLite cannot create the WAL index), else an empty in-memory journal (the file
-        does not exist and cannot be created). Writes are refused until :meth:`_write` can reopen it."""
+    def degrade(self, problem: str) -> None:
+        """Read-only, else immutable (a read-only directory where SQLite cannot create the WAL index), else an
+        empty in-memory journal (the file does not exist and cannot be created)."""
         self._read_only = True
-        self._unwritable_now(error)
         uri = self.path.resolve().as_uri()
         for suffix in ("?mode=ro", "?immutable=1"):
+            engine = _plain_sqlite(uri + suffix)
             try:
-                conn = sqlite3.connect(uri + suffix, uri=True, isolation_level=None, check_same_thread=False)
-            except sqlite3.OperationalError:
-                continue
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-            except sqlite3.OperationalError:
-                conn.close()
+                conn = engine.connect()
+                with conn.begin():
+                    version = self.schema_version(conn)
+            except (sa.exc.OperationalError, sqlite3.OperationalError):
+                engine.dispose()
                 continue
             if version != SCHEMA_VERSION:
                 conn.close()
+                engine.dispose()
                 raise JournalError(f"{self.path} has journal schema {version} and cannot be written to "
-                                   f"migrate it to {SCHEMA_VERSION}: {self.write_problem}")
-            conn.row_factory = sqlite3.Row
-            return conn
-        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.executescript(_SCHEMA)
-        return conn
+                                   f"migrate it to {SCHEMA_VERSION}: {problem}")
+            self._conn, self._fallback = conn, engine
+            return
+        engine = _plain_sqlite(":memory:")
+        METADATA.create_all(engine)
+        self._conn, self._fallback = engine.connect(), engine
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self._lock:
+            if self._read_only:
+                reopened = self._open_writable()
+                self._close_connection()
+                self._conn, self._read_only = reopened, False
+            assert self._conn is not None
+            with self._transaction(self._conn, immediate=True) as conn:
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._lock:
+            assert self._conn is not None
+            with self._transaction(self._conn, immediate=False) as conn:
+                yield conn
+
+    @staticmethod
+    @contextmanager
+    def _transaction(conn: Connection, *, immediate: bool) -> Iterator[Connection]:
+        conn.execution_options(immediate=immediate)
+        with conn.begin():
+            yield conn
+
+    def unavailable(self, error: BaseException) -> bool:
+        if isinstance(error, OSError):
+            return True
+        cause = error.orig if isinstance(error, sa.exc.DBAPIError) else error
+        return (isinstance(cause, sqlite3.OperationalError)
+                and str(getattr(cause, "sqlite_errorname", "")).startswith(_UNWRITABLE_CODES))
+
+    def schema_version(self, conn: Connection) -> int:
+        return int(conn.exec_driver_sql("PRAGMA user_version").scalar_one())
+
+    def set_schema_version(self, conn: Connection, version: int) -> None:
+        conn.exec_driver_sql(f"PRAGMA user_version = {int(version)}")
+
+    @property
+    def raw_connection(self) -> sqlite3.Connection | None:
+        return None if self._conn is None else self._conn.connection.driver_connection
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._fallback is not None:
+            self._fallback.dispose()
+        self._conn = self._fallback = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_connection()
+            if self._db is not None:
+                self._db.dispose()
+
+
+def _plain_sqlite(uri: str) -> sa.Engine:
+    """An engine on one SQLite URI (``mode=ro``, ``immutable=1``, ``:memory:``) for the read-only fallback:
+    one connection, autocommit in the driver and an explicit BEGIN per transaction, as the writable journal
+    has through :class:`Database`."""
+    engine = sa.create_engine(
+        "sqlite://", poolclass=sa.pool.StaticPool,
+        creator=lambda: sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False))
+    sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+    return engine
+
+
+#: SQLSTATE classes that mean the server cannot take the write now: connection exception, insufficient
+#: resources (disk full, out of memory, too many connections), operator intervention (shutdown, restart,
+#: terminated backend), system error; and 25006, a read-only transaction (a standby after a failover)
+_PG_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+_PG_READ_ONLY = "25006"
+
+
+class _PostgresStore(_Store):
+    """The journal's tables in their schema of the shared PostgreSQL. Each call checks a connection out of
+    the pool (pre-pinged, so one a restart killed is replaced rather than failing a webhook); writes go
+    through :meth:`Database.write`, whose advisory lock serialises them across threads and replicas. A
+    database that is down when the journal opens is not fatal: the tables are made by the first write that
+    reaches it."""
+
+    def __init__(self, db: Database):
+        self._db = db
+        self.where = f"{db.engine.url.render_as_string(hide_password=True)} (schema {db.schema})"
+        self._migrate: Callable[[Connection], None] | None = None
+        self._ready = False
+
+    def open(self, migrate: Callable[[Connection], None]) -> None:
+        self._migrate = migrate
+        with self.write():
+            pass
+
+    def degrade(self, problem: str) -> None:
+        """Nothing to fall back to: reads and writes raise :class:`JournalUnavailable` until it answers."""
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        assert self._migrate is not None
+        with self._db.write(WRITE_KEY) as conn:
+            migrating = not self._ready
+            if migrating:
+                self._migrate(conn)
+            yield conn
+        if migrating:
+            self._ready = True
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        if not self._ready:  # opened while the database was down: make the tables before reading them
+            with self.write():
+                pass
+        with self._db.read() as conn:
+            yield conn
+
+    def unavailable(self, error: BaseException) -> bool:
+        if isinstance(error, OSError | sa.exc.TimeoutError):
+            return True
+        if not isinstance(error, sa.exc.DBAPIError):
+            return False
+        if error.connection_invalidated or isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError):
+            return True
+        state = str(getattr(error.orig, "sqlstate", "") or "")
+        return state[:2] in _PG_UNAVAILABLE_CLASSES or state == _PG_READ_ONLY
+
+    def schema_version(self, conn: Connection) -> int:
+        _META.create(conn, checkfirst=True)
+        return int(conn.execute(sa.select(sa.func.max(_META.c.schema_version))).scalar() or 0)
+
+    def set_schema_version(self, conn: Connection, version: int) -> None:
+        conn.execute(_META.delete())
+        conn.execute(_META.insert().values(schema_version=version))
+
+    def close(self) -> None:
+        self._db.dispose()
+
+
+def _store_for(target: Path | str | Database) -> _Store:
+    if not isinstance(target, Database):
+        return _SqliteStore(Path(target))
+    if target.is_postgres:
+        return _PostgresStore(target)
+    return _SqliteStore(Path(str(target.engine.url.database)), target)
+
+
+class Journal:
+    """The persistent annotation journal for one taxonomy (any number of Label Studio projects)."""
+
+    def __init__(self, store: Path | Database, taxonomy: Taxonomy, text_field: str = "text",
+                 policy: ReviewPolicy | None = None):
+        """``store``: a SQLite file, or the :class:`Database` the journal lives in (``Settings.database
+        ("journal")``); the journal owns it and disposes of it on :meth:`close`. ``policy``: how severity
+        and escalation marks are read (``Settings.review_policy``); the default scale and rules when None,
+        which matter only to writers (readers see stored marks)."""
+        self._backend = _store_for(store)
+        #: the SQLite file (None on PostgreSQL)
+        self.path = self._backend.path
+        self.taxonomy = taxonomy
+        self.text_field = text_field
+        self.policy = (policy or ReviewPolicy()).check(taxonomy.labels)
+        self._codec = _codec_for(taxonomy)
+        #: why writes fail now (None: they do not); ``write_problem_since`` is when that began (UTC)
+        self.write_problem: str | None = None
+        self.write_problem_since: str | None = None
+        try:
+            self._backend.open(self._migrate)
+        except Exception as e:
+            if not self._backend.unavailable(e):
+                self._backend.close()
+                raise
+            try:
+                self._backend.degrade(str(self._unwritable_now(e)))
+            except BaseException:
+                self._backend.close()
+                raise
+
+    @property
+    def _conn(self) -> sqlite3.Connection | None:
+        """The SQLite connection every statement of this journal goes through (None on PostgreSQL), for
+        per-connection settings such as ``max_page_count``."""
+        return self._backend.raw_connection
 
     def _unwritable_now(self, error: BaseException) -> JournalUnavailable:
         """Record that writes fail (logged once per outage, not per write) and the error to raise."""
-        problem = f"the journal {self.path} cannot be written: {error}"
+        problem = f"the journal {self._backend.where} cannot be written: {_describe(error)}"
         if self.write_problem is None:
             log.error("%s; webhooks are refused with 503 until it can", problem)
             self.write_problem_since = _now()
@@ -330,8 +613,7 @@ class Journal:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._backend.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -339,31 +621,36 @@ class Journal:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        with _immediate(conn):
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise JournalError(
-                    f"{self.path} has journal schema {version}; this labelloop understands {SCHEMA_VERSION}"
-                )
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            present = {row["name"] for row in conn.execute("PRAGMA table_info(annotations)")}
-            for name, sql_type in _ADDED_COLUMNS:
-                if name not in present:
-                    conn.execute(f"ALTER TABLE annotations ADD COLUMN {name} {sql_type}")
-            if 0 < version < 2:
-                self._backfill_suggestions(conn)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    def _migrate(self, conn: Connection) -> None:
+        """Create what is missing and record the version; runs inside a write transaction on both engines
+        (PostgreSQL's DDL is transactional, and the advisory lock keeps two replicas from racing here)."""
+        version = self._backend.schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self._backend.where} has journal schema {version}; this labelloop understands {SCHEMA_VERSION}"
+            )
+        METADATA.create_all(conn)
+        for table in METADATA.sorted_tables:  # create_all makes the indexes of new tables only
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
+        present = {column["name"] for column in sa.inspect(conn).get_columns("annotations")}
+        for name in _ADDED_COLUMNS:
+            if name not in present:
+                column = ANNOTATIONS.c[name]
+                default = "" if column.server_default is None else " NOT NULL DEFAULT 0"
+                conn.exec_driver_sql(f"ALTER TABLE annotations ADD COLUMN {name} "
+                                     f"{column.type.compile(dialect=conn.dialect)}{default}")
+        if 0 < version < 2:
+            self._backfill_suggestions(conn)
+        self._backend.set_schema_version(conn, SCHEMA_VERSION)
 
-    def _backfill_suggestions(self, conn: sqlite3.Connection) -> None:
+    def _backfill_suggestions(self, conn: Connection) -> None:
         """Schema 1 -> 2: read lead time and pre-label of each live annotation from the event that last
         wrote it (payloads are kept verbatim, so nothing has to be fetched from Label Studio again)."""
-        rows = conn.execute(
+        rows = conn.execute(sa.text(
             "SELECT a.annotation_id, e.payload FROM annotations a JOIN events e USING (event_id) "
             "WHERE a.deleted = 0"
-        ).fetchall()
+        )).mappings().all()
         for row in rows:
             try:
                 payload = json.loads(row["payload"])
@@ -373,44 +660,41 @@ class Journal:
             if found is None:
                 continue
             annotation, task = found
-            fields_ = self._suggestion_of(annotation, task)
-            conn.execute(
-                "UPDATE annotations SET lead_time = ?, prediction_id = ?, suggested_label = ?, "
-                "suggested_model_version = ? WHERE annotation_id = ?",
-                (*fields_, row["annotation_id"]),
-            )
+            lead_time, prediction_id, label, version = self._suggestion_of(annotation, task)
+            conn.execute(sa.text(
+                "UPDATE annotations SET lead_time = :lead_time, prediction_id = :prediction_id, "
+                "suggested_label = :label, suggested_model_version = :version WHERE annotation_id = :id"),
+                {"lead_time": lead_time, "prediction_id": prediction_id, "label": label, "version": version,
+                 "id": row["annotation_id"]})
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> Iterator[Connection]:
         """One write transaction, taken before reading so check-then-write is atomic across processes.
 
-        A failure of the file or disk (not of a payload) raises :class:`JournalUnavailable`."""
-        with self._lock:
-            try:
-                if self._read_only:
-                    reopened = self._open_writable()
-                    self._conn.close()
-                    self._conn, self._read_only = reopened, False
-                with _immediate(self._conn) as conn:
-                    yield conn
-            except (sqlite3.OperationalError, OSError) as e:
-                if not _unwritable(e):
-                    raise
-                raise self._unwritable_now(e) from e
-            if self.write_problem is not None:
-                log.warning("the journal %s can be written again (it could not since %s)", self.path,
-                            self.write_problem_since)
-                self.write_problem = self.write_problem_since = None
+        A failure of the file, disk or database server (not of a payload) raises :class:`JournalUnavailable`."""
+        try:
+            with self._backend.write() as conn:
+                yield conn
+        except Exception as e:
+            if not self._backend.unavailable(e):
+                raise
+            raise self._unwritable_now(e) from e
+        if self.write_problem is not None:
+            log.warning("the journal %s can be written again (it could not since %s)", self._backend.where,
+                        self.write_problem_since)
+            self.write_problem = self.write_problem_since = None
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent snapshot for multi-statement reads."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                yield self._conn
-            finally:
-                self._conn.execute("COMMIT")
+    def _read(self) -> Iterator[Connection]:
+        """A consistent snapshot for reads; a database that cannot be reached raises :class:`JournalUnavailable`
+        (without marking writes as failing: only a write says whether writes work)."""
+        try:
+            with self._backend.read() as conn:
+                yield conn
+        except Exception as e:
+            if not self._backend.unavailable(e):
+                raise
+            raise JournalUnavailable(f"the journal {self._backend.where} cannot be read: {_describe(e)}") from e
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -451,9 +735,9 @@ class Journal:
 
     def _quarantine_unusable(self, source: Source, action: Any, payload: Any, error: Exception) -> RecordResult:
         """The safety net behind the payload checks: a value they did not foresee (a lone surrogate in
-        a text, a date SQLite cannot hold) rolled the transaction back; keep the payload, ASCII-escaped,
-        and quarantine it in a fresh one."""
-        reason = f"unusable payload: {type(error).__name__}: {error}"
+        a text, a date SQLite cannot hold, a NUL byte, which PostgreSQL's text refuses) rolled the transaction
+        back; keep the payload, ASCII-escaped, and quarantine it in a fresh one."""
+        reason = f"unusable payload: {_describe(error)}"
         log.warning("quarantined a %s event: %s", source, reason)
         with self._write() as conn:
             event_id = _insert_event(conn, source, action, None, None, payload, ascii_only=True)
@@ -498,8 +782,8 @@ class Journal:
     # --- reading -------------------------------------------------------------------------------
 
     def last_event_id(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()[0]
+        with self._read() as conn:
+            return int(conn.execute(sa.text("SELECT COALESCE(MAX(event_id), 0) FROM events")).scalar_one())
 
     def new_label_count(self, since_event_id: int) -> int:
         """Usable labels (annotations, not tasks) set or changed by an event after ``since_event_id``.
@@ -508,20 +792,18 @@ class Journal:
         count, and re-sending the same version never counts twice. The retrain trigger compares this
         with ``Settings.retrain_every`` using the ``last_event_id()`` taken when it last trained.
         """
-        with self._lock:
-            return self._conn.execute(
+        with self._read() as conn:
+            return int(conn.execute(sa.text(
                 "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND label IS NOT NULL "
-                "AND label_event_id > ?",
-                (since_event_id,),
-            ).fetchone()[0]
+                "AND label_event_id > :since"), {"since": since_event_id}).scalar_one())
 
     def live_annotation_ids(self, project_id: int) -> set[int]:
         """Ids of the project's annotations the journal holds as not deleted (for the reconciler)."""
-        with self._lock:
-            rows = self._conn.execute(
-                "SELECT annotation_id FROM annotations WHERE deleted = 0 AND project_id = ?", (project_id,)
-            ).fetchall()
-        return {row[0] for row in rows}
+        with self._read() as conn:
+            ids = conn.execute(sa.text(
+                "SELECT annotation_id FROM annotations WHERE deleted = 0 AND project_id = :project"),
+                {"project": project_id}).scalars().all()
+        return set(ids)
 
     def annotations(self, project_id: int | None = None) -> pd.DataFrame:
         """Every annotation not deleted, skipped and unusable ones included (``label`` is None there).
@@ -540,12 +822,12 @@ class Journal:
             "updated_at, cancelled, ground_truth, problem, source, lead_time, prediction_id, suggested_label, "
             "suggested_model_version, severity, escalated, revealed, NULL FROM annotations WHERE deleted = 0"
         )
-        params: tuple = ()
+        params: dict[str, Any] = {}
         if project_id is not None:
-            sql += " AND project_id = ?"
-            params = (project_id,)
-        with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY annotation_id", params).fetchall()
+            sql += " AND project_id = :project"
+            params = {"project": project_id}
+        with self._read() as conn:
+            rows = conn.execute(sa.text(sql + " ORDER BY annotation_id"), params).all()
         frame = pd.DataFrame([tuple(r) for r in rows], columns=ANNOTATION_COLUMNS)
         frame["label"] = frame["label"].map(self._codec.cell, na_action="ignore")
         frame["suggested_label"] = frame["suggested_label"].map(self._codec.cell, na_action="ignore")
@@ -557,12 +839,13 @@ class Journal:
 
     def escalations(self, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         """Escalations recorded after ``after_id``, oldest first (the outbox copies them from here)."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._read() as conn:
+            rows = conn.execute(sa.text(
                 "SELECT escalation_id, uid, annotation_id, event_id, project_id, task_id, item_id, text, label, "
                 "severity, reason, annotator, escalated_at, recorded_at FROM escalations "
-                "WHERE escalation_id > ? ORDER BY escalation_id LIMIT ?", (after_id, limit)).fetchall()
-        return [{**dict(row), "label": None if row["label"] is None else self._codec.cell(row["label"])}
+                "WHERE escalation_id > :after ORDER BY escalation_id LIMIT :limit"),
+                {"after": after_id, "limit": limit}).mappings().all()
+        return [{**row, "label": None if row["label"] is None else self._codec.cell(row["label"])}
                 for row in rows]
 
     def review_marks_since(self, after_event_id: int) -> list[dict[str, Any]]:
@@ -570,12 +853,12 @@ class Journal:
         reviewer who skipped an item, or whose annotation was deleted, still saw it), oldest change first,
         with what exposure accounting reads:
         ``annotation_id, task_id, annotator, created_at, updated_at, label, severity, revealed, event_id``."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._read() as conn:
+            rows = conn.execute(sa.text(
                 "SELECT annotation_id, task_id, annotator, created_at, updated_at, label, severity, revealed, "
-                "suggested_label, event_id FROM annotations WHERE task_id IS NOT NULL AND event_id > ? "
-                "ORDER BY event_id, annotation_id", (after_event_id,)).fetchall()
-        return [{**dict(row), "revealed": bool(row["revealed"]),
+                "suggested_label, event_id FROM annotations WHERE task_id IS NOT NULL AND event_id > :after "
+                "ORDER BY event_id, annotation_id"), {"after": after_event_id}).mappings().all()
+        return [{**row, "revealed": bool(row["revealed"]),
                  "label": None if row["label"] is None else self._codec.cell(row["label"]),
                  "suggested_label": None if row["suggested_label"] is None
                  else self._codec.cell(row["suggested_label"])} for row in rows]
@@ -611,29 +894,27 @@ class Journal:
     def stats(self) -> dict[str, int]:
         """Events per status, plus the quarantine size and the number of usable labels now."""
         with self._read() as conn:
-            counts = dict(conn.execute("SELECT status, COUNT(*) FROM events GROUP BY status").fetchall())
-            quarantine = conn.execute("SELECT COUNT(*) FROM quarantine").fetchone()[0]
-            live = conn.execute(
-                "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND label IS NOT NULL"
-            ).fetchone()[0]
-        result = {status: counts.get(status, 0) for status in STATUSES}
-        result.update(events=sum(result.values()), quarantine=quarantine, live_labels=live)
+            counts = {status: n for status, n in conn.execute(
+                sa.text("SELECT status, COUNT(*) FROM events GROUP BY status"))}
+            quarantine = conn.execute(sa.text("SELECT COUNT(*) FROM quarantine")).scalar_one()
+            live = conn.execute(sa.text(
+                "SELECT COUNT(*) FROM annotations WHERE deleted = 0 AND label IS NOT NULL")).scalar_one()
+        result = {status: int(counts.get(status, 0)) for status in STATUSES}
+        result.update(events=sum(result.values()), quarantine=int(quarantine), live_labels=int(live))
         return result
 
     def quarantined(self, limit: int = 100) -> list[dict]:
         """The most recent quarantine entries, newest first, each with the payload that caused it."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._read() as conn:
+            rows = conn.execute(sa.text(
                 "SELECT q.quarantine_id, q.event_id, e.received_at, e.source, e.action, q.annotation_id, "
                 "q.task_id, q.reason, e.payload FROM quarantine q JOIN events e USING (event_id) "
-                "ORDER BY q.quarantine_id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
+                "ORDER BY q.quarantine_id DESC LIMIT :limit"), {"limit": limit}).mappings().all()
+        return [{**row, "payload": json.loads(row["payload"])} for row in rows]
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _dispatch(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: Any
+    def _dispatch(self, conn: Connection, event_id: int, source: Source, payload: Any
                   ) -> tuple[Status, str | None]:
         if not isinstance(payload, dict):
             return self._quarantine(conn, event_id, None, None,
@@ -657,7 +938,7 @@ class Journal:
             return "ignored", f"{action} does not change labels"
         return "ignored", f"unknown action {action!r}"
 
-    def _apply_payload(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: dict
+    def _apply_payload(self, conn: Connection, event_id: int, source: Source, payload: dict
                        ) -> tuple[Status, str | None]:
         annotations = payload.get("annotation")
         tasks = payload.get("task")
@@ -681,7 +962,7 @@ class Journal:
             return outcomes[0]
         return _combine(outcomes, annotations)
 
-    def _apply_one(self, conn: sqlite3.Connection, event_id: int, source: Source, annotation: Any,
+    def _apply_one(self, conn: Connection, event_id: int, source: Source, annotation: Any,
                    task: Any, project_id: int | None) -> tuple[Status, str | None]:
         try:
             version = self._parse_version(annotation, task, project_id)
@@ -695,8 +976,8 @@ class Journal:
             return verdict
         return self._store(conn, event_id, source, version, current)
 
-    def _store(self, conn: sqlite3.Connection, event_id: int, source: Source, version: _Version,
-               current: sqlite3.Row | None) -> tuple[Status, str | None]:
+    def _store(self, conn: Connection, event_id: int, source: Source, version: _Version,
+               current: RowMapping | None) -> tuple[Status, str | None]:
         """Replace the row with a newer version; keep ``label_event_id`` when the label is unchanged."""
         unchanged = (
             current is not None and current["label"] is not None
@@ -711,17 +992,22 @@ class Journal:
             # a webhook names the prediction by id only; the same id is the same prediction, already read
             version = replace(version, suggested_label=current["suggested_label"],
                               suggested_model_version=current["suggested_model_version"])
-        conn.execute(
-            "INSERT OR REPLACE INTO annotations (annotation_id, project_id, task_id, item_id, text, label, "
-            "annotator, created_at, updated_at, cancelled, ground_truth, deleted, problem, source, event_id, "
-            "label_event_id, lead_time, prediction_id, suggested_label, suggested_model_version, severity, "
-            "escalated, revealed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (version.annotation_id, version.project_id, version.task_id, version.item_id, version.text,
-             version.label, version.annotator, version.created_at, version.updated_at, int(version.cancelled),
-             int(version.ground_truth), version.problem, source, event_id, label_event_id, version.lead_time,
-             version.prediction_id, version.suggested_label, version.suggested_model_version,
-             version.marks.severity, int(version.marks.escalated), int(revealed)),
-        )
+        row = {
+            "annotation_id": version.annotation_id, "project_id": version.project_id, "task_id": version.task_id,
+            "item_id": version.item_id, "text": version.text, "label": version.label, "annotator": version.annotator,
+            "created_at": version.created_at, "updated_at": version.updated_at, "cancelled": int(version.cancelled),
+            "ground_truth": int(version.ground_truth), "deleted": 0, "problem": version.problem, "source": source,
+            "event_id": event_id, "label_event_id": label_event_id, "lead_time": version.lead_time,
+            "prediction_id": version.prediction_id, "suggested_label": version.suggested_label,
+            "suggested_model_version": version.suggested_model_version, "severity": version.marks.severity,
+            "escalated": int(version.marks.escalated), "revealed": int(revealed),
+        }
+        # every column is written, so the row is the version whether it was there before or not (the current
+        # row was read in this transaction, under the write lock)
+        if current is None:
+            conn.execute(_INSERT_ANNOTATION, row)
+        else:
+            conn.execute(_UPDATE_ANNOTATION, {**row, "key": version.annotation_id})
         parts = self._store_marks(conn, event_id, version)
         if version.problem is not None:
             return self._quarantine(conn, event_id, version.annotation_id, version.task_id, version.problem)
@@ -729,24 +1015,23 @@ class Journal:
             return "accepted", f"annotation {version.annotation_id} was skipped: recorded, not a label"
         return "accepted", "; ".join(parts) or None
 
-    def _store_marks(self, conn: sqlite3.Connection, event_id: int, version: _Version) -> list[str]:
+    def _store_marks(self, conn: Connection, event_id: int, version: _Version) -> list[str]:
         """Record the escalation (once per annotation: a later version never escalates again, so a receiver
         is not told twice about one judgement) and quarantine each unusable review mark on its own, keeping
         the label. Returns what was quarantined."""
         marks = version.marks
-        if marks.escalated:
-            conn.execute(
-                "INSERT OR IGNORE INTO escalations (uid, annotation_id, event_id, project_id, task_id, item_id, "
-                "text, label, severity, reason, annotator, escalated_at, recorded_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (uuid.uuid4().hex, version.annotation_id, event_id, version.project_id, version.task_id,
-                 version.item_id, version.text, version.label, marks.severity, marks.reason, version.annotator,
-                 version.updated_at, _now()))
+        if marks.escalated and conn.execute(sa.text("SELECT 1 FROM escalations WHERE annotation_id = :id"),
+                                            {"id": version.annotation_id}).first() is None:
+            conn.execute(ESCALATIONS.insert().values(
+                uid=uuid.uuid4().hex, annotation_id=version.annotation_id, event_id=event_id,
+                project_id=version.project_id, task_id=version.task_id, item_id=version.item_id, text=version.text,
+                label=version.label, severity=marks.severity, reason=marks.reason, annotator=version.annotator,
+                escalated_at=version.updated_at, recorded_at=_now()))
         for problem in marks.problems:
             self._quarantine(conn, event_id, version.annotation_id, version.task_id, problem)
         return [f"quarantined {problem}" for problem in marks.problems]
 
-    def _delete_payload(self, conn: sqlite3.Connection, event_id: int, source: Source, payload: dict
+    def _delete_payload(self, conn: Connection, event_id: int, source: Source, payload: dict
                         ) -> tuple[Status, str | None]:
         ids = _ids_of(payload.get("annotations"))
         if not ids:
@@ -760,15 +1045,13 @@ class Journal:
             return outcomes[0]
         return _combine(outcomes, [{"id": i} for i in ids])
 
-    def _quarantine(self, conn: sqlite3.Connection, event_id: int, annotation_id: int | None,
+    def _quarantine(self, conn: Connection, event_id: int, annotation_id: int | None,
                     task_id: int | None, reason: str) -> tuple[Status, str]:
-        conn.execute(
-            "INSERT INTO quarantine (event_id, annotation_id, task_id, reason) VALUES (?, ?, ?, ?)",
-            (event_id, annotation_id, task_id, reason),
-        )
+        conn.execute(_INSERT_QUARANTINE, {"event_id": event_id, "annotation_id": annotation_id, "task_id": task_id,
+                                          "reason": reason})
         return "quarantined", reason
 
-    def _finish_quarantine(self, conn: sqlite3.Connection, event_id: int, annotation_id: int | None,
+    def _finish_quarantine(self, conn: Connection, event_id: int, annotation_id: int | None,
                            task_id: int | None, reason: str) -> RecordResult:
         status, reason = self._quarantine(conn, event_id, annotation_id, task_id, reason)
         _set_status(conn, event_id, status, reason)
@@ -1027,28 +1310,14 @@ def _vote_sets(considered: pd.DataFrame, key: str, taxonomy: Taxonomy) -> pd.Dat
     return latest
 
 
-@contextmanager
-def _immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
-#: SQLite result codes that mean the file or its disk refuses writes, never that a payload is bad
-_UNWRITABLE_CODES = ("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM",
-                     "SQLITE_BUSY", "SQLITE_LOCKED")
-
-
-def _unwritable(error: BaseException) -> bool:
-    if isinstance(error, OSError):
-        return True
-    return (isinstance(error, sqlite3.OperationalError)
-            and str(getattr(error, "sqlite_errorname", "")).startswith(_UNWRITABLE_CODES))
+def _describe(error: BaseException) -> str:
+    """An error for a reason or a message: the driver's own error rather than SQLAlchemy's wrapper, whose text
+    repeats the statement and its parameters (the payload, with whatever made it unstorable), and escaped, so
+    that the text itself is storable (PostgreSQL's text refuses NUL)."""
+    cause = error.orig if isinstance(error, sa.exc.DBAPIError) and error.orig is not None else error
+    return f"{type(cause).__name__}: {cause}".encode("ascii", "backslashreplace").decode().replace("\x00", "\\x00")
 
 
 def _check_source(source: str) -> None:
@@ -1056,34 +1325,34 @@ def _check_source(source: str) -> None:
         raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
 
 
-def _insert_event(conn: sqlite3.Connection, source: str, action: Any, project_id: int | None,
+def _insert_event(conn: Connection, source: str, action: Any, project_id: int | None,
                   annotation_id: int | None, payload: Any, ascii_only: bool = False) -> int:
-    """Store the payload first (provisionally 'ignored'); the caller sets the final status."""
-    cursor = conn.execute(
-        "INSERT INTO events (received_at, source, action, project_id, annotation_id, status, payload) "
-        "VALUES (?, ?, ?, ?, ?, 'ignored', ?)",
-        (_now(), source, action if isinstance(action, str) and action.isascii() else None, project_id,
-         annotation_id, json.dumps(payload, default=repr, ensure_ascii=ascii_only)),
-    )
-    return cursor.lastrowid
+    """Store the payload first (provisionally 'ignored'); the caller sets the final status. The action is
+    kept as a column only when it is plain printable ASCII (it is in the payload either way)."""
+    plain = isinstance(action, str) and action.isascii() and action.isprintable()
+    result = conn.execute(_INSERT_EVENT, {
+        "received_at": _now(), "source": source, "action": action if plain else None, "project_id": project_id,
+        "annotation_id": annotation_id, "status": "ignored",
+        "payload": json.dumps(payload, default=repr, ensure_ascii=ascii_only)})
+    return int(result.inserted_primary_key[0])
 
 
-def _quarantined_before(conn: sqlite3.Connection, payload: Any) -> bool:
+def _quarantined_before(conn: Connection, payload: Any) -> bool:
     """Whether this exact payload already sits in quarantine (the quarantine table stays small)."""
     stored = json.dumps(payload, default=repr, ensure_ascii=False)
-    return conn.execute("SELECT 1 FROM quarantine q JOIN events e USING (event_id) WHERE e.payload = ? LIMIT 1",
-                        (stored,)).fetchone() is not None
+    return conn.execute(sa.text("SELECT 1 FROM quarantine q JOIN events e USING (event_id) "
+                                "WHERE e.payload = :payload LIMIT 1"), {"payload": stored}).first() is not None
 
 
-def _set_status(conn: sqlite3.Connection, event_id: int, status: Status, reason: str | None) -> None:
-    conn.execute("UPDATE events SET status = ?, reason = ? WHERE event_id = ?", (status, reason, event_id))
+def _set_status(conn: Connection, event_id: int, status: Status, reason: str | None) -> None:
+    conn.execute(_SET_STATUS, {"status": status, "reason": reason, "id": event_id})
 
 
-def _current(conn: sqlite3.Connection, annotation_id: int) -> sqlite3.Row | None:
-    return conn.execute("SELECT * FROM annotations WHERE annotation_id = ?", (annotation_id,)).fetchone()
+def _current(conn: Connection, annotation_id: int) -> RowMapping | None:
+    return conn.execute(_CURRENT, {"id": annotation_id}).mappings().first()
 
 
-def _verdict(current: sqlite3.Row | None, version: _Version) -> tuple[Status, str] | None:
+def _verdict(current: RowMapping | None, version: _Version) -> tuple[Status, str] | None:
     """Why this version must not be applied, or None when it is new state."""
     if current is None:
         return None
@@ -1097,7 +1366,7 @@ def _verdict(current: sqlite3.Row | None, version: _Version) -> tuple[Status, st
     return None
 
 
-def _enrich(conn: sqlite3.Connection, current: sqlite3.Row | None, version: _Version) -> None:
+def _enrich(conn: Connection, current: RowMapping | None, version: _Version) -> None:
     """The same version met again with details the first payload lacked (a webhook names the pre-label's
     id only; the reconciler's listing holds the prediction): fill in those columns, nothing else. The
     label and ``label_event_id`` stay, so this never counts as a new label or a new version."""
@@ -1107,8 +1376,8 @@ def _enrich(conn: sqlite3.Connection, current: sqlite3.Row | None, version: _Ver
                                                          "suggested_model_version")
                if current[name] is None and getattr(version, name) is not None}
     if updates:
-        conn.execute(f"UPDATE annotations SET {', '.join(f'{k} = ?' for k in updates)} WHERE annotation_id = ?",
-                     (*updates.values(), version.annotation_id))
+        conn.execute(ANNOTATIONS.update().where(ANNOTATIONS.c.annotation_id == version.annotation_id)
+                     .values(updates))
 
 
 def _annotation_in(payload: Any, annotation_id: int) -> tuple[dict, Any] | None:
@@ -1128,35 +1397,29 @@ def _annotation_in(payload: Any, annotation_id: int) -> tuple[dict, Any] | None:
     return None
 
 
-def _delete(conn: sqlite3.Connection, event_id: int, source: str, annotation_id: int
-            ) -> tuple[Status, str | None]:
+def _delete(conn: Connection, event_id: int, source: str, annotation_id: int) -> tuple[Status, str | None]:
     current = _current(conn, annotation_id)
     if current is None:
-        conn.execute(
-            "INSERT INTO annotations (annotation_id, deleted, source, event_id) VALUES (?, 1, ?, ?)",
-            (annotation_id, source, event_id),
-        )
+        conn.execute(ANNOTATIONS.insert().values(annotation_id=annotation_id, deleted=1, source=source,
+                                                 event_id=event_id))
         return "accepted", f"annotation {annotation_id} was never seen: tombstone recorded"
     if current["deleted"]:
         return "duplicate", f"annotation {annotation_id} is already deleted"
-    conn.execute(
-        "UPDATE annotations SET deleted = 1, source = ?, event_id = ?, label_event_id = NULL "
-        "WHERE annotation_id = ?",
-        (source, event_id, annotation_id),
-    )
+    conn.execute(sa.text("UPDATE annotations SET deleted = 1, source = :source, event_id = :event, "
+                         "label_event_id = NULL WHERE annotation_id = :id"),
+                 {"source": source, "event": event_id, "id": annotation_id})
     return "accepted", None
 
 
-def _delete_where(conn: sqlite3.Connection, event_id: int, source: str, column: str, ids: list[int],
+def _delete_where(conn: Connection, event_id: int, source: str, column: str, ids: list[int],
                   what: str) -> tuple[Status, str | None]:
     """Label Studio deletes a task's or project's annotations with it, without an annotation event."""
     if not ids:
         return "ignored", f"no {what} ids in the payload"
-    marks = ",".join("?" * len(ids))
     changed = conn.execute(
-        f"UPDATE annotations SET deleted = 1, source = ?, event_id = ?, label_event_id = NULL "
-        f"WHERE deleted = 0 AND {column} IN ({marks})",
-        (source, event_id, *ids),
+        ANNOTATIONS.update()
+        .where(ANNOTATIONS.c.deleted == 0, ANNOTATIONS.c[column].in_(ids))
+        .values(deleted=1, source=source, event_id=event_id, label_event_id=None)
     ).rowcount
     if changed == 0:
         return "ignored", f"no journaled annotations in {what} {ids}"
@@ -1189,8 +1452,9 @@ def _project_id_of(payload: dict) -> int | None:
 
 
 _SQLITE_INT_MAX = 2**63 - 1
-#: what a payload the checks did not foresee can raise inside a write (never an I/O failure)
-_UNFORESEEN = (ValueError, OverflowError, UnicodeError)
+#: what a payload the checks did not foresee can raise inside a write (never an I/O failure); DataError is the
+#: database refusing a value (PostgreSQL: a NUL byte in a text)
+_UNFORESEEN = (ValueError, OverflowError, UnicodeError, sa.exc.DataError)
 
 
 def _optional_int(value: Any) -> int | None:
@@ -1199,7 +1463,7 @@ def _optional_int(value: Any) -> int | None:
         return None
     if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
-    if isinstance(value, int) and -_SQLITE_INT_MAX - 1 <= value <= _SQLITE_INT_MAX:  # SQLite holds 64 bits
+    if isinstance(value, int) and -_SQLITE_INT_MAX - 1 <= value <= _SQLITE_INT_MAX:  # SQLite and BIGINT hold 64 bits
         return value
     return None
 

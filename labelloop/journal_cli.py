@@ -11,6 +11,11 @@ go on writing to the replaced file) unless ``--force``; it checks that the file 
 before touching anything, and keeps the journal it replaces as ``journal.sqlite.bak``. Ids in the restored
 journal continue after the replaced one's (:func:`continue_ids`), so the escalation outbox and the other
 stores that follow the journal by id see everything recorded after the restore.
+
+Both are for the SQLite journal. A journal in PostgreSQL (``database_url``) is one schema of a database whose
+own tools already do this properly (``pg_dump`` takes a consistent snapshot while replicas write, and
+``pg_restore`` keeps sequences, so ids go on after a restore): both commands say so and stop, rather than
+copy or replace a SQLite file the service does not use.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ def _settings(taxonomy: str | None) -> Settings:
 
 TaxonomyOpt = Annotated[str | None, typer.Option(help="taxonomy whose journal is meant (default: settings)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite an existing file / a journal in use")]
+
+
+def sqlite_only(settings: Settings, command: str) -> None:
+    """Refuse ``command`` for a journal in PostgreSQL, naming the tools that do it there."""
+    if settings.database_url is None:
+        return
+    from labelloop.db import redact
+
+    where = redact(settings.database_url)
+    tool = (f"pg_dump --format=custom --schema=journal --file=journal.dump '{where}'" if command == "backup"
+            else f"pg_restore --clean --if-exists --schema=journal --dbname='{where}' journal.dump")
+    raise CliError(f"the journal is in PostgreSQL ({where}, schema journal), not a SQLite file: `labelloop journal "
+                   f"{command}` copies SQLite files only; use PostgreSQL's own tools, e.g. {tool}")
 
 
 def copy_database(source: Path, target: Path) -> None:
@@ -111,6 +129,7 @@ def backup(
 ) -> None:
     """Copy the journal to PATH with SQLite's online backup API: consistent, and safe while the service runs."""
     settings = _settings(taxonomy)
+    sqlite_only(settings, "backup")
     source = settings.journal_path
     if not source.is_file():
         raise CliError(f"no journal at {source} (state_dir {settings.state_dir})")
@@ -146,6 +165,7 @@ def restore(
     from labelloop.taxonomy import get_taxonomy
 
     settings = _settings(taxonomy)
+    sqlite_only(settings, "restore")
     target = settings.journal_path
     version = check_journal_file(path)
     if path.resolve() == target.resolve():

@@ -20,30 +20,35 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import pandas as pd
+import sqlalchemy as sa
 
-from labelloop.sqlite_store import SQLiteStore
+from labelloop.store import ID, Store
 
 SliceKind = Literal["audit", "honeypot", "overlap", "adjudication"]
 SLICE_KINDS: tuple[SliceKind, ...] = ("audit", "honeypot", "overlap", "adjudication")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS slice_items (
-    project_id             INTEGER NOT NULL,
-    task_id                INTEGER NOT NULL,
-    item_id                TEXT    NOT NULL,
-    kind                   TEXT    NOT NULL CHECK (kind IN ('audit', 'honeypot', 'overlap', 'adjudication')),
-    gold_label             TEXT,
-    source_task_id         INTEGER,
-    disputed_label         TEXT,
-    disputed_annotation_id INTEGER,
-    model_version          TEXT,
-    created_at             TEXT    NOT NULL,
-    PRIMARY KEY (task_id),
-    CHECK (kind != 'honeypot' OR gold_label IS NOT NULL),
-    CHECK (kind NOT IN ('overlap', 'adjudication') OR source_task_id IS NOT NULL)
-);
-CREATE INDEX IF NOT EXISTS slice_items_project ON slice_items (project_id, kind);
-"""
+METADATA = sa.MetaData()
+SLICE_ITEMS = sa.Table(
+    "slice_items", METADATA,
+    sa.Column("project_id", ID, nullable=False),
+    sa.Column("task_id", ID, primary_key=True, autoincrement=False),
+    sa.Column("item_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, sa.CheckConstraint("kind IN ('audit', 'honeypot', 'overlap', 'adjudication')"),
+              nullable=False),
+    sa.Column("gold_label", sa.Text),
+    sa.Column("source_task_id", ID),
+    sa.Column("disputed_label", sa.Text),
+    sa.Column("disputed_annotation_id", ID),
+    sa.Column("model_version", sa.Text),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.CheckConstraint("kind != 'honeypot' OR gold_label IS NOT NULL"),
+    sa.CheckConstraint("kind NOT IN ('overlap', 'adjudication') OR source_task_id IS NOT NULL"),
+    sa.Index("slice_items_project", "project_id", "kind"),
+)
+# built once: ``/predict`` asks on every request, and building a statement costs more than running it
+_KIND_OF = sa.select(SLICE_ITEMS.c.kind).where(SLICE_ITEMS.c.task_id == sa.bindparam("task_id"))
+_OF_KIND = sa.select(SLICE_ITEMS.c.task_id).where(SLICE_ITEMS.c.kind == sa.bindparam("kind"),
+                                                  SLICE_ITEMS.c.task_id.in_(sa.bindparam("ids", expanding=True)))
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,18 @@ class SliceItem:
 COLUMNS = [f.name for f in fields(SliceItem)]
 
 
-class SliceStore(SQLiteStore):
-    """An append-only SQLite table of :class:`SliceItem` rows, shared safely between threads and processes."""
+class SliceStore(Store):
+    """An append-only table of :class:`SliceItem` rows (``slices.sqlite``, or the ``slices`` schema of the shared
+    PostgreSQL), shared safely between threads, processes and replicas."""
 
-    SCHEMA = _SCHEMA
+    METADATA = METADATA
+    KEY = "slice_items"
 
     def add(self, items: Iterable[SliceItem]) -> int:
-        """Record items; a task already recorded keeps its first purpose. Returns how many were new."""
+        """Record items; a task already recorded keeps its first purpose. Returns how many were new.
+
+        A row that breaks a rule (a honeypot without its gold label) raises ``sqlalchemy.exc.IntegrityError``
+        and nothing of the batch is written."""
         now = datetime.now(UTC).isoformat()
         rows = [{**asdict(item), "created_at": item.created_at or now} for item in items]
         if not rows:
@@ -85,46 +95,38 @@ class SliceStore(SQLiteStore):
         for row in rows:
             if row["kind"] not in SLICE_KINDS:
                 raise ValueError(f"unknown slice kind {row['kind']!r}; expected one of {', '.join(SLICE_KINDS)}")
-        # only a task already recorded is skipped: OR IGNORE would also drop a row failing a CHECK (a
-        # honeypot without its gold label) without a word, and that task's answers would then train
-        sql = (f"INSERT INTO slice_items ({', '.join(COLUMNS)}) "
-               f"VALUES ({', '.join(':' + c for c in COLUMNS)}) ON CONFLICT (task_id) DO NOTHING")
+        # only a task already recorded is skipped (a conflict on task_id): a blanket ignore would also drop a
+        # row failing a CHECK without a word, and that task's answers would then train
+        insert = (self.insert(SLICE_ITEMS).on_conflict_do_nothing(index_elements=["task_id"])
+                  .returning(SLICE_ITEMS.c.task_id))
         with self._transaction() as conn:
-            before = conn.total_changes
-            conn.executemany(sql, rows)
-            added = conn.total_changes - before
-        return added
+            return len(conn.execute(insert, rows).all())
 
     def kind_of(self, task_id: int) -> SliceKind | None:
         """The purpose of a task (Label Studio task ids are unique per server), or None for a plain item."""
-        with self._lock:
-            row = self._conn.execute("SELECT kind FROM slice_items WHERE task_id = ?", (task_id,)).fetchone()
-        return row[0] if row else None
+        with self._read() as conn:
+            return conn.execute(_KIND_OF, {"task_id": task_id}).scalar()
 
     def of_kind(self, kind: SliceKind, task_ids: Iterable[int]) -> set[int]:
         """Which of ``task_ids`` have this purpose: one query for a whole ``/predict`` request."""
         ids = sorted(set(task_ids))
         if not ids:
             return set()
-        marks = ", ".join("?" * len(ids))
-        with self._lock:
-            rows = self._conn.execute(f"SELECT task_id FROM slice_items WHERE kind = ? AND task_id IN ({marks})",
-                                      [kind, *ids]).fetchall()
-        return {r[0] for r in rows}
+        with self._read() as conn:
+            return set(conn.execute(_OF_KIND, {"kind": kind, "ids": ids}).scalars())
 
     def task_ids(self, kind: SliceKind, project_id: int | None = None) -> set[int]:
-        sql, params = "SELECT task_id FROM slice_items WHERE kind = ?", [kind]
+        query = sa.select(SLICE_ITEMS.c.task_id).where(SLICE_ITEMS.c.kind == kind)
         if project_id is not None:
-            sql += " AND project_id = ?"
-            params.append(project_id)
-        with self._lock:
-            return {r[0] for r in self._conn.execute(sql, params).fetchall()}
+            query = query.where(SLICE_ITEMS.c.project_id == project_id)
+        with self._read() as conn:
+            return set(conn.execute(query).scalars())
 
     def frame(self, project_id: int | None = None) -> pd.DataFrame:
         """Every recorded item (optionally of one project), oldest first, with the columns of :class:`SliceItem`."""
-        sql, params = f"SELECT {', '.join(COLUMNS)} FROM slice_items", ()
+        query = sa.select(*(SLICE_ITEMS.c[c] for c in COLUMNS))
         if project_id is not None:
-            sql, params = sql + " WHERE project_id = ?", (project_id,)
-        with self._lock:
-            rows = self._conn.execute(sql + " ORDER BY created_at, task_id", params).fetchall()
+            query = query.where(SLICE_ITEMS.c.project_id == project_id)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(SLICE_ITEMS.c.created_at, SLICE_ITEMS.c.task_id)).all()
         return pd.DataFrame([tuple(r) for r in rows], columns=COLUMNS)

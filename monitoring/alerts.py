@@ -97,28 +97,32 @@ def payload(alert: Alert, event: Literal["raised", "cleared"]) -> dict[str, Any]
 
 def deliver(store: AlertStore, url: str | None, client: httpx.Client | None = None) -> tuple[int, int]:
     """POST every undelivered transition to ``url``; returns (delivered, still pending). Stops at the first
-    failure so that a receiver sees each alert's events in order."""
-    pending = store.pending_notifications()
-    if not url or not pending:
-        return 0, len(pending)
-    own = client is None
-    client = client or httpx.Client(timeout=10.0)
-    delivered = 0
-    try:
-        for alert, event in pending:
-            try:
-                response = client.post(url, json=payload(alert, event))
-                response.raise_for_status()
-            except httpx.HTTPError as e:
-                log.warning("alert %s (%s) not delivered to %s: %s; retrying at the next evaluation",
-                            alert.key, event, url, e)
-                break
-            store.mark_notified(alert.id, event)
-            delivered += 1
-    finally:
-        if own:
-            client.close()
-    return delivered, len(pending) - delivered
+    failure so that a receiver sees each alert's events in order. One replica at a time: the next one reads
+    what is still pending once the first is done, so a transition is posted once, not once per replica."""
+    if not url:
+        return 0, len(store.pending_notifications())
+    with store.delivering():
+        pending = store.pending_notifications()
+        if not pending:
+            return 0, 0
+        own = client is None
+        client = client or httpx.Client(timeout=10.0)
+        delivered = 0
+        try:
+            for alert, event in pending:
+                try:
+                    response = client.post(url, json=payload(alert, event))
+                    response.raise_for_status()
+                except httpx.HTTPError as e:
+                    log.warning("alert %s (%s) not delivered to %s: %s; retrying at the next evaluation",
+                                alert.key, event, url, e)
+                    break
+                store.mark_notified(alert.id, event)
+                delivered += 1
+        finally:
+            if own:
+                client.close()
+        return delivered, len(pending) - delivered
 
 
 def stale_keys(open_alerts: Iterable[Alert], report: dict[str, Any]) -> list[str]:

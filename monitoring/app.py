@@ -14,7 +14,7 @@ import threading
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
-from labelloop.alerts_store import AlertStore, alerts_path
+from labelloop.alerts_store import AlertStore
 from monitoring import dashboard, drift_api, overview, quality_api
 from monitoring.alerts import register_alert_metrics
 from monitoring.drift import run_drift_evaluation
@@ -44,7 +44,7 @@ def monitoring_routers(mlflow_url: str | None = None) -> list[APIRouter]:
 def instrument(app: FastAPI) -> AlertStore:
     """Export the open alerts as Prometheus gauges on the app's ``/metrics/prometheus``. The store stays
     open for the app's life (the collector reads it at each scrape); the caller closes it at shutdown."""
-    store = AlertStore(alerts_path(app.state.settings.state_dir))
+    store = AlertStore(app.state.settings.database("alerts"))
     register_alert_metrics(app.state.metrics.registry, store)
     return store
 

@@ -33,7 +33,7 @@ from markupsafe import Markup, escape
 from plotly.offline import get_plotlyjs
 from pydantic import BaseModel
 
-from labelloop.alerts_store import AlertStore, alerts_path
+from labelloop.alerts_store import AlertStore
 from monitoring import quality as measures
 from monitoring.drift_api import NO_REPORT, AlertOut, DriftReport
 from monitoring.label_errors import LabelIssue, shown_label
@@ -210,10 +210,10 @@ def collect_label_errors(context: MonitoringContext, quality: QualityContext) ->
 
 
 def collect_drift(context: MonitoringContext) -> DriftData | None:
-    path = alerts_path(context.settings.state_dir)
-    if not path.exists():
+    store = AlertStore.existing(context.settings)
+    if store is None:
         return None
-    with AlertStore(path) as store:
+    with store:
         latest = store.latest_report()
         if latest is None and not store.history(1):
             return None

@@ -326,7 +326,7 @@ class DriftMonitor:
 
         if self.project_id is None:
             raise ValueError("no Label Studio project: set LABELLOOP_LS_PROJECT_ID (or pass --project)")
-        with Journal(self.settings.journal_path, get_taxonomy(self.settings.taxonomy)) as journal:
+        with Journal(self.settings.database("journal"), get_taxonomy(self.settings.taxonomy)) as journal:
             loop = ActiveLearningLoop(self.settings, None, self.project_id, journal)
             try:  # the loop opens its own slice store; the scheduled evaluation must not leak one per run
                 return loop.pool()
@@ -432,11 +432,11 @@ class DriftMonitor:
 def run_drift_evaluation(settings, project_id: int | None = None, *, client=None) -> tuple[dict[str, Any], Any]:
     """Evaluate every window now, keep the report, and raise, clear and deliver alerts. Returns the report and
     the alert transitions (what ``labelloop drift`` and ``POST /v1/monitoring/drift/evaluate`` do)."""
-    from labelloop.alerts_store import AlertStore, alerts_path
+    from labelloop.alerts_store import AlertStore
     from monitoring.alerts import evaluate_alerts
 
     report = DriftMonitor(settings, project_id).evaluate()
-    with AlertStore(alerts_path(settings.state_dir)) as store:
+    with AlertStore(settings.database("alerts")) as store:
         store.save_report(report)
         transitions = evaluate_alerts(store, report, accuracy_drop=settings.drift_accuracy_drop,
                                       alert_url=settings.alert_url, client=client)

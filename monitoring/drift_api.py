@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, field_validator
 
-from labelloop.alerts_store import Alert, AlertStore, alerts_path
+from labelloop.alerts_store import Alert, AlertStore
 from labelloop.config import Settings, get_settings
 
 
@@ -27,7 +27,7 @@ def monitoring_settings(request: Request) -> Settings:
 
 
 def alert_store(settings: Annotated[Settings, Depends(monitoring_settings)]) -> Iterator[AlertStore]:
-    with AlertStore(alerts_path(settings.state_dir)) as store:
+    with AlertStore(settings.database("alerts")) as store:
         yield store
 
 

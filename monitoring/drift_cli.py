@@ -88,10 +88,10 @@ def _print_report(report: dict) -> None:
 def alerts(open_only: Annotated[bool, typer.Option("--open", help="only alerts still raised")] = False,
            limit: int = 50) -> None:
     """Alerts with their raised and cleared times, open ones first."""
-    from labelloop.alerts_store import AlertStore, alerts_path
+    from labelloop.alerts_store import AlertStore
 
     settings = get_settings()
-    with AlertStore(alerts_path(settings.state_dir)) as store:
+    with AlertStore(settings.database("alerts")) as store:
         rows = store.open_alerts() if open_only else store.history(limit)
     table = Table(title="alerts")
     for col in ("raised", "cleared", "kind", "window", "severity", "message"):

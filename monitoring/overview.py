@@ -22,7 +22,7 @@ import pandas as pd
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from labelloop.alerts_store import AlertStore, alerts_path
+from labelloop.alerts_store import AlertStore
 from labelloop.config import Settings
 from labelloop.escalations import EscalationOutbox
 from labelloop.exposure import DayExposure, ExposureLedger
@@ -70,7 +70,7 @@ class MonitoringContext:
 
     @cached_property
     def slice_store(self) -> SliceStore:
-        return self.slices if self.slices is not None else SliceStore(self.settings.slices_path)
+        return self.slices if self.slices is not None else SliceStore(self.settings.database("slices"))
 
     def quality(self) -> QualityContext:
         """The label-quality measures over the same journal, slice store and project."""
@@ -363,10 +363,9 @@ def _backlog(context: MonitoringContext) -> tuple[int | None, str | None]:
 def _job_results(context: MonitoringContext) -> list[tuple[str | None, dict | None]]:
     from active_learning.jobs import JobRunner
 
-    path = context.settings.state_dir / "jobs.sqlite"
-    if not path.exists():
-        return []
-    runner = JobRunner(path, run_jobs=False)
+    if context.settings.database_url is None and not (context.settings.state_dir / "jobs.sqlite").exists():
+        return []  # no service has run here yet: do not create its store from a page load
+    runner = JobRunner(context.settings.database("jobs"), run_jobs=False)
     try:
         return [(job.finished_at, job.result) for job in runner.list(state="done", limit=50)]
     finally:
@@ -374,11 +373,11 @@ def _job_results(context: MonitoringContext) -> list[tuple[str | None, dict | No
 
 
 def _open_alerts(context: MonitoringContext) -> tuple[list[AlertOut], str | None]:
-    path = alerts_path(context.settings.state_dir)
     never = "drift monitoring has not run yet, so no alerts are evaluated (labelloop drift)"
-    if not path.exists():
+    store = AlertStore.existing(context.settings)
+    if store is None:
         return [], never
-    with AlertStore(path) as store:
+    with store:
         if store.latest_report() is None and not store.history(1):
             return [], never
         return [AlertOut.of(a) for a in store.open_alerts()], None
@@ -482,7 +481,8 @@ def collect_protection(context: MonitoringContext) -> Protection:
     settings = context.settings
     guard = settings.protection_policy
     since = (_utc(context.now()) - pd.Timedelta(days=6)).date()
-    with ExposureLedger(settings.exposure_path) as ledger, EscalationOutbox(settings.escalations_path) as outbox:
+    with (ExposureLedger(settings.database("exposure")) as ledger,
+          EscalationOutbox(settings.database("escalations")) as outbox):
         ledger.sync(context.journal, settings.review_policy.severity, guard)
         outbox.sync(context.journal)
         return protection(ledger.daily(since=since), context.now(), guard.daily_severe_cap,

@@ -37,8 +37,9 @@ def quality_context(request: Request,
     settings: Settings = state.settings
     taxonomy = get_taxonomy(settings.taxonomy)
     with ExitStack() as stack:
-        journal = getattr(state, "journal", None) or stack.enter_context(Journal(settings.journal_path, taxonomy))
-        slices = getattr(state, "slices", None) or stack.enter_context(SliceStore(settings.slices_path))
+        journal = (getattr(state, "journal", None)
+                   or stack.enter_context(Journal(settings.database("journal"), taxonomy)))
+        slices = getattr(state, "slices", None) or stack.enter_context(SliceStore(settings.database("slices")))
         if getattr(state, "quality_predictions", None) is None:  # audit predictions, kept across requests
             state.quality_predictions = {}
         yield QualityContext(settings=settings, journal=journal, slices=slices, taxonomy=taxonomy,

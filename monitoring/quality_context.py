@@ -254,6 +254,6 @@ def item_majority(table: pd.DataFrame) -> pd.Series:
 def open_context(settings: Settings, project_id: int | None = None) -> Iterator[QualityContext]:
     """A context over the configured journal and slice store (``project_id`` defaults to the settings')."""
     taxonomy = get_taxonomy(settings.taxonomy)
-    with Journal(settings.journal_path, taxonomy) as journal, SliceStore(settings.slices_path) as slices:
+    with Journal(settings.database("journal"), taxonomy) as journal, SliceStore(settings.database("slices")) as slices:
         yield QualityContext(settings=settings, journal=journal, slices=slices, taxonomy=taxonomy,
                              project_id=project_id if project_id is not None else settings.ls_project_id)

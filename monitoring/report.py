@@ -56,7 +56,7 @@ def report(
         raise ValueError(f"--mlflow-url {mlflow_url!r} must be an http:// or https:// URL")
     if out is not None and out.exists() and out.is_dir():
         raise ValueError(f"--out {out} is a directory; name a file")
-    with Journal(settings.journal_path, get_taxonomy(settings.taxonomy)) as journal:
+    with Journal(settings.database("journal"), get_taxonomy(settings.taxonomy)) as journal:
         context = MonitoringContext(settings, journal, mlflow_url=mlflow_url)
         try:
             data = collect(context)

@@ -33,6 +33,7 @@ from labelloop.taxonomy import get_taxonomy
 from serving.auth import AuthMiddleware, BodySizeLimitMiddleware, Credentials, SingleValuedQueryMiddleware
 from serving.batching import AdmissionPolicy, ClientDisconnected, Lane, MicroBatcher, Overloaded
 from serving.champion import Champion, ModelSource, RegistryModelSource
+from serving.db_health import DatabaseHealth
 from serving.metrics import MetricsMiddleware, ServingMetrics
 from serving.protocol import ErrorResponse
 from serving.quantize import prepare_for_serving
@@ -68,7 +69,7 @@ def create_app(
     credentials = Credentials(settings)
     source = model_source or RegistryModelSource(settings)
     owns_journal = journal is None
-    journal = journal or Journal(settings.journal_path, get_taxonomy(settings.taxonomy),
+    journal = journal or Journal(settings.database("journal"), get_taxonomy(settings.taxonomy),
                                  policy=settings.review_policy)
     metrics = ServingMetrics()
 
@@ -132,7 +133,9 @@ def create_app(
     app.state.on_setup = on_setup
     #: what /health reports on, by name; the service adds label_studio (reconciliation)
     app.state.health_reporters = {"registry": champion, "journal": JournalHealth(journal)}
-    app.state.slices = SliceStore(settings.slices_path)  # which tasks are blind audit items
+    if settings.database_url:  # the state replicas share: /health says whether this replica reaches it
+        app.state.health_reporters["database"] = DatabaseHealth(settings.database_url)
+    app.state.slices = SliceStore(settings.database("slices"))  # which tasks are blind audit items
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -108,6 +108,7 @@ class DependencyHealth(_Strict):
     detail: str | None = Field(None, description="why it is unavailable")
     since: str | None = Field(None, description="when it became unavailable (UTC, ISO-8601)")
     retry_in_s: float | None = Field(None, description="seconds until the next attempt (exponential backoff)")
+    url: str | None = Field(None, description="where it is (the database's URL, password redacted)")
 
 
 class ServingCandidate(_Strict):
@@ -143,7 +144,8 @@ class HealthResponse(_Strict):
     retry_in_s: float | None = Field(None, description="seconds until the next attempt to load the champion")
     dependencies: dict[str, DependencyHealth] = Field(
         default_factory=dict, description="registry (MLflow), journal (webhooks are refused while it cannot be "
-        "written) and, in `labelloop serve` with a project, label_studio (reconciliation)")
+        "written), database (the PostgreSQL that replicas share, when database_url is set) and, in `labelloop "
+        "serve` with a project, label_studio (reconciliation)")
 
 
 class WebhookResult(_Strict):

@@ -27,13 +27,14 @@ from html import escape
 from typing import Annotated, Any, Protocol
 
 import anyio
+import sqlalchemy.exc
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from labelloop.config import Settings
 from labelloop.exposure import ExposureLedger
-from labelloop.journal import Journal
+from labelloop.journal import Journal, JournalUnavailable
 from labelloop.policy import Protection, Severity
 from serving.batching import Lane, MicroBatcher
 from serving.champion import Champion
@@ -183,6 +184,9 @@ async def _next(reviewer: str, settings: Settings, source: TaskSource, ledger: E
         reviewer_id, tasks, seen = await anyio.to_thread.run_sync(gather)
     except TaskSourceUnavailable as e:
         raise HTTPException(503, f"Label Studio cannot be read: {e}") from None
+    except (JournalUnavailable, sqlalchemy.exc.OperationalError) as e:  # the shared database is down
+        raise HTTPException(503, "the reviewer's exposure cannot be counted, so the daily cap cannot be held: "
+                                 f"{type(getattr(e, 'orig', None) or e).__name__}") from None
     if reviewer_id is None:
         raise HTTPException(404, f"no Label Studio account with the email {reviewer!r}")
     cap = protection.daily_severe_cap

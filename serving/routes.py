@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Protocol
 
 import anyio
+import sqlalchemy.exc
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -247,7 +248,8 @@ async def setup(request: SetupRequest, champion: ChampionDep, configs: ProjectCo
 
 # ------------------------------------------------------------------------------------------ predict
 @label_studio_router.post("/predict", response_model=PredictResponse, responses={
-    **_MISMATCH, 503: {"model": ErrorResponse, "description": f"{_NO_CHAMPION}, or {_OVERLOADED}",
+    **_MISMATCH, 503: {"model": ErrorResponse, "description": f"{_NO_CHAMPION}, {_OVERLOADED}, or the slice "
+                                                              "store (which tasks are blind) is unreachable",
                        "headers": _RETRY_AFTER}})
 async def predict(request: PredictRequest, http: Request, settings: SettingsDep, champion: ChampionDep,
                   batcher: BatcherDep, configs: ProjectConfigsDep, slices: SlicesDep,
@@ -255,7 +257,8 @@ async def predict(request: PredictRequest, http: Request, settings: SettingsDep,
     """One prediction per task, in order. Tasks without text get an empty prediction (score 0);
     no champion yet, or a config without ``<Choices>`` on a ``<Text>``, gives ``results: []``; a champion
     that cannot be loaded (MLflow unreachable, a failed load) gives 503 with the reason. A blind audit
-    task (``labelloop.slices``) gets its score but no choice: opening it must not show a suggestion.
+    task (``labelloop.slices``) gets its score but no choice: opening it must not show a suggestion; while
+    the slice store cannot be read, 503 rather than a guess (Label Studio stores nothing and asks again).
     A multi-label model pre-selects its whole label set in a ``choice="multiple"`` config."""
     model = champion.current  # read once: the whole request uses this model
     tasks = request.task_list()
@@ -278,7 +281,11 @@ async def predict(request: PredictRequest, http: Request, settings: SettingsDep,
     proba = await batcher.predict(model, texts, Lane.LABEL_STUDIO, disconnected=lambda: _until_disconnected(http))
     decisions = binding.decisions(proba, model.classifier)
     task_ids = [_task_id(task.id) for task in tasks]
-    blind = slices.of_kind("audit", (t for t in task_ids if t is not None))
+    try:
+        blind = slices.of_kind("audit", (t for t in task_ids if t is not None))
+    except sqlalchemy.exc.OperationalError as e:  # the shared database is down: a guess could unblind an audit
+        raise HTTPException(503, "cannot tell which tasks are blind audit items: the slice store is "
+                                 f"unreachable ({type(e.orig or e).__name__})") from None
     results = [TaskPrediction(model_version=model.ref.label, score=0.0, result=[]) for _ in tasks]
     for decision, i in zip(decisions, positions, strict=True):
         region = ChoicesRegion(from_name=binding.from_name, to_name=binding.to_name,

@@ -8,6 +8,8 @@ once on SQLite and once on PostgreSQL: the exactly-once rules must hold on both.
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,14 +19,19 @@ _names = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def pg_server() -> Iterator[object]:
     pgserver = pytest.importorskip("pgserver")
-    # a short path: the server's Unix socket lives in the data directory, and socket paths max out at 107 bytes
-    server = pgserver.get_server(Path(tmp_path_factory.mktemp("pg", numbered=True)), cleanup_mode="stop")
+    # a short path: the server's Unix socket lives in the data directory, and socket paths max out at 107 bytes.
+    # Not under pytest's basetemp: as root, pgserver runs the server as the user `pgserver` and opens the path's
+    # parents to it, and every other pytest session that starts makes /tmp/pytest-of-<user> 0700 again, which
+    # crashes the server mid-run (PANIC: could not open pg_control: Permission denied).
+    data = Path(tempfile.mkdtemp(prefix="labelloop-pg-", dir="/tmp"))
+    server = pgserver.get_server(data, cleanup_mode="stop")
     try:
         yield server
     finally:
         server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from monitoring.drift import (
     prediction_drift,
 )
 from tests.local_http import LocalHTTPServer
+from tests.test_escalations import store_db  # noqa: F401 (a fixture)
 
 ALPHA = 0.01
 DIM = 24
@@ -233,20 +234,19 @@ def receiver():
     server.close()
 
 
-def test_alert_is_raised_then_cleared_with_times_persisted(tmp_path):
-    path = alerts_path(tmp_path)
-    with AlertStore(path) as store:
+def test_alert_is_raised_then_cleared_with_times_persisted(store_db):  # noqa: F811 (the fixture imported above)
+    with AlertStore(store_db("alerts")) as store:
         t = evaluate_alerts(store, _report({"b1": False, "b2": True}), accuracy_drop=0.1, alert_url=None)
         assert [a.key for a in t.raised] == ["drift:batch:b2"] and t.cleared == []
         again = evaluate_alerts(store, _report({"b2": True}), accuracy_drop=0.1, alert_url=None)
         assert again.raised == []  # still the same open episode
-    with AlertStore(path) as store:  # reopened: the state survived
+    with AlertStore(store_db("alerts")) as store:  # reopened: the state survived
         (open_alert,) = store.open_alerts()
         assert open_alert.window == "b2" and open_alert.raised_at and open_alert.cleared_at is None
         assert store.drifted_windows("batch") == {"b2": 5.0}
         t = evaluate_alerts(store, _report({"b2": False}), accuracy_drop=0.1, alert_url=None)
         assert [a.key for a in t.cleared] == ["drift:batch:b2"]
-    with AlertStore(path) as store:
+    with AlertStore(store_db("alerts")) as store:
         assert store.open_alerts() == [] and store.drifted_windows("batch") == {}
         (episode,) = store.history()
         assert episode.cleared_at >= episode.raised_at
@@ -254,15 +254,15 @@ def test_alert_is_raised_then_cleared_with_times_persisted(tmp_path):
         assert len(store.history()) == 2  # a new episode, the old one kept
 
 
-def test_untested_windows_neither_raise_nor_clear(tmp_path):
-    with AlertStore(alerts_path(tmp_path)) as store:
+def test_untested_windows_neither_raise_nor_clear(store_db):  # noqa: F811
+    with AlertStore(store_db("alerts")) as store:
         evaluate_alerts(store, _report({"b1": True}), accuracy_drop=0.1, alert_url=None)
         evaluate_alerts(store, _report({"b1": False}, evaluated=False), accuracy_drop=0.1, alert_url=None)
         assert [a.window for a in store.open_alerts()] == ["b1"]
 
 
-def test_alerts_about_windows_the_report_no_longer_has_are_cleared(tmp_path):
-    with AlertStore(alerts_path(tmp_path)) as store:
+def test_alerts_about_windows_the_report_no_longer_has_are_cleared(store_db):  # noqa: F811
+    with AlertStore(store_db("alerts")) as store:
         evaluate_alerts(store, _report({"b1": True, "b2": True}, estimate=0.6), accuracy_drop=0.1, alert_url=None)
         assert len(store.open_alerts()) == 4  # drift and accuracy, two windows
         t = evaluate_alerts(store, _report({"b2": True}, estimate=0.6), accuracy_drop=0.1, alert_url=None)
@@ -279,9 +279,9 @@ def test_accuracy_alert_when_the_estimate_drops_past_the_threshold():
     assert not decisions["accuracy:batch:b1"].active
 
 
-def test_alerts_are_posted_and_a_failed_post_is_retried_at_the_next_evaluation(tmp_path, receiver):
+def test_alerts_are_posted_and_a_failed_post_is_retried_at_the_next_evaluation(store_db, receiver):  # noqa: F811
     url = receiver.base_url + "/hook"
-    with AlertStore(alerts_path(tmp_path)) as store:
+    with AlertStore(store_db("alerts")) as store:
         Receiver.status = 503
         t = evaluate_alerts(store, _report({"b1": True}), accuracy_drop=0.1, alert_url=url)
         assert t.delivered == 0 and t.undelivered == 1 and Receiver.received == []
@@ -293,6 +293,48 @@ def test_alerts_are_posted_and_a_failed_post_is_retried_at_the_next_evaluation(t
                                                                       ("cleared", "drift:batch:b1")]
         assert Receiver.received[1]["cleared_at"] and Receiver.received[0]["details"]["champion"] == "v3"
         assert deliver(store, url) == (0, 0)  # nothing sent twice
+
+
+def test_two_replicas_delivering_alerts_at_once_post_each_transition_once(store_db):  # noqa: F811
+    """Every replica runs its own drift schedule on the shared alert store; two that deliver at the same
+    moment (a slow receiver keeps both inside) must not both post the same transition."""
+    import time
+
+    posts: list[tuple[str, str]] = []
+
+    class SlowReceiver(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(0.3)
+            posts.append((body["event"], body["key"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = LocalHTTPServer(SlowReceiver)
+    try:
+        with AlertStore(store_db("alerts")) as a, AlertStore(store_db("alerts")) as b:
+            a.raise_alert("drift:batch:b1", "drift", "b1 drifted", window_kind="batch", window="b1", notify=True)
+            start = threading.Barrier(2)
+            results: dict[str, tuple[int, int]] = {}
+
+            def deliver_from(name: str, store: AlertStore) -> None:
+                start.wait()
+                results[name] = deliver(store, server.base_url + "/hook")
+
+            threads = [threading.Thread(target=deliver_from, args=item) for item in (("a", a), ("b", b))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
+            assert sorted(results.values()) == [(0, 0), (1, 0)]
+            assert a.pending_notifications() == []
+    finally:
+        server.close()
+    assert posts == [("raised", "drift:batch:b1")]
 
 
 def test_unreachable_alert_url_keeps_the_transition_pending(tmp_path):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from active_learning.training_labels import derive_training_labels
 from labelloop.config import Settings
+from labelloop.db import Database
 from labelloop.escalations import (
     CLAIM_SECONDS,
     IDEMPOTENCY_HEADER,
@@ -78,6 +79,14 @@ def review_event(ann_id: int = 1, task_id: int = 10, minute: int = 0, action: st
 def journal(tmp_path: Path) -> Iterator[Journal]:
     with Journal(tmp_path / "journal.sqlite", TAXONOMY, policy=POLICY) as j:
         yield j
+
+
+@pytest.fixture
+def store_db(tmp_path: Path, state_backend: str | None) -> Callable[..., Database]:
+    """Opens a side store's database as ``Settings.database`` does: ``<name>.sqlite`` in ``tmp_path``, or the
+    schema ``<name>`` of this test's own PostgreSQL database. Each call is a new engine, as in another
+    process or replica."""
+    return lambda name="escalations": Database.open(state_backend, tmp_path / f"{name}.sqlite", name)
 
 
 # --- journaling the marks --------------------------------------------------------------------------
@@ -174,13 +183,13 @@ def test_a_schema_2_journal_opens_and_gains_the_review_columns(tmp_path: Path) -
 # --- the outbox ------------------------------------------------------------------------------------
 
 
-def test_sync_is_idempotent_and_recovers_what_a_crash_left_behind(journal: Journal, tmp_path: Path) -> None:
+def test_sync_is_idempotent_and_recovers_what_a_crash_left_behind(journal: Journal, store_db) -> None:
     journal.record(review_event(1, 10))
-    with EscalationOutbox(tmp_path / "escalations.sqlite") as outbox:
+    with EscalationOutbox(store_db()) as outbox:
         assert outbox.sync(journal) == 1
         assert outbox.sync(journal) == 0
     journal.record(review_event(2, 11))  # acknowledged, then the process died before copying it
-    with EscalationOutbox(tmp_path / "escalations.sqlite") as outbox:  # the restarted process
+    with EscalationOutbox(store_db()) as outbox:  # the restarted process
         assert outbox.sync(journal) == 1
         assert [e.body["annotation_id"] for e in outbox.entries()] == [2, 1]
         assert outbox.counts() == {"open": 2, "delivered": 0}
@@ -341,10 +350,9 @@ def test_serve_killed_right_after_acknowledging_delivers_after_restart(tmp_path:
     assert receiver.delivered()[0]["body"]["reason"] == "credible threat against a named person"
 
 
-def test_the_worker_retries_with_backoff_until_delivered(journal: Journal, tmp_path: Path,
-                                                         receiver: Receiver) -> None:
+def test_the_worker_retries_with_backoff_until_delivered(journal: Journal, store_db, receiver: Receiver) -> None:
     receiver.up("failing")
-    with EscalationOutbox(tmp_path / "escalations.sqlite") as outbox:
+    with EscalationOutbox(store_db()) as outbox:
         worker = DeliveryWorker(outbox, journal, receiver.url, retry_seconds=0.05, retry_max_seconds=0.2,
                                 idle_seconds=5)
         worker.start()
@@ -363,13 +371,12 @@ def test_the_worker_retries_with_backoff_until_delivered(journal: Journal, tmp_p
         assert outbox.entries()[0].attempts == len(receiver.posts)
 
 
-def test_two_processes_delivering_at_once_send_each_escalation_once(journal: Journal, tmp_path: Path,
+def test_two_processes_delivering_at_once_send_each_escalation_once(journal: Journal, store_db,
                                                                     receiver: Receiver) -> None:
     receiver.up()
     for i in range(5):
         journal.record(review_event(i + 1, 10 + i))
-    path = tmp_path / "escalations.sqlite"
-    with EscalationOutbox(path) as a, EscalationOutbox(path) as b, httpx.Client(timeout=5) as client:
+    with EscalationOutbox(store_db()) as a, EscalationOutbox(store_db()) as b, httpx.Client(timeout=5) as client:
         a.sync(journal)
         claimed = a.claim_due(datetime.now(UTC))
         assert len(claimed) == 5 and b.claim_due(datetime.now(UTC)) == []
@@ -381,11 +388,11 @@ def test_two_processes_delivering_at_once_send_each_escalation_once(journal: Jou
 
 
 def test_a_failed_pass_holds_the_rest_back_until_the_retry_then_delivers_in_order(
-        journal: Journal, tmp_path: Path, receiver: Receiver) -> None:
+        journal: Journal, store_db, receiver: Receiver) -> None:
     """A receiver that is down is tried once per backoff period, not once per open escalation."""
     for i in range(3):
         journal.record(review_event(i + 1, 10 + i))
-    with EscalationOutbox(tmp_path / "e.sqlite") as outbox, httpx.Client(timeout=5) as client:
+    with EscalationOutbox(store_db()) as outbox, httpx.Client(timeout=5) as client:
         outbox.sync(journal)
         start = datetime.now(UTC)
 
@@ -400,12 +407,11 @@ def test_a_failed_pass_holds_the_rest_back_until_the_retry_then_delivers_in_orde
     assert [p["body"]["annotation_id"] for p in receiver.posts] == [1, 2, 3]
 
 
-def test_a_pass_that_outlived_its_claim_does_not_post_what_another_pass_took(journal: Journal, tmp_path: Path,
+def test_a_pass_that_outlived_its_claim_does_not_post_what_another_pass_took(journal: Journal, store_db,
                                                                             receiver: Receiver) -> None:
     receiver.up()
     journal.record(review_event(1, 10))
-    path = tmp_path / "escalations.sqlite"
-    with EscalationOutbox(path) as a, EscalationOutbox(path) as b, httpx.Client(timeout=5) as client:
+    with EscalationOutbox(store_db()) as a, EscalationOutbox(store_db()) as b, httpx.Client(timeout=5) as client:
         a.sync(journal)
         start = datetime.now(UTC)
         stalled = a.claim_due(start)  # a's pass claims, then stalls (a slow receiver) past its claim
@@ -416,9 +422,104 @@ def test_a_pass_that_outlived_its_claim_does_not_post_what_another_pass_took(jou
     assert len(receiver.posts) == 1
 
 
-def test_without_a_url_nothing_is_sent_and_nothing_is_dropped(journal: Journal, tmp_path: Path) -> None:
+def test_concurrent_claims_from_two_replicas_never_take_one_escalation_twice(journal: Journal, store_db) -> None:
+    """The claim is what keeps two replicas' workers from posting one escalation each: many passes of both
+    replicas claiming small batches at the same moment must split the open escalations without overlap."""
+    n = 40
+    for i in range(n):
+        journal.record(review_event(i + 1, 10 + i))
+    with EscalationOutbox(store_db()) as a, EscalationOutbox(store_db()) as b:
+        a.sync(journal)
+        start = threading.Barrier(6)
+        claimed: list[int] = []
+
+        def claim_until_empty(outbox: EscalationOutbox) -> None:
+            start.wait()
+            while batch := outbox.claim_due(datetime.now(UTC), limit=3):
+                claimed.extend(e.escalation_id for e in batch)
+
+        threads = [threading.Thread(target=claim_until_empty, args=(outbox,)) for outbox in (a, b) * 3]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert sorted(claimed) == list(range(1, n + 1))
+
+
+def test_the_workers_of_two_replicas_deliver_each_escalation_once(tmp_path: Path, store_db,
+                                                                  receiver: Receiver) -> None:
+    """Every replica of ``labelloop serve`` runs a delivery worker on the shared outbox. A burst of webhooks
+    lands on either replica, and each one wakes both workers (the worst case: they sync and claim at the same
+    moments); the receiver still gets every escalation exactly once."""
+    receiver.up()
+    n = 24
+    journal_path = tmp_path / "journal.sqlite"
+    with (Journal(journal_path, TAXONOMY, policy=POLICY) as journal_a,
+          Journal(journal_path, TAXONOMY, policy=POLICY) as journal_b,
+          EscalationOutbox(store_db()) as outbox_a, EscalationOutbox(store_db()) as outbox_b):
+        workers = [DeliveryWorker(outbox, journal, receiver.url, retry_seconds=0.05, retry_max_seconds=0.2,
+                                  idle_seconds=0.05) for outbox, journal in ((outbox_a, journal_a),
+                                                                             (outbox_b, journal_b))]
+        for worker in workers:
+            worker.start()
+        try:
+            for i in range(n):
+                (journal_a, journal_b)[i % 2].record(review_event(i + 1, 10 + i))
+                for worker in workers:
+                    worker.wake()
+            wait_for(lambda: outbox_b.counts() == {"open": 0, "delivered": n}, "both workers to deliver",
+                     timeout=60)
+            time.sleep(0.3)  # several more passes of both workers: nothing more may be sent
+        finally:
+            for worker in workers:
+                worker.close()
+        assert outbox_a.counts() == {"open": 0, "delivered": n}
+    keys = [p["key"] for p in receiver.posts]
+    assert len(keys) == n and len(set(keys)) == n
+    assert sorted(p["body"]["annotation_id"] for p in receiver.posts) == list(range(1, n + 1))
+
+
+def test_a_replica_started_while_postgresql_is_unreachable_creates_the_tables_once_it_is_back(
+        journal: Journal, pg_server) -> None:
+    """Opening the store must not take a replica down with the database: the webhook path and the worker
+    already survive a failed sync, and the tables appear at the first use that reaches the server."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    admin = pg_server.get_uri()
+    url = admin.replace("/postgres?", "/not_created_yet?", 1)
     journal.record(review_event(1, 10))
-    with EscalationOutbox(tmp_path / "e.sqlite") as outbox, httpx.Client() as client:
+    with EscalationOutbox(Database.postgres(url, "escalations")) as outbox:  # the database is not there yet
+        with pytest.raises(OperationalError):
+            outbox.counts()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE not_created_yet")
+        try:
+            assert outbox.sync(journal) == 1 and outbox.counts() == {"open": 1, "delivered": 0}
+        finally:
+            outbox.close()
+            with psycopg.connect(admin, autocommit=True) as conn:
+                conn.execute("DROP DATABASE not_created_yet WITH (FORCE)")
+
+
+def test_a_store_whose_database_is_unreachable_is_one_cli_error_line() -> None:
+    import typer
+
+    from labelloop.cli_errors import friendly_errors
+
+    @friendly_errors
+    def listing() -> None:
+        with EscalationOutbox(Database.postgres("postgresql://labelloop@127.0.0.1:1/state", "escalations")) as outbox:
+            outbox.entries()
+
+    with pytest.raises(typer.Exit) as exited:
+        listing()
+    assert exited.value.exit_code == 2
+
+
+def test_without_a_url_nothing_is_sent_and_nothing_is_dropped(journal: Journal, store_db) -> None:
+    journal.record(review_event(1, 10))
+    with EscalationOutbox(store_db()) as outbox, httpx.Client() as client:
         outbox.sync(journal)
         assert outbox.deliver(None, client, retry_seconds=1, retry_max_seconds=1).pending == 1
 

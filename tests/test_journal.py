@@ -1,5 +1,7 @@
-"""The annotation journal on a real SQLite file: exactly-once, ordering, deletion, quarantine, restarts,
-threads and a second writing process."""
+"""The annotation journal on a real SQLite file and a real PostgreSQL: exactly-once, ordering, deletion,
+quarantine, restarts, threads and a second writing process. The tests of the exactly-once rules run on both
+engines (``state_backend``); what only a SQLite file has (WAL, ``user_version`` migrations) and the label-set
+encoding run on SQLite alone."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from labelloop.config import Settings
 from labelloop.journal import SCHEMA_VERSION, Journal, JournalError, RecordResult
 from labelloop.taxonomy import Taxonomy, get_taxonomy
 
@@ -70,9 +73,14 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "journal.sqlite"
 
 
+def open_journal(path: Path, backend: str | None) -> Journal:
+    """The journal as the service opens it: the SQLite file at ``path`` or, with a URL, its PostgreSQL schema."""
+    return Journal(Settings(state_dir=path.parent, database_url=backend).database("journal"), TAXONOMY)
+
+
 @pytest.fixture
-def journal(path: Path):
-    with Journal(path, TAXONOMY) as j:
+def journal(path: Path, state_backend: str | None):
+    with open_journal(path, state_backend) as j:
         yield j
 
 
@@ -81,7 +89,8 @@ def label_map(journal: Journal) -> dict[int, str]:
     return dict(zip(frame["task_id"], frame["label"], strict=True))
 
 
-def test_file_is_wal_and_schema_versioned(journal: Journal, path: Path) -> None:
+def test_file_is_wal_and_schema_versioned(path: Path) -> None:
+    Journal(path, TAXONOMY).close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
@@ -295,12 +304,12 @@ def test_bulk_created_event_applies_each_annotation(journal: Journal) -> None:
     assert journal.record(payload).status == "duplicate"
 
 
-def test_restart_keeps_state_and_still_dedupes(path: Path) -> None:
-    with Journal(path, TAXONOMY) as first:
+def test_restart_keeps_state_and_still_dedupes(path: Path, state_backend: str | None) -> None:
+    with open_journal(path, state_backend) as first:
         first.record(event())
         first.record(deleted(5))
         marker = first.last_event_id()
-    with Journal(path, TAXONOMY) as second:
+    with open_journal(path, state_backend) as second:
         assert label_map(second) == {10: "hate"}
         assert second.record(event()).status == "duplicate"
         assert second.apply_annotation(annotation(ann_id=5), task()).status == "ignored"
@@ -407,13 +416,14 @@ def test_threads_recording_overlapping_events_apply_each_version_at_most_once(jo
     assert journal.new_label_count(0) == 40
 
 
-def _reconcile_in_another_process(path: str, n_annotations: int, started: Any, go: Any, out: Any) -> None:
+def _reconcile_in_another_process(path: str, backend: str | None, n_annotations: int, started: Any, go: Any,
+                                  out: Any) -> None:
     """Reports its statuses, or the error that stopped it (so a failure shows at once).
 
     It applies its first annotation, then waits until the other writer has applied one too, so each
     side is known to win at least once; after that the two race freely.
     """
-    with Journal(Path(path), TAXONOMY) as journal:
+    with open_journal(Path(path), backend) as journal:
         try:
             statuses = [journal.apply_annotation(annotation(1, 101, "offensive"), task(101)).status]
             started.set()
@@ -421,16 +431,18 @@ def _reconcile_in_another_process(path: str, n_annotations: int, started: Any, g
             for i in range(2, n_annotations + 1):
                 statuses.append(journal.apply_annotation(annotation(i, 100 + i, "offensive"), task(100 + i)).status)
             out.put(statuses)
-        except sqlite3.Error as e:
+        except Exception as e:
             started.set()
             out.put(f"{type(e).__name__}: {e}")
 
 
-def test_a_second_process_writing_at_the_same_time_never_double_applies(journal: Journal, path: Path) -> None:
+def test_a_second_process_writing_at_the_same_time_never_double_applies(journal: Journal, path: Path,
+                                                                         state_backend: str | None) -> None:
+    """The other process is the reconciler of the same machine, or on PostgreSQL also another replica."""
     n = 150
     ctx = multiprocessing.get_context("spawn")
     started, go, out = ctx.Event(), ctx.Event(), ctx.Queue()
-    other = ctx.Process(target=_reconcile_in_another_process, args=(str(path), n, started, go, out))
+    other = ctx.Process(target=_reconcile_in_another_process, args=(str(path), state_backend, n, started, go, out))
     other.start()
     try:
         assert started.wait(timeout=120)
@@ -530,6 +542,8 @@ def test_schema_1_journal_is_migrated_and_backfilled_from_its_events(path: Path)
         assert j.labels()["label"].tolist() == ["hate"]
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"annotations_task", "annotations_project", "annotations_label_event"} <= indexes  # the rebuilt table's
     conn.close()
 
 

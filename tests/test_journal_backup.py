@@ -161,6 +161,27 @@ def test_backup_refuses_to_overwrite_without_force_and_needs_a_journal(settings:
     assert len(training_labels(existing)) == 2
 
 
+@pytest.mark.parametrize(("command", "tool"), [("backup", "pg_dump"), ("restore", "pg_restore")])
+def test_a_journal_in_postgresql_is_refused_with_its_own_tools_named(settings: Settings, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     command: str, tool: str):
+    """Never a silent copy of the SQLite file the service does not use: exit 2, the tool to use instead, and no
+    password in the message."""
+    with Journal(settings.journal_path, TAXONOMY) as journal:  # a stale SQLite journal beside the configuration
+        labelled(journal, 1, 2)
+    backup = tmp_path / "journal-copy.sqlite"
+    if command == "restore":
+        assert invoke("backup", str(backup)).exit_code == 0
+    before = settings.journal_path.read_bytes()
+    in_postgres = settings.model_copy(update={"database_url": "postgresql://labelloop:s3cret@db.internal/labelloop"})
+    monkeypatch.setattr(journal_cli, "get_settings", lambda: in_postgres)
+    run = invoke(command, str(backup))
+    assert run.exit_code == 2, run.output
+    output = " ".join(run.output.split())
+    assert "PostgreSQL" in output and tool in output and "s3cret" not in output
+    assert backup.exists() == (command == "restore") and settings.journal_path.read_bytes() == before
+
+
 def test_after_a_restore_new_escalations_reach_the_outbox_and_event_ids_go_on(settings: Settings):
     """The outbox copies escalations above the highest id it holds: a restored journal that handed out its old
     ids again would hide every new escalation from it, so that escalation would never be delivered."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
@@ -117,13 +117,10 @@ def ls_payload(draw) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def stored(journal: Journal, event_id: int) -> sqlite3.Row:
-    conn = sqlite3.connect(journal.path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT status, reason FROM events WHERE event_id = ?", (event_id,)).fetchone()
-    finally:
-        conn.close()
+def stored(journal: Journal, event_id: int) -> dict[str, Any]:
+    with journal._read() as conn:
+        return dict(conn.execute(sa.text("SELECT status, reason FROM events WHERE event_id = :id"),
+                                 {"id": event_id}).mappings().one())
 
 
 def check(journal: Journal, outcome: RecordResult) -> None:
@@ -136,8 +133,9 @@ def check(journal: Journal, outcome: RecordResult) -> None:
 
 
 @pytest.fixture
-def journal(tmp_path: Path) -> Iterator[Journal]:
-    with Journal(tmp_path / "journal.sqlite", TAXONOMY) as j:
+def journal(tmp_path: Path, state_backend: str | None) -> Iterator[Journal]:
+    """On SQLite and on PostgreSQL, which refuses what SQLite stores (a NUL in a text): the same four endings."""
+    with Journal(Settings(state_dir=tmp_path, database_url=state_backend).database("journal"), TAXONOMY) as j:
         yield j
 
 

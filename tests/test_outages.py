@@ -28,6 +28,7 @@ from fastapi.testclient import TestClient
 from active_learning.jobs import JobRunner
 from labelloop import data
 from labelloop.config import Settings
+from labelloop.db import Database
 from labelloop.journal import Journal
 from labelloop.ls_server import free_port
 from labelloop.taxonomy import get_taxonomy, label_config_xml
@@ -228,7 +229,7 @@ def test_mlflow_down_at_start_then_up_then_down_again_and_a_retrain_that_crashes
         assert f"127.0.0.1:{port}" in failed["error"] and failed["finished_at"]  # why: MLflow was gone
         assert backend.health()["model_version"] == champion
         assert backend.post("/v1/predict", {"texts": ["hello"]}).json()["model_version"] == champion
-    stored = JobRunner(settings.state_dir / "jobs.sqlite", run_jobs=False)
+    stored = JobRunner(settings.database("jobs"), run_jobs=False)
     try:
         job = stored.get(job_id)
         assert job.state == "failed" and job.error == failed["error"]
@@ -364,7 +365,7 @@ def test_a_retrain_killed_with_the_service_is_failed_after_restart_and_the_champ
         job = backend.get(f"/jobs/{job_id}").json()
         assert job["state"] == "failed" and "interrupted" in job["error"]
         wait_until(lambda: backend.health()["model_version"] == champion, "the champion", 120, backend.child)
-    stored = JobRunner(settings.state_dir / "jobs.sqlite", run_jobs=False)
+    stored = JobRunner(settings.database("jobs"), run_jobs=False)
     try:
         assert stored.get(job_id).state == "failed"
     finally:
@@ -536,7 +537,7 @@ def test_a_job_that_raises_systemexit_fails_with_a_reason_and_the_worker_lives_o
             raise SystemExit("a library gave up")
         return {"ok": True}
 
-    runner = JobRunner(tmp_path / "jobs.sqlite", work)
+    runner = JobRunner(Database.sqlite(tmp_path / "jobs.sqlite"), work)
     try:
         first = runner.wait(runner.submit("one").id, 30)
         assert first.state == "failed" and first.error == "SystemExit: a library gave up"

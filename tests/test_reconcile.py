@@ -16,6 +16,7 @@ from label_studio_sdk.core.api_error import ApiError
 
 from active_learning.labelstudio import choice_result
 from active_learning.reconcile import ReconcileReport, reconcile
+from labelloop.config import Settings
 from labelloop.data import LabeledData
 from labelloop.journal import Journal
 from labelloop.taxonomy import get_taxonomy
@@ -26,8 +27,8 @@ TAXONOMY = get_taxonomy("hate_offensive")
 
 
 @pytest.fixture
-def journal(tmp_path: Path) -> Iterator[Journal]:
-    with Journal(tmp_path / "journal.sqlite", TAXONOMY) as j:
+def journal(tmp_path: Path, state_backend: str | None) -> Iterator[Journal]:
+    with Journal(Settings(state_dir=tmp_path, database_url=state_backend).database("journal"), TAXONOMY) as j:
         yield j
 
 

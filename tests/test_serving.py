@@ -182,7 +182,8 @@ def test_health_and_root_report_the_served_champion(client: TestClient):
                                              "reason": "settings.quantize is none: fp32 torch, nothing tried",
                                              "speeds_from": None, "candidates": []},
                             "detail": None, "champion_error": None, "retry_in_s": None,
-                            "dependencies": {name: {"status": "ok", "detail": None, "since": None, "retry_in_s": None}
+                            "dependencies": {name: {"status": "ok", "detail": None, "since": None, "retry_in_s": None,
+                                                    "url": None}
                                              for name in ("registry", "journal")}}
 
 
@@ -546,11 +547,10 @@ def test_oversized_bodies_get_413(make_client, source: FakeSource):
 
 def test_an_audit_task_is_scored_without_a_choice_and_the_slice_store_closes_with_the_app(
         base_settings: Settings, source: FakeSource, journal: Journal):
-    """A blind audit item must open with nothing pre-selected; the app's own SliceStore (an SQLite
-    connection) is closed when the app shuts down, as the journal it owns is."""
-    import sqlite3
-
+    """A blind audit item must open with nothing pre-selected; the app's own SliceStore (its database
+    connections) is closed when the app shuts down, as the journal it owns is."""
     from labelloop.slices import SliceItem, SliceStore
+    from labelloop.store import StoreClosed
 
     with SliceStore(base_settings.slices_path) as store:
         store.add([SliceItem(project_id=3, task_id=2, item_id="i2", kind="audit")])
@@ -559,7 +559,7 @@ def test_an_audit_task_is_scored_without_a_choice_and_the_slice_store_closes_wit
         results = client.post("/predict", json=predict_body(["I hate it", "I hate it"])).json()["results"]
         assert choice(results[0]) == "hate"
         assert results[1]["result"] == [] and results[1]["score"] == pytest.approx(0.7)
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(StoreClosed):
         app.state.slices.kind_of(2)
 
 

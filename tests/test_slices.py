@@ -24,6 +24,7 @@ from labelloop.journal import ANNOTATION_COLUMNS
 from labelloop.slices import COLUMNS as SLICE_COLUMNS
 from labelloop.taxonomy import get_taxonomy
 from tests.test_cli import cli_settings, invoke  # noqa: F401 (cli_settings is a fixture)
+from tests.test_escalations import store_db  # noqa: F401 (a fixture)
 
 LABELS = get_taxonomy("hate_offensive").labels
 RATES = SliceRates(audit=0.05, honeypot=0.02, overlap=0.05)
@@ -304,6 +305,26 @@ def test_the_backend_pre_labels_nothing_on_an_audit_task(settings):
     assert audit["score"] == pytest.approx(ordinary["score"])  # the same place in the queue, just no suggestion
 
 
+def test_the_backend_answers_503_not_a_guess_while_the_slice_store_is_unreachable(settings):
+    """With the slice store on a PostgreSQL that is down, no task can be told apart from an audit item: a
+    pre-label shown by guess would unblind it, and an empty one would be stored for good."""
+    from fastapi.testclient import TestClient
+
+    from labelloop.taxonomy import label_config_xml
+    from serving.app import create_app
+    from tests.test_serving import TABLES, FakeSource, KeywordClassifier
+
+    down = settings.model_copy(update={"poll_seconds": 0,
+                                       "database_url": "postgresql://labelloop@127.0.0.1:1/state"})
+    app = create_app(down, model_source=FakeSource({1: KeywordClassifier(TABLES[1])}, champion=1))
+    tasks = [{"id": 11, "data": {"text": "I hate this"}, "project": 3}]
+    with TestClient(app) as client:
+        response = client.post("/predict", json={"tasks": tasks, "project": "3.1",
+                                                 "label_config": label_config_xml(get_taxonomy("hate_offensive"))})
+    assert response.status_code == 503, response.text
+    assert "blind audit items" in response.json()["detail"]
+
+
 def test_adjudication_takes_the_quality_side_s_label_issues_as_they_come():
     from monitoring.label_errors import LabelIssue
 
@@ -314,17 +335,28 @@ def test_adjudication_takes_the_quality_side_s_label_issues_as_they_come():
     assert send[["annotation_id", "disputed_label", "task_id"]].values.tolist() == [[1, "hate", 10]] and not skipped
 
 
-def test_slice_store_skips_a_recorded_task_but_refuses_a_honeypot_without_gold(tmp_path):
-    """A second record of a task keeps the first purpose; a honeypot row with no gold label is an error, not
-    a silent skip: unrecorded, that task's answers would train on the frozen evaluation set."""
-    import sqlite3
+def test_slice_store_skips_a_recorded_task_but_refuses_a_honeypot_without_gold(store_db):  # noqa: F811
+    """A second record of a task keeps the first purpose, also when another replica recorded it; a honeypot row
+    with no gold label is an error, not a silent skip: unrecorded, that task's answers would train on the
+    frozen evaluation set."""
+    from sqlalchemy.exc import IntegrityError
 
     from labelloop.slices import SliceItem, SliceStore
 
-    with SliceStore(tmp_path / "slices.sqlite") as store:
+    with SliceStore(store_db("slices")) as store, SliceStore(store_db("slices")) as other_replica:
         assert store.add([SliceItem(1, 5, "a", "audit")]) == 1
-        assert store.add([SliceItem(1, 5, "a", "overlap", source_task_id=4), SliceItem(1, 6, "b", "audit")]) == 1
-        assert store.kind_of(5) == "audit"
-        with pytest.raises(sqlite3.IntegrityError):
+        assert other_replica.add([SliceItem(1, 5, "a", "overlap", source_task_id=4),
+                                  SliceItem(1, 6, "b", "audit")]) == 1
+        assert store.kind_of(5) == other_replica.kind_of(5) == "audit"
+        with pytest.raises(IntegrityError):
             store.add([SliceItem(1, 7, "c", "audit"), SliceItem(1, 8, "gold-1", "honeypot")])
         assert store.kind_of(7) is None  # nothing of the failed batch was written
+        assert store.add([SliceItem(2, 9, "g", "honeypot", gold_label="hate", created_at="2025-01-01T00:00:00"),
+                          SliceItem(2, 10, "a", "overlap", source_task_id=5)]) == 2
+        assert store.of_kind("audit", [5, 6, 9, 99]) == {5, 6} and store.of_kind("audit", []) == set()
+        assert store.task_ids("audit") == {5, 6} and store.task_ids("overlap", project_id=2) == {10}
+        frame = other_replica.frame(project_id=2)
+        assert list(frame.columns) == SLICE_COLUMNS
+        assert frame["task_id"].tolist() == [9, 10] and frame["kind"].tolist() == ["honeypot", "overlap"]
+        assert frame["gold_label"].iloc[0] == "hate" and frame["source_task_id"].iloc[1] == 5
+        assert frame["gold_label"].isna().iloc[1] and frame["source_task_id"].isna().iloc[0]
