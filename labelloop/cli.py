@@ -371,6 +371,10 @@ from labelloop.taxonomy_cli import taxonomy_app  # noqa: E402  (taxonomy check /
 
 app.add_typer(taxonomy_app, name="taxonomy")
 
+from active_learning.score_cli import score as score_command  # noqa: E402  (pool scoring on Ray)
+
+app.command("score")(score_command)
+
 from monitoring.report import report as report_command  # noqa: E402  (same: the dashboard as a file)
 
 app.command("report")(report_command)
@@ -387,7 +391,7 @@ def _loop(settings: Settings, project_id: int | None = None):
         raise CliError("set LABELLOOP_LS_API_KEY and LABELLOOP_LS_PROJECT_ID (or pass --project) first")
     client = LabelStudioClient(settings.ls_url, settings.ls_api_key.get_secret_value(),
                                mask=settings.protection_policy.mask_text)
-    journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy), policy=settings.review_policy)
+    journal = Journal(settings.database("journal"), get_taxonomy(settings.taxonomy), policy=settings.review_policy)
     return ActiveLearningLoop(settings, client, project_id, journal)
 
 
@@ -500,8 +504,8 @@ def loop_status(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> Non
     from labelloop.taxonomy import get_taxonomy
 
     settings = settings_for(taxonomy)
-    journal = Journal(settings.journal_path, get_taxonomy(settings.taxonomy))
-    runner = JobRunner(settings.state_dir / "jobs.sqlite", run_jobs=False)  # the service runs them
+    journal = Journal(settings.database("journal"), get_taxonomy(settings.taxonomy))
+    runner = JobRunner(settings.database("jobs"), run_jobs=False)  # the service runs them
     try:
         trigger = RetrainTrigger(journal, runner, settings.retrain_every)
         console.print(f"labels: {len(journal.labels())}; waiting for the next retrain: {trigger.pending_labels()} "
@@ -567,8 +571,8 @@ def loop_export(
         raise CliError(f"{out}: unsupported format {out.suffix!r}; use one of {sorted(writers)}")
     settings = settings_for(taxonomy)
     policy = get_taxonomy(settings.taxonomy)
-    with (Journal(settings.journal_path, policy, policy=settings.review_policy) as journal,
-          SliceStore(settings.slices_path) as slices):
+    with (Journal(settings.database("journal"), policy, policy=settings.review_policy) as journal,
+          SliceStore(settings.database("slices")) as slices):
         labels = training_labels(journal, slices, project)
     if policy.multi and out.suffix == ".csv":  # a CSV cell is text: label sets in the loader's "a|b" form
         labels["label"] = labels["label"].map(lambda names: "|".join(names) or (policy.none_label or ""))
@@ -753,8 +757,9 @@ def escalations(
     settings = settings_for(taxonomy)
     if deliver and not settings.escalation_url:
         raise CliError("--deliver needs escalation_url (LABELLOOP_ESCALATION_URL)")
-    with (Journal(settings.journal_path, get_taxonomy(settings.taxonomy), policy=settings.review_policy) as journal,
-          EscalationOutbox(settings.escalations_path) as outbox):
+    with (Journal(settings.database("journal"), get_taxonomy(settings.taxonomy),
+                  policy=settings.review_policy) as journal,
+          EscalationOutbox(settings.database("escalations")) as outbox):
         outbox.sync(journal)
         if deliver:
             with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
