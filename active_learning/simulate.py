@@ -2,7 +2,9 @@
 
 A simulated reviewer returns each queried item's gold label (optionally flipping a fixed share, to
 see how strategies cope with noisy reviewers). Every round refits the fast-mode model (cached frozen
-embeddings + logistic-regression head, the same ``fit_head`` the product trains with), scores it on a
+embeddings, with hashed n-grams for a single-label taxonomy unless ``fast_ngram_features`` is 0, +
+logistic-regression head: the same
+encoder and ``fit_head`` the product trains with), scores it on a
 held-out test split, and asks the strategy for the next batch — about a third of a second per round
 on a 20k pool, so ten seeds of several strategies run in minutes.
 
@@ -42,7 +44,7 @@ from labelloop.config import Settings, get_settings
 from labelloop.taxonomy import Taxonomy
 from training.classifier import EmbeddingHeadClassifier, Encoder, load_encoder
 from training.evaluate import evaluate_proba
-from training.fast import DEFAULT_C, EmbeddingCache, fit_head
+from training.fast import DEFAULT_C, EmbeddingCache, fast_encoder_name, fit_head
 
 ColdStart = Literal["kmeans", "random"]
 Progress = Callable[[dict], None]
@@ -64,6 +66,10 @@ class SimulationResult:
     config: dict = field(default_factory=dict)
     parent_run_id: str | None = None
     paths: tuple[Path, ...] = ()  # the files written under ``out_dir``: CSV, Markdown summary, PNG
+    #: (strategy spec, seed) → pool row indices (of :func:`pool_and_test`'s pool) that run had labeled when
+    #: it ended: the exact label set, so a final model can be trained on what the loop chose
+    #: (bench/al_transfer.py fine-tunes on it)
+    labeled: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def paired_gain(self, strategy: str, at: int, baseline: str = "random") -> tuple[float, float, int]:
         return paired_gain(self.curves, strategy, at, baseline)
@@ -145,7 +151,7 @@ def simulate(
     pool, test = pool_and_test(labeled, split_seed)
     if len(pool) < budget:
         raise ValueError(f"budget {budget} exceeds the pool ({len(pool)} items)")
-    encoder = load_encoder(settings.base_model, settings.max_length)
+    encoder = load_encoder(fast_encoder_name(settings, labeled.taxonomy.multi), settings.max_length)
     cache = EmbeddingCache(cache_dir or settings.cache_dir / "embeddings", encoder)
     embeddings = cache.get(pool["text"].tolist() + test["text"].tolist())
     world = _World(embeddings[: len(pool)], kind.label_ids(labeled, pool), embeddings[len(pool):],
@@ -155,25 +161,27 @@ def simulate(
     rare = int(np.argmin(kind.label_counts(world.pool_y, len(labels))))
     config = {"dataset": labeled.source, "strategies": ",".join(arms), "seeds": ",".join(map(str, seed_list)),
               "budget": budget, "step": step, "initial": initial, "noise": noise, "cold_start": cold_start,
-              "C": C, "split_seed": split_seed, "pool_size": len(pool), "test_size": len(test),
+              "C": C, "encoder": encoder.name, "split_seed": split_seed, "pool_size": len(pool), "test_size": len(test),
               "rare_class": labels[rare], "multi_label": labeled.taxonomy.multi, **kind.config}
 
     # the output directory is made before hours of work, not after: a bad --out fails at once
     files = CurveFiles(out_dir, curve_stem(labeled.source)) if out_dir is not None else None
     tracker = _Tracker(settings, config) if log_to_mlflow else None
     rows: list[dict] = []
+    chosen: dict[tuple[str, int], np.ndarray] = {}
     starts = {seed: _initial_set(world, seed, initial, cold_start) for seed in seed_list}
 
     def result_so_far() -> SimulationResult:
         return SimulationResult(labeled.source, labels, labels[rare], pd.DataFrame(rows), config,
-                                tracker.parent_id if tracker else None, files.paths if files else ())
+                                tracker.parent_id if tracker else None, files.paths if files else (), dict(chosen))
 
     runs_total, runs_done = len(arms) * len(seed_list), 0
     try:
         for spec, strategy in arms.items():
             for seed in seed_list:
                 run_id = tracker.start(f"{spec}-seed{seed}", {"strategy": spec, "seed": seed}) if tracker else None
-                for row in _replay(world, strategy, seed, starts[seed], budget, step, noise, C):
+                is_labeled = np.zeros(len(world.pool_y), dtype=bool)
+                for row in _replay(world, strategy, seed, starts[seed], budget, step, noise, C, is_labeled):
                     row = {"strategy": spec, "seed": seed, **row}
                     rows.append(row)
                     if files:
@@ -182,6 +190,7 @@ def simulate(
                         tracker.log_round(run_id, row)
                     if progress:
                         progress(row)
+                chosen[(spec, seed)] = np.flatnonzero(is_labeled)
                 if tracker:
                     tracker.finish(run_id)
                 runs_done += 1
@@ -378,11 +387,12 @@ def _initial_set(world: _World, seed: int, initial: int, cold_start: ColdStart) 
 
 
 def _replay(world: _World, strategy: QueryStrategy, seed: int, start_set: np.ndarray, budget: int, step: int,
-            noise: float, C: float):
-    """Yield one row per round for one strategy and seed."""
+            noise: float, C: float, is_labeled: np.ndarray | None = None):
+    """Yield one row per round for one strategy and seed. ``is_labeled``: an all-False mask over the pool,
+    marked as items are labeled, so the caller knows the run's label set when it ends."""
     n_classes, kind = len(world.labels), world.kind
     answers = kind.reviewer_answers(world.pool_y, n_classes, noise, np.random.default_rng([seed, 1]))
-    is_labeled = np.zeros(len(world.pool_y), dtype=bool)
+    is_labeled = np.zeros(len(world.pool_y), dtype=bool) if is_labeled is None else is_labeled
     is_labeled[start_set] = True
     explore = get_strategy("random")
     rng = np.random.default_rng([seed, 2])

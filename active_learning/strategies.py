@@ -23,18 +23,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from active_learning.selection import top_k as partitioned_top_k
+
 NEEDS = frozenset({"proba", "embeddings", "mc_proba", "labeled_y", "severe_classes"})
 _EPS = 1e-12
 
 SINGLE, MULTI = "single-label", "multi-label"
 BOTH = frozenset({SINGLE, MULTI})
-#: what ``strategy = "auto"`` (the setting's default) means for each kind of model. Single-label: margin
-#: gains on both Davidson and TweetEval at the lowest cost per round (bench/results/al_summary.md).
+#: what ``strategy = "auto"`` (the setting's default) means for each kind of model. Single-label: margin with
+#: the k-means diversity step, the arm measured best on Davidson, a rare-harm task, with the fast head's
+#: embedding and with its n-gram features, and not below random on TweetEval-offensive
+#: (bench/results/al_levers.md, al_summary.md).
 #: Multi-label: on ETHOS (bench/results/al_curves_ethos_multilabel.md) mean binary entropy with the k-means
 #: diversity step is the only arm that beats random clearly at some budget and falls clearly below it at
 #: none; without the diversity step the same score falls clearly below random at some budgets.
 AUTO = "auto"
-DEFAULT_STRATEGY = {SINGLE: "margin", MULTI: "kmeans:mean_binary_entropy"}
+DEFAULT_STRATEGY = {SINGLE: "margin_kmeans", MULTI: "kmeans:mean_binary_entropy"}
 
 
 def kind_of(multi_label: bool) -> str:
@@ -123,10 +127,9 @@ class KindMismatch(ValueError):
 
 def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of the ``k`` highest scores; equal scores are ordered randomly (reproducible by ``rng``)
-    so ties never favour whatever order the pool happens to be stored in."""
-    k = max(0, min(int(k), len(scores)))
-    order = np.lexsort((rng.random(len(scores)), -np.asarray(scores, dtype=np.float64)))
-    return order[:k]
+    so ties never favour whatever order the pool happens to be stored in. Partitions instead of sorting the
+    whole pool (:mod:`active_learning.selection`, shared with ``labelloop score``)."""
+    return partitioned_top_k(scores, k, rng)
 
 
 def _entropy(proba: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -61,7 +61,7 @@ from labelloop.config import Settings  # noqa: E402
 from labelloop.taxonomy import Taxonomy  # noqa: E402
 from training.classifier import EmbeddingHeadClassifier, load_encoder  # noqa: E402
 from training.evaluate import evaluate_proba  # noqa: E402
-from training.fast import DEFAULT_C, EmbeddingCache, fit_head  # noqa: E402
+from training.fast import DEFAULT_C, EmbeddingCache, fast_encoder_name, fit_head  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSIC = ("random", "entropy", "margin", "margin_kmeans", "class_balanced:margin_kmeans")
@@ -129,15 +129,18 @@ def simulate_arms(name: str, args: argparse.Namespace, settings: Settings) -> Si
     common = dict(seeds=seeds, budget=args.budget, step=args.step, initial=args.initial, settings=settings,
                   C=args.C, cache_dir=args.cache_dir, log_to_mlflow=args.mlflow)
     progress = _progress(name)
-    log(f"{name}: classic arms {list(CLASSIC)}, random start, {len(seeds)} seeds")
-    classic = simulate(name, list(CLASSIC), cold_start="random", progress=progress, **common)
-    log(f"{name}: cold-start arms {list(COLD_START_ARMS)}, k-means start")
-    cold = simulate(name, list(COLD_START_ARMS), cold_start="kmeans", progress=progress, **common)
-    cold.curves["strategy"] = cold.curves["strategy"] + "+coldstart"
+    log(f"{name}: classic arms {args.arms}, random start, {len(seeds)} seeds, encoder {fast_encoder_name(settings)}")
+    classic = simulate(name, args.arms, cold_start="random", progress=progress, **common)
+    parts = [classic.curves]
+    if args.cold_start_arms:
+        log(f"{name}: cold-start arms {args.cold_start_arms}, k-means start")
+        cold = simulate(name, args.cold_start_arms, cold_start="kmeans", progress=progress, **common)
+        cold.curves["strategy"] = cold.curves["strategy"] + "+coldstart"
+        parts.append(cold.curves)
     result = SimulationResult(classic.dataset, classic.labels, classic.rare_class,
-                              pd.concat([classic.curves, cold.curves], ignore_index=True),
-                              classic.config | {"strategies": ",".join(CLASSIC) + ";" + ",".join(
-                                  s + "+coldstart" for s in COLD_START_ARMS)})
+                              pd.concat(parts, ignore_index=True),
+                              classic.config | {"strategies": ",".join(args.arms) + ";" + ",".join(
+                                  s + "+coldstart" for s in args.cold_start_arms)})
     csv_path, png_path = write_curves(result, args.out)
     log(f"{name}: wrote {csv_path.name}, {png_path.name}")
     return result
@@ -154,7 +157,7 @@ def _progress(name: str):
 def _arrays(name: str, settings: Settings, args: argparse.Namespace):
     labeled = data.load(name, settings=settings)
     pool, test = pool_and_test(labeled)
-    encoder = load_encoder(settings.base_model, settings.max_length)
+    encoder = load_encoder(fast_encoder_name(settings), settings.max_length)
     cache = EmbeddingCache(args.cache_dir, encoder)
     return (labeled, encoder, cache.get(pool["text"].tolist()), labeled.label_ids(pool),
             cache.get(test["text"].tolist()), labeled.label_ids(test))
@@ -227,8 +230,9 @@ def dataset_markdown(result: SimulationResult, full: dict, timing: pd.DataFrame,
     lines = [f"# Active learning on {result.dataset}", "",
              f"Pool {cfg['pool_size']:,} / test {cfg['test_size']:,}; {n_seeds} seeds; initial {args.initial}, "
              f"batches of {args.step} to {args.budget} labels; head `fit_head(C={args.C}, class_weight='balanced')` "
-             "refit each round on frozen MiniLM embeddings; macro-F1 on the test split. Δ = paired gain over "
-             "random (same seed), macro-F1 points, mean ± sd over seeds.", "",
+             "refit each round on the fast-mode encoder's cached features "
+             f"(`{result.config.get('encoder', 'frozen MiniLM embeddings')}`); macro-F1 on the test split. Δ = paired "
+             "gain over random (same seed), macro-F1 points, mean ± sd over seeds.", "",
              "| strategy | " + " | ".join(f"@{n}" for n in points) + " | Δ@500 | Δ@1000 | Δ@2000 | "
              f"{rare} F1 @{points[-1]} | {rare} labeled @{points[-1]} |",
              "|---" * (len(points) + 6) + "|"]
@@ -392,7 +396,8 @@ def reuse_multilabel_curves(labeled: data.LabeledData, args: argparse.Namespace,
 def multilabel_full_reference(labeled: data.LabeledData, settings: Settings, args: argparse.Namespace) -> dict:
     """The same per-label heads trained on every pool label: the ceiling the curves approach."""
     pool, test = pool_and_test(labeled)
-    cache = EmbeddingCache(args.cache_dir, load_encoder(settings.base_model, settings.max_length))
+    cache = EmbeddingCache(args.cache_dir, load_encoder(fast_encoder_name(settings, multi_label=True),
+                                                        settings.max_length))
     kind = MultiLabel()
     pool_y, test_y = kind.label_ids(labeled, pool), kind.label_ids(labeled, test)
     model = kind.fit(None, cache.get(pool["text"].tolist()), pool_y, 0, args.C)
@@ -453,7 +458,7 @@ def multilabel_markdown(result: SimulationResult, full: dict, protocol: dict, se
              f"Protocol: pool {cfg['pool_size']} / fixed held-out test {cfg['test_size']} (20 %, stratified by "
              f"first target, split seed {cfg['split_seed']}); {n_seeds} seeds, paired (every arm of a seed starts "
              f"from the same {protocol['initial']} k-means cold-start labels); batches of {protocol['step']} up "
-             f"to {protocol['budget']} labels; frozen MiniLM embeddings, {cfg['head']} "
+             f"to {protocol['budget']} labels; features of `{cfg.get('encoder', 'frozen MiniLM')}`, {cfg['head']} "
              f"(`fit_head(C={cfg['C']}, class_weight='balanced')`), refit each round; decisions at a fixed "
              f"threshold of {MULTI_LABEL_THRESHOLD} per label (no validation slice: at these budgets it would "
              "cost more labels than tuning gains). Macro-F1 = mean of the 8 labels' F1 on the test part. "
@@ -505,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initial", type=int, default=None, help=f"default 100 ({MULTILABEL}: 20)")
     parser.add_argument("--C", type=float, default=1.0,
                         help=f"head regularisation (product fast-mode default {DEFAULT_C})")
+    parser.add_argument("--arms", default=",".join(CLASSIC),
+                        help="strategies started from 100 random labels (must include random)")
+    parser.add_argument("--cold-start-arms", default=",".join(COLD_START_ARMS),
+                        help="strategies also started from 100 k-means cold-start labels ('' for none)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default: settings cache)")
     parser.add_argument("--mlflow", action="store_true", help="also log every round to the settings' MLflow store")
@@ -512,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-render the reports from the CSVs already in --out instead of simulating")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.cold_start_arms = [a.strip() for a in args.cold_start_arms.split(",") if a.strip()]
+    if "random" not in args.arms:
+        parser.error("--arms must include random: every gain is paired against it")
     single = [name for name in names if name != MULTILABEL]
     settings = Settings()
     args.cache_dir = args.cache_dir or settings.cache_dir / "embeddings"

@@ -61,6 +61,11 @@ class Settings(BaseSettings):
                                            "(default: generated from the taxonomy); its choices must match it")
     base_model: str = Field(DEFAULT_BASE_MODEL, description="HF model id or local path")
     max_length: int = Field(64, ge=8, le=512)
+    fast_ngram_features: int = Field(0, ge=0, multiple_of=2, description="fast mode, single-label: this many "
+                                     "hashed word and character n-gram features next to the frozen embedding "
+                                     "(e.g. 4096; 0: the embedding alone). Off by default: better models at every "
+                                     "budget on Davidson, but rounds an order of magnitude slower, and not yet "
+                                     "measured on TweetEval; see bench/results/al_levers.md")
     seed: int = 13
 
     # --- promotion gate ----------------------------------------------------------------------
@@ -115,8 +120,8 @@ class Settings(BaseSettings):
     retrain_every: int = Field(100, ge=1, description="retrain after this many new labels")
     query_batch: int = Field(100, ge=1, description="items selected per round (the front of the queue)")
     queue_size: int = Field(1000, ge=1, description="items whose review priority is pushed to Label Studio")
-    strategy: str = Field("auto", description="query strategy for the annotators' queue ('auto': margin for "
-                          "single-label taxonomies, kmeans:mean_binary_entropy for multi-label ones)")
+    strategy: str = Field("auto", description="query strategy for the annotators' queue ('auto': margin_kmeans "
+                          "for single-label taxonomies, kmeans:mean_binary_entropy for multi-label ones)")
     reconcile_seconds: float = Field(60.0, description="how often the service pulls annotations from Label "
                                      "Studio to catch missed webhooks (0: never)")
 

@@ -502,9 +502,14 @@ SPEEDS = SpeedMemo()
 
 
 def _memo_key(classifier: TextClassifier, batch_size: int) -> tuple[str, str, int] | None:
-    """The accelerated module's identity, or ``None`` when it cannot be named (then nothing is remembered)."""
+    """The accelerated module's identity, or ``None`` when it cannot be named (then nothing is remembered).
+    The frozen encoder's name is part of it: two fast-mode models over the same transformer weights may feed
+    their heads different features (the embedding alone, or with hashed n-grams), and remembered check-text
+    features of one would not fit the other's head."""
     try:
-        return weights_fingerprint(classifier.transformer()), str(classifier.device), batch_size
+        encoder = classifier.frozen_encoder
+        features = encoder.name if encoder is not None else ""
+        return f"{weights_fingerprint(classifier.transformer())}|{features}", str(classifier.device), batch_size
     except Exception as e:
         log.info("serving speeds not remembered: %s", _error(e))
         return None

@@ -342,7 +342,7 @@ def test_auto_resolves_to_the_default_of_the_models_kind():
     assert type(parse_strategy("auto", multi_label=False)) is type(parse_strategy(DEFAULT_STRATEGY[SINGLE]))
     assert type(parse_strategy("auto", multi_label=True)) is type(parse_strategy(DEFAULT_STRATEGY[MULTI]))
     assert SINGLE not in parse_strategy("auto", multi_label=True).kinds
-    assert isinstance(parse_strategy("auto"), Margin)  # kind unknown: the single-label default
+    assert isinstance(parse_strategy("auto"), MarginKMeans)  # kind unknown: the single-label default
     nested = parse_strategy("mixed:auto", multi_label=True)
     assert type(nested.base) is type(parse_strategy(DEFAULT_STRATEGY[MULTI]))
     assert validate_strategy_spec(" auto ") == "auto"

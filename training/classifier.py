@@ -327,14 +327,101 @@ class Encoder:
 
     def embed(self, texts: Sequence[str], batch_size: int = 64,
               progress: Callable[[int], None] | None = None) -> np.ndarray:
-        return _run_batched(self.tokenizer, texts, batch_size, self.max_length, self.dim,
+        width = self.model.config.hidden_size
+        return _run_batched(self.tokenizer, texts, batch_size, self.max_length, width,
                             lambda b: mean_pool(self.model(**b).last_hidden_state, b["attention_mask"]), progress,
                             self.device)
+
+    def parts(self) -> tuple:
+        """The independent feature sources whose outputs, side by side, make :meth:`embed`'s vectors: each
+        has ``name``, ``max_length``, ``dim`` and ``embed``, and the embedding cache stores each apart, so
+        encoders that share a transformer share its cached embeddings."""
+        return (self,)
+
+
+class NgramFeatures:
+    """A text's word 1-2-grams and character 2-5-grams (within word boundaries, lower-cased), each analyser
+    hashed into half of ``n_features`` signed buckets, l2-normalised and scaled by ``weight``. Hashing needs
+    no fitted vocabulary, so a text's features depend on the text alone: they are cached, registered and
+    served like an embedding, and a model trained on a few hundred labels still scores words it never saw
+    in training.
+
+    The weight is a per-block regularisation for the linear head (its l2 penalty on these weights grows as
+    1/weight²): with a few hundred labels thousands of n-gram weights otherwise drown the embedding, and
+    the rare class suffers first (bench/results/al_levers.md)."""
+
+    WEIGHT = 0.5
+
+    def __init__(self, n_features: int, max_length: int, weight: float = WEIGHT):
+        if n_features < 2 or n_features % 2:
+            raise ValueError(f"n-gram features must be an even number >= 2, got {n_features}")
+        if not weight > 0:
+            raise ValueError(f"the n-gram weight must be > 0, got {weight}")
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        half = n_features // 2
+        self.weight = weight
+        self.name = f"ngrams{n_features}-word12-char25-w{weight:g}"
+        self.max_length = max_length  # part of the cache key only: hashing reads the whole text
+        self.dim = n_features
+        self.vectorizers = (
+            HashingVectorizer(analyzer="word", ngram_range=(1, 2), n_features=half, alternate_sign=True, norm="l2"),
+            HashingVectorizer(analyzer="char_wb", ngram_range=(2, 5), n_features=half, alternate_sign=True,
+                              norm="l2"))
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64,
+              progress: Callable[[int], None] | None = None) -> np.ndarray:
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        half = self.dim // 2
+        for i, vectorizer in enumerate(self.vectorizers):
+            out[:, i * half:(i + 1) * half] = self.weight * vectorizer.transform(texts).toarray()
+        if progress:
+            progress(len(texts))
+        return out
+
+
+class NgramEncoder(Encoder):
+    """A frozen sentence encoder's embedding followed by the text's hashed n-grams (:class:`NgramFeatures`).
+
+    Why: what a trust & safety taxonomy separates is often lexical (a slur against the same insult without
+    it, spelling variants of both), and a sentence encoder smooths exactly those differences away; a linear
+    head over both sees the meaning and the words. Named ``<base>+ngrams<N>``, which :func:`load_encoder`
+    parses, so a saved fast-mode model names its features the way it names a plain encoder."""
+
+    SUFFIX = "+ngrams"
+
+    def __init__(self, base: Encoder, n_features: int):
+        self.base = base
+        self.ngrams = NgramFeatures(n_features, base.max_length)
+        self.name = f"{base.name}{self.SUFFIX}{n_features}"
+        # the base's transformer itself, not a copy: load_encoder shares it process-wide, and serving's
+        # int8/ONNX copies replace ``model`` on a shallow copy of this encoder (with_module)
+        self.tokenizer, self.model, self.max_length, self.device = base.tokenizer, base.model, base.max_length, \
+            base.device
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size + self.ngrams.dim
+
+    def to(self, device: torch.device) -> NgramEncoder:
+        self.base.to(device)
+        return super().to(device)
+
+    def embed(self, texts, batch_size=64, progress=None):
+        return np.hstack([super().embed(texts, batch_size, progress), self.ngrams.embed(texts)])
+
+    def parts(self) -> tuple:
+        return (self.base, self.ngrams)
 
 
 @lru_cache(maxsize=4)
 def load_encoder(name_or_path: str, max_length: int) -> Encoder:
-    """One encoder per process and model: loading costs seconds, embedding calls are many."""
+    """One encoder per process and model: loading costs seconds, embedding calls are many. A name ending in
+    ``+ngrams<N>`` is that encoder with hashed n-gram features (:class:`NgramEncoder`)."""
+    base, marker, size = name_or_path.rpartition(NgramEncoder.SUFFIX)
+    if marker and base and size.isdigit():
+        return NgramEncoder(load_encoder(base, max_length), int(size))
     return Encoder(name_or_path, max_length)
 
 

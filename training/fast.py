@@ -23,8 +23,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.multiclass import OneVsRestClassifier
 
+from labelloop.config import Settings
 from labelloop.taxonomy import Taxonomy
-from training.classifier import EmbeddingHeadClassifier, Encoder
+from training.classifier import EmbeddingHeadClassifier, Encoder, NgramEncoder
 from training.evaluate import tune_thresholds
 
 #: Inverse regularisation of the head. Fast mode mostly trains active-learning rounds on a few hundred
@@ -41,8 +42,31 @@ def _digest(text: str) -> bytes:
 
 
 class EmbeddingCache:
-    """Embeddings of one encoder, persisted under ``directory``, keyed by (encoder name, max_length,
-    sha1(text)).
+    """Embeddings of one encoder, persisted under ``directory``: each of the encoder's
+    :meth:`~training.classifier.Encoder.parts` (the transformer; hashed n-grams when the encoder has them)
+    in a store of its own, so an encoder with n-grams reuses every embedding its transformer already has
+    on disk, and :meth:`get` puts the parts side by side."""
+
+    def __init__(self, directory: Path, encoder: Encoder):
+        self.encoder = encoder
+        # anything with name, max_length, dim and embed is an encoder; only composite ones declare parts
+        parts = encoder.parts() if hasattr(encoder, "parts") else (encoder,)
+        self.stores = [_ShardStore(Path(directory), part) for part in parts]
+        self.directory = self.stores[0].directory
+
+    def __len__(self) -> int:
+        return min(len(store) for store in self.stores)
+
+    def get(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Embeddings for ``texts``, in order; only texts never embedded before are run through the
+        encoder (``progress`` counts those, for the transformer)."""
+        keys = [_digest(t) for t in texts]
+        parts = [store.get(texts, keys, progress if i == 0 else None) for i, store in enumerate(self.stores)]
+        return parts[0] if len(parts) == 1 else np.hstack(parts)
+
+
+class _ShardStore:
+    """One feature source's vectors, keyed by (source name, max_length, sha1(text)).
 
     Storage is append-only: each batch of newly embedded texts becomes one ``.npz`` shard (keys +
     float32 vectors) written to a temporary name and renamed into place, so readers — other threads or
@@ -50,27 +74,25 @@ class EmbeddingCache:
     written by other processes are picked up on the next :meth:`get`.
     """
 
-    def __init__(self, directory: Path, encoder: Encoder):
-        self.encoder = encoder
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", encoder.name).strip("-")[-48:]
-        name_hash = hashlib.sha1(encoder.name.encode()).hexdigest()[:8]
-        self.directory = Path(directory) / f"{slug}-{name_hash}-len{encoder.max_length}"
+    def __init__(self, directory: Path, source):
+        self.source = source
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name).strip("-")[-48:]
+        name_hash = hashlib.sha1(source.name.encode()).hexdigest()[:8]
+        self.directory = Path(directory) / f"{slug}-{name_hash}-len{source.max_length}"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._loaded: set[str] = set()
         self._row: dict[bytes, int] = {}
         self._blocks: list[np.ndarray] = []
-        self._matrix = np.zeros((0, encoder.dim), dtype=np.float32)
+        self._matrix = np.zeros((0, source.dim), dtype=np.float32)
 
     def __len__(self) -> int:
         with self._lock:
             self._refresh()
             return len(self._row)
 
-    def get(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Embeddings for ``texts``, in order; only texts never embedded before are run through the
-        encoder (``progress`` counts those)."""
-        keys = [_digest(t) for t in texts]
+    def get(self, texts: Sequence[str], keys: Sequence[bytes],
+            progress: Callable[[int], None] | None = None) -> np.ndarray:
         with self._lock:
             self._refresh()
             missing: dict[bytes, str] = {}
@@ -78,7 +100,7 @@ class EmbeddingCache:
                 if key not in self._row and key not in missing:
                     missing[key] = text
             if missing:
-                vectors = self.encoder.embed(list(missing.values()), progress=progress)
+                vectors = self.source.embed(list(missing.values()), progress=progress)
                 keys_array = np.frombuffer(b"".join(missing), dtype=np.uint8).reshape(-1, _DIGEST_BYTES)
                 self._write_shard(keys_array, vectors)
             matrix = self._consolidated()
@@ -119,13 +141,22 @@ class EmbeddingCache:
         self._loaded.add(name)
 
 
+def fast_encoder_name(settings: Settings, multi_label: bool = False) -> str:
+    """The encoder fast mode trains on: for a single-label taxonomy the base model with hashed n-grams next
+    to its embedding, unless ``fast_ngram_features`` is 0 (:func:`training.classifier.load_encoder` parses
+    the name). Multi-label taxonomies keep the embedding alone: the n-grams were measured on single-label
+    Davidson and TweetEval only, and ETHOS's multi-label curves were measured without them."""
+    n = settings.fast_ngram_features
+    return f"{settings.base_model}{NgramEncoder.SUFFIX}{n}" if n and not multi_label else settings.base_model
+
+
 def fit_head(embeddings: np.ndarray, y: np.ndarray, *, seed: int, C: float = DEFAULT_C,
              class_weight: str | dict | None = "balanced") -> LogisticRegression:
     """Fit the logistic-regression head on integer label ids. Classes absent from ``y`` are simply not
     in ``head.classes_``; :class:`EmbeddingHeadClassifier` gives them probability 0."""
     y = np.asarray(y, dtype=int)
-    if len(embeddings) != len(y):
-        raise ValueError(f"{len(embeddings)} embeddings but {len(y)} labels")
+    if embeddings.shape[0] != len(y):  # shape, not len(): a sparse feature matrix has no len()
+        raise ValueError(f"{embeddings.shape[0]} embeddings but {len(y)} labels")
     if len(np.unique(y)) < 2:
         raise ValueError("the training set needs examples of at least two classes")
     head = LogisticRegression(C=C, class_weight=class_weight, max_iter=2000, random_state=seed)

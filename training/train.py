@@ -22,7 +22,7 @@ from labelloop.data import DataError, held_out_texts
 from labelloop.taxonomy import Taxonomy, get_taxonomy
 from training.classifier import TextClassifier, load_encoder, resolve_device
 from training.evaluate import EvalReport, score_proba, true_labels
-from training.fast import EmbeddingCache, train_fast
+from training.fast import EmbeddingCache, fast_encoder_name, train_fast
 from training.finetune import DEFAULT_MIN_STEPS, FineTuneConfig, finetune
 from training.gate import Interval, macro_f1_gain
 from training.registry import ModelRef, Registry, predictions_frame
@@ -62,9 +62,11 @@ def majority_baseline(train: pd.DataFrame, taxonomy: Taxonomy, n: int) -> tuple[
     return name, np.tile(chosen, (n, 1))
 
 
-def embedding_cache(settings: Settings) -> EmbeddingCache:
-    """The process's embedding cache for the configured encoder (shared by fast mode and the AL pool)."""
-    encoder = load_encoder(settings.base_model, settings.max_length).to(resolve_device(settings.device))
+def embedding_cache(settings: Settings, encoder_name: str | None = None) -> EmbeddingCache:
+    """The process's embedding cache for ``encoder_name``, by default the base model (what cold start and
+    drift cluster and compare); fast mode passes :func:`~training.fast.fast_encoder_name`, whose cache reuses
+    the base model's stored embeddings and adds the hashed n-grams."""
+    encoder = load_encoder(encoder_name or settings.base_model, settings.max_length).to(resolve_device(settings.device))
     return EmbeddingCache(settings.cache_dir / "embeddings", encoder)
 
 
@@ -132,7 +134,7 @@ def train_and_register(
         train_seconds = time.perf_counter() - started
         proba = classifier.predict_proba(frozen_frame["text"].tolist())
     else:
-        cache = embedding_cache(settings)
+        cache = embedding_cache(settings, fast_encoder_name(settings, taxonomy.multi))
         classifier = train_fast(train, taxonomy, encoder=cache.encoder, cache=cache, seed=settings.seed)
         train_seconds = time.perf_counter() - started
         proba = classifier.proba_from_embeddings(cache.get(frozen_frame["text"].tolist()))
