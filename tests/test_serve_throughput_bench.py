@@ -4,7 +4,9 @@ whose faster paths were all refused (or failed) instead of crashing."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -25,8 +27,10 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-def row(texts_per_s: float) -> dict:
-    return {"requests": 3, "texts": 300, "seconds": 1.0, "texts_per_s": texts_per_s, "p50_ms": 20.0, "p95_ms": 30.0}
+def workload(bench, ours: float, pipeline: float, ratio: float | None = None) -> dict:
+    row = {"texts_per_s": ours, "rounds": [ours], "requests": 3, "p50_ms": 20.0, "p95_ms": 30.0}
+    return {bench.OURS: row, bench.PIPELINE: {**row, "texts_per_s": pipeline, "rounds": [pipeline]},
+            "ratio": ratio if ratio is not None else round(ours / pipeline, 2)}
 
 
 def champion(bench, seed: int, chosen: str, ours: float, pipeline: float, agreement: float) -> dict:
@@ -34,26 +38,26 @@ def champion(bench, seed: int, chosen: str, ours: float, pipeline: float, agreem
                   {"path": "onnx-int8", "agreement": 0.978, "texts_per_s": 300.0, "error": None},
                   {"path": "onnx-fp32", "agreement": None, "texts_per_s": None,
                    "error": "ImportError: import of onnxruntime halted"}]
-    entry = {"seed": seed, "version": f"m:v{seed}",
+    entry = {"seed": seed, "version": f"m:v{seed}", "eval_macro_f1": 0.71, "load_and_choose_seconds": 12.0,
              "serving": {"loaded": True, "precision": chosen, "chosen": chosen, "reason": "because",
                          "candidates": candidates},
              "agreement": {"texts": 1000, "top_label": agreement},
-             "sequential": {n: {bench.OURS: row(ours), bench.PIPELINE: row(pipeline),
-                                "ratio": round(ours / pipeline, 2)} for n in ("100", "1")},
-             "concurrent_single_task": {bench.OURS: {**row(ours), "concurrency": 8},
-                                        bench.PIPELINE: {**row(pipeline), "concurrency": 8}, "ratio": 1.5}}
+             "workloads": {w: workload(bench, ours, pipeline) for w in ("100", "1", "concurrent")}}
     entry["goal_met"] = bench.goal_met(entry)
     return entry
 
 
-def fake_result(bench, champions: list[dict]) -> dict:
+def fake_result(bench, champions: list[dict], loads: list[float]) -> dict:
     return {"goal": bench.GOAL,
-            "recipe": {"base_model": "all-MiniLM-L6-v2", "train_rows": 300, "epochs": 1, "min_steps": 20,
+            "recipe": {**bench.recipe(300), "base_model": "all-MiniLM-L6-v2",
                        "seeds": [c["seed"] for c in champions], "quick": True},
             "texts": {"source": "Davidson", "tokens_mean": 30.0, "tokens_p95": 56},
-            "machine": {"cpus": 2, "torch": "2.13", "torch_threads": 2, "load_average_start": [9, 9, 9],
-                        "load_average_end": [9, 9, 9], "platform": "linux"},
-            "rounds": 1, "champions": champions}
+            "machine": {"cpus": 2, "torch": "2.13", "torch_threads": 2, "load_average_start": [loads[0]] * 3,
+                        "load_average_per_round": loads, "load_average_end": [loads[-1]] * 3, "platform": "linux"},
+            "plan": {"rounds": len(loads), "requests_100": 2, "requests_1": 4, "concurrency": 8,
+                     "concurrent_requests": 16, "agreement_texts": 1000},
+            "seconds": {"total": 100.0, "measuring": 50.0},
+            "champions": champions}
 
 
 def test_the_goal_needs_speed_ratio_and_agreement(bench):
@@ -66,13 +70,69 @@ def test_the_goal_needs_speed_ratio_and_agreement(bench):
 def test_every_champion_is_reported_with_its_path_even_refused_or_failed(bench):
     refused = champion(bench, 2, "torch-fp32", 150.0, 60.0, 1.0)  # the guard refused the faster paths
     broken = {"seed": 3, "error": "RuntimeError: registry unreachable"}
-    report = bench.markdown(fake_result(bench, [champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995), refused, broken]))
-    assert "| 1 | onnx-fp32 | 99.50% (1000 texts) | 300.0 | 60.0 | 5.0× |" in report
-    assert "| 2 | torch-fp32 | 100.00% (1000 texts) | 150.0 | 60.0 | 2.5× |" in report and "| no |" in report
-    assert "| 3 | – |" in report and "RuntimeError: registry unreachable" in report
+    report = bench.markdown(fake_result(bench, [champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995), refused,
+                                                broken], [9.1, 12.0, 10.5]))
+    assert "| 1 | 0.71 | onnx-fp32 | 99.50% (1000 texts) ✓ | 300.0 ✓ | 60.0 | 5.0× ✓ |" in report
+    assert "| 2 | 0.71 | torch-fp32 | 100.00% (1000 texts) ✓ | 150.0 ✗ | 60.0 | 2.5× ✗ |" in report
+    assert "| 3 | – | – |" in report and "RuntimeError: registry unreachable" in report
     assert "| onnx-int8 | 97.80% | 300 |" in report
     assert "| onnx-fp32 | – | – | ImportError: import of onnxruntime halted |" in report
-    assert "shared with other engineers" in report
+    assert "goal >= 250" in report and "goal >= 4×" in report and "goal >= 99%" in report
+    assert "load average 9.1–12.0 (median 10.5)" in report
+    assert "absolute texts/s are lower bounds" in report
+
+
+def test_a_quiet_machine_is_not_called_loaded(bench):
+    report = bench.markdown(fake_result(bench, [champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995)], [0.3, 0.5]))
+    assert "lower bounds" not in report
+
+
+def test_champions_are_cached_by_recipe_and_seed(bench, tmp_path):
+    base = bench.recipe(2000)
+    assert bench.champion_store(tmp_path, base, 1) == bench.champion_store(tmp_path, bench.recipe(2000), 1)
+    assert bench.champion_store(tmp_path, base, 1) != bench.champion_store(tmp_path, base, 2)
+    assert bench.champion_store(tmp_path, base, 1) != bench.champion_store(tmp_path, bench.recipe(1000), 1)
+    assert bench.champion_store(tmp_path, base, 1) != bench.champion_store(tmp_path, bench.recipe(2000, epochs=1), 1)
+
+
+def test_rounds_interleave_every_system_and_ratios_pair_rounds(bench):
+    names = ["a", "b", "c", "d"]
+    firsts = [bench.rotation(names, turn)[0] for turn in range(8)]
+    assert sorted(firsts) == sorted(names * 2)
+    assert all(sorted(bench.rotation(names, turn)) == names for turn in range(8))
+    # round 2 ran under a burst of load that halved both systems: the paired ratio is unaffected
+    assert bench.paired_ratio([400.0, 200.0, 420.0], [100.0, 50.0, 100.0]) == 4.0
+    assert bench.summarise_rounds([400.0, 200.0, 420.0], [0.25, 0.5, 0.24])["texts_per_s"] == 400.0
+
+
+def test_measure_interleaves_requests_across_servers(bench):
+    """Fake servers that answer instantly: every system gets every round and workload, in rotating order."""
+    calls: list[tuple[str, int]] = []
+
+    def server(name: str) -> httpx.Client:
+        def handler(request: httpx.Request) -> httpx.Response:
+            import json
+
+            tasks = json.loads(request.content)["tasks"]
+            calls.append((name, len(tasks)))
+            region = {"value": {"choices": ["hate"]}}
+            return httpx.Response(200, json={"results": [{"result": [region]} for _ in tasks]})
+
+        return httpx.Client(transport=httpx.MockTransport(handler), base_url="http://test")
+
+    systems = [bench.System(1, bench.OURS, server("1o")), bench.System(1, bench.PIPELINE, server("1p")),
+               bench.System(2, bench.OURS, server("2o")), bench.System(2, bench.PIPELINE, server("2p"))]
+    args = SimpleNamespace(rounds=3, requests_100=2, requests_1=3, concurrency=2, concurrent_requests=4)
+    loads: list[float] = []
+    measured = bench.measure(systems, [f"text {i}" for i in range(500)], args, loads)
+    assert len(loads) == 3
+    hundreds = [name for name, n in calls if n == 100]
+    assert len(hundreds) == 3 * 2 * 4
+    assert {hundreds[i] for i in range(0, len(hundreds), 4)} == {"1o", "1p", "2o", "2p"}  # each goes first
+    for workload in ("100", "1", "concurrent"):
+        assert all(len(rates) == 3 for rates in measured["rates"][workload].values())
+    entry = bench.summarise_champion({"seed": 1, "agreement": {"top_label": 1.0, "texts": 2}}, measured, 1)
+    assert set(entry["workloads"]) == {"100", "1", "concurrent"} and isinstance(entry["goal_met"], bool)
 
 
 def test_the_path_is_read_from_a_real_servers_health(bench, tmp_path, monkeypatch):
@@ -93,3 +153,56 @@ def test_the_path_is_read_from_a_real_servers_health(bench, tmp_path, monkeypatc
     errors = {c["path"]: c["error"] for c in path["candidates"]}
     assert "onnxruntime" in errors["onnx-fp32"] and "onnxruntime" in errors["onnx-int8"]
     assert agreement == {"texts": 2, "top_label": 1.0}
+
+
+def test_a_rerun_rewrites_the_tables_and_keeps_the_hand_written_notes(bench, tmp_path, monkeypatch):
+    results = iter([fake_result(bench, [champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995)], [9.0]),
+                    fake_result(bench, [champion(bench, 1, "onnx-int8", 310.0, 62.0, 0.995)], [0.4])])
+    monkeypatch.setattr(bench, "run", lambda args: next(results))
+    monkeypatch.setattr(sys, "argv", ["serve_throughput.py", "--out", str(tmp_path)])
+    bench.main()
+    report = tmp_path / "serve_throughput.md"
+    report.write_text(report.read_text() + bench.NOTES + "## Levers\n\nstatic int8: slower\n")
+    bench.main()
+    rerun = report.read_text()
+    assert "| 1 | 0.71 | onnx-int8 |" in rerun and "| 1 | 0.71 | onnx-fp32 |" not in rerun
+    assert rerun.endswith("## Levers\n\nstatic int8: slower\n") and rerun.count(bench.NOTES) == 1
+    assert json.loads((tmp_path / "serve_throughput.json").read_text())["champions"][0]["serving"]["chosen"] == \
+        "onnx-int8"
+
+
+def test_an_interrupted_champion_store_is_trained_again_and_a_finished_one_reused(bench, tmp_path, monkeypatch):
+    from labelloop import data
+
+    calls: list[tuple] = []
+
+    class FakeRegistry:
+        name = "m"
+
+        def __init__(self, settings):
+            pass
+
+        def promote(self, version):
+            calls.append(("promote", version))
+
+        def alias_version(self, alias):
+            return 7
+
+    def fake_train(train, validation, taxonomy, *, settings, finetune_config, **kwargs):
+        assert not (store / "leftover").exists()  # the interrupted run's files are gone before training
+        calls.append(("train", len(train), finetune_config.seed))
+        store.mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(ref=SimpleNamespace(version=7, label="m:v7"), report=SimpleNamespace(macro_f1=0.7))
+
+    monkeypatch.setattr(bench, "Registry", FakeRegistry)
+    monkeypatch.setattr(bench, "train_and_register", fake_train)
+    davidson = data.load("davidson", settings=Settings())
+    recipe = bench.recipe(40)
+    store = bench.champion_store(tmp_path, recipe, 5)
+    store.mkdir(parents=True)
+    (store / "leftover").write_text("a run killed mid-training")
+    first = bench.ensure_champion(store, davidson, 5, recipe)
+    assert first["trained_this_run"] and [c[0] for c in calls] == ["train", "promote"] and calls[0][2] == 5
+    again = bench.ensure_champion(store, davidson, 5, recipe)
+    assert not again["trained_this_run"] and again["eval_macro_f1"] == 0.7 and again["version"] == "m:v7"
+    assert len(calls) == 2  # reused, not trained again
