@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from labelloop import data  # noqa: E402
-from labelloop.config import REPO_ROOT, Settings  # noqa: E402
+from labelloop.config import DEFAULT_BASE_MODEL, REPO_ROOT, Settings  # noqa: E402
 
 SHARED_DATA = Path(os.environ.get("LABELLOOP_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
@@ -60,3 +60,23 @@ def davidson_small(davidson: data.LabeledData) -> data.LabeledData:
     """600 real Davidson rows, stratified, every class present: enough for tiny training runs."""
     frame = data.stratified_sample(davidson.frame, 600, seed=0)
     return data.LabeledData(frame, davidson.taxonomy, "davidson")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A randomly initialised 2-layer BERT with MiniLM's tokenizer and no classification head: the same
+    loading path as the real base model at a fraction of the cost, for tests of the machinery around it.
+    Read-only: tests that train save their models elsewhere."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from training.classifier import resolve_model_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_BASE_MODEL))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

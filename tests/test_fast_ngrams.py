@@ -7,28 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
 
-from labelloop.config import DEFAULT_BASE_MODEL, Settings
+from labelloop.config import Settings
 from labelloop.taxonomy import get_taxonomy
-from training.classifier import Encoder, NgramEncoder, NgramFeatures, TextClassifier, load_encoder, resolve_model_path
+from training.classifier import Encoder, NgramEncoder, NgramFeatures, TextClassifier, load_encoder
 from training.fast import EmbeddingCache, fast_encoder_name, fit_head, train_fast
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A randomly initialised 2-layer BERT with MiniLM's tokenizer: the real loading path, quickly."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert-ngrams")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_BASE_MODEL))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
 
 TEXTS = ["you are a stupid idiot", "have a lovely day", "that game was trash lol", "I love my dog",
          "go back to where you came from", "what a great match", "shut up loser", "thanks for the help"]
@@ -49,9 +32,9 @@ def test_ngram_features_depend_on_the_text_alone_and_are_normalised_per_analyser
         NgramFeatures(63, max_length=32)
 
 
-def test_load_encoder_parses_the_ngram_suffix(tiny_model_dir):
-    encoder = load_encoder(f"{tiny_model_dir}+ngrams64", 32)
-    base = load_encoder(tiny_model_dir, 32)
+def test_load_encoder_parses_the_ngram_suffix(tiny_bert):
+    encoder = load_encoder(f"{tiny_bert}+ngrams64", 32)
+    base = load_encoder(tiny_bert, 32)
     assert isinstance(encoder, NgramEncoder) and encoder.base is base and encoder.model is base.model
     assert type(base) is Encoder and encoder.dim == base.dim + 64
     vectors = encoder.embed(TEXTS)
@@ -59,14 +42,14 @@ def test_load_encoder_parses_the_ngram_suffix(tiny_model_dir):
     np.testing.assert_array_equal(vectors[:, base.dim:], NgramFeatures(64, 32).embed(TEXTS))
 
 
-def test_cache_reuses_the_base_encoders_embeddings(tmp_path, tiny_model_dir, monkeypatch):
-    base = load_encoder(tiny_model_dir, 32)
+def test_cache_reuses_the_base_encoders_embeddings(tmp_path, tiny_bert, monkeypatch):
+    base = load_encoder(tiny_bert, 32)
     EmbeddingCache(tmp_path, base).get(TEXTS)
     calls: list[int] = []
     real_embed = Encoder.embed
     monkeypatch.setattr(Encoder, "embed", lambda self, texts, *a, **k: calls.append(len(texts)) or
                         real_embed(self, texts, *a, **k))
-    encoder = load_encoder(f"{tiny_model_dir}+ngrams64", 32)
+    encoder = load_encoder(f"{tiny_bert}+ngrams64", 32)
     cache = EmbeddingCache(tmp_path, encoder)
     got = cache.get(TEXTS)
     assert calls == []  # the transformer's part came from the base encoder's store
@@ -83,11 +66,11 @@ def test_fit_head_accepts_a_sparse_feature_matrix():
     assert head.predict_proba(x).shape == (40, 3)
 
 
-def test_ngram_model_saves_loads_and_quantizes(tmp_path, tiny_model_dir):
+def test_ngram_model_saves_loads_and_quantizes(tmp_path, tiny_bert):
     taxonomy = get_taxonomy("hate_offensive")
     labels = ["offensive", "neither", "offensive", "neither", "hate", "neither", "offensive", "neither"]
     train = pd.DataFrame({"text": TEXTS, "label": labels})
-    encoder = load_encoder(f"{tiny_model_dir}+ngrams64", 32)
+    encoder = load_encoder(f"{tiny_bert}+ngrams64", 32)
     model = train_fast(train, taxonomy, encoder=encoder, cache=EmbeddingCache(tmp_path / "cache", encoder))
     expected = model.predict_proba(TEXTS)
     loaded = TextClassifier.load(model.save(tmp_path / "model"))
@@ -108,7 +91,7 @@ def test_fast_encoder_name_follows_the_setting():
 
 
 def test_serving_an_ngram_model_after_a_plain_one_over_the_same_weights_does_not_reuse_its_check_features(
-        tiny_model_dir, tmp_path):
+        tiny_bert, tmp_path):
     """The serving path memo is keyed by the transformer's weights; a plain and an n-gram fast model share
     them but not their head's input width, so the second hot swap must not be handed the first one's
     remembered check-text features (it failed with a shape error)."""
@@ -118,7 +101,7 @@ def test_serving_an_ngram_model_after_a_plain_one_over_the_same_weights_does_not
     labels = ["offensive", "neither", "offensive", "neither", "hate", "neither", "offensive", "neither"]
     train = pd.DataFrame({"text": TEXTS * 3, "label": labels * 3})
     memo = SpeedMemo()
-    for name in (tiny_model_dir, f"{tiny_model_dir}{NgramEncoder.SUFFIX}64"):
+    for name in (tiny_bert, f"{tiny_bert}{NgramEncoder.SUFFIX}64"):
         encoder = load_encoder(name, 32)
         model = train_fast(train, taxonomy, encoder=encoder, cache=EmbeddingCache(tmp_path / "cache", encoder))
         served, choice = choose_for_serving(model, "int8", TEXTS * 3, tmp_path / "q", memo=memo)

@@ -17,7 +17,7 @@ from labelloop.config import DEFAULT_BASE_MODEL
 from labelloop.taxonomy import Taxonomy
 from tests.conftest import SHARED_DATA
 from training import finetune as finetune_module
-from training.classifier import EmbeddingHeadClassifier, TextClassifier, load_encoder, resolve_model_path
+from training.classifier import EmbeddingHeadClassifier, TextClassifier, load_encoder
 from training.evaluate import (
     EvalReport,
     MultiLabelEvalReport,
@@ -284,21 +284,6 @@ def test_pyfunc_output_of_a_multilabel_model(fast_model, ethos):
 # ------------------------------------------------------------------------------------------------
 # Fine-tuning
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> str:
-    """A randomly initialised 2-layer BERT with MiniLM's tokenizer: the real loading path, cheaply."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert-ml")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_BASE_MODEL))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_tiny_multilabel_finetune_gives_sigmoids_and_tuned_thresholds(ethos, tiny_bert, tmp_path):

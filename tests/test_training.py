@@ -9,12 +9,11 @@ import threading
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from labelloop.config import DEFAULT_BASE_MODEL
 from labelloop.data import LabeledData
 from training import finetune as finetune_module
-from training.classifier import TextClassifier, load_encoder, resolve_model_path
+from training.classifier import TextClassifier, load_encoder
 from training.evaluate import (
     EvalReport,
     evaluate,
@@ -39,22 +38,6 @@ def parts(davidson_small: LabeledData) -> dict[str, pd.DataFrame]:
     """Disjoint train (360) / validation (60) / held-out (the remaining ~180) rows of the 600-row slice."""
     frame = davidson_small.frame
     return {"train": frame.iloc[:360], "validation": frame.iloc[360:420], "heldout": frame.iloc[420:]}
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> str:
-    """A randomly initialised 2-layer BERT with MiniLM's tokenizer and no classification head: the
-    same loading path as the real base model, at a fraction of the cost, for tests of the loop itself."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(DEFAULT_BASE_MODEL))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64)
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
