@@ -82,6 +82,9 @@ bench: install  ## benchmarks: each writes its results under bench/results/
 	$(PY) bench/drift.py
 	$(PY) bench/dashboard_load.py
 	$(PY) bench/load.py
+	$(PY) bench/scale.py
+	$(PY) bench/al_levers.py
+	$(PY) bench/al_transfer.py --seeds 5
 
 load: $(VENV)/.installed  ## load benchmark: sustained load and 4x overload on a real `labelloop serve` (locust)
 	$(PY) bench/load.py
