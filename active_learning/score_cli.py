@@ -78,8 +78,11 @@ def score(
     finally:
         if queue is not None:
             queue.loop.journal.close()
+    # a small pool is all start-up: "0 texts/s" would read as if nothing was scored
+    rate = result.texts_per_second
+    rate_text = f"{rate:,.0f} texts/s" if rate >= 10 else f"{rate:.2g} texts/s including start-up"
     console.print(f"scored {result.rows:,} texts with {result.model_version} in {result.seconds:.1f} s "
-                  f"({result.texts_per_second:,.0f} texts/s, {result.actors} actor(s)"
+                  f"({rate_text}, {result.actors} actor(s)"
                   f"{', 1 GPU each' if result.gpus_per_actor else ', CPU'}); strategy {result.strategy}; "
                   f"wrote {result.out}")
     if result.note:
