@@ -32,6 +32,7 @@ from monitoring.overview import (
     version_row,
 )
 from serving.app import create_app
+from tests.fakes import EmptyRegistry
 from training.registry import GateDecision, VersionInfo
 
 NOW = datetime(2026, 3, 11, 15, 30, tzinfo=UTC)  # a Wednesday: the week began on Monday 2026-03-09
@@ -214,24 +215,6 @@ def resolve(document: Any, path: str) -> Any:
     return document
 
 
-class NoModel:
-    """A model source with an empty registry: serving runs, predictions are empty."""
-
-    model_name = "labelloop-test"
-
-    def current_version(self) -> None:
-        return None
-
-    def aliases(self) -> dict[str, int]:
-        return {}
-
-    def versions(self) -> list[int]:
-        return []
-
-    def check_texts(self, limit: int) -> list[str]:
-        return []
-
-
 @pytest.fixture
 def dash_settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"basic_user": AUTH[0], "basic_password": SecretStr(AUTH[1]),
@@ -256,7 +239,7 @@ def webhook(annotation_id: int, task_id: int, label: str | None, annotator: int,
 
 
 def test_dashboard_is_behind_auth_and_every_figure_equals_the_api(dash_settings: Settings) -> None:
-    app = create_app(dash_settings, model_source=NoModel(), extra_routers=monitoring_routers())
+    app = create_app(dash_settings, model_source=EmptyRegistry(), extra_routers=monitoring_routers())
     now = datetime.now(UTC)
     stamp = now.isoformat().replace("+00:00", "Z")
     with TestClient(app) as client:
@@ -299,7 +282,7 @@ def test_dashboard_is_behind_auth_and_every_figure_equals_the_api(dash_settings:
 
 
 def test_a_fresh_install_renders_a_sentence_for_each_missing_piece(dash_settings: Settings) -> None:
-    app = create_app(dash_settings.model_copy(update={"ls_project_id": None}), model_source=NoModel(),
+    app = create_app(dash_settings.model_copy(update={"ls_project_id": None}), model_source=EmptyRegistry(),
                      extra_routers=monitoring_routers())
     with TestClient(app) as client:
         page = client.get("/dashboard", auth=AUTH)
@@ -371,7 +354,7 @@ def test_instrument_exports_open_alerts_next_to_the_serving_metrics(dash_setting
     from labelloop.alerts_store import AlertStore, alerts_path
     from monitoring.app import instrument
 
-    app = create_app(dash_settings, model_source=NoModel(), extra_routers=monitoring_routers())
+    app = create_app(dash_settings, model_source=EmptyRegistry(), extra_routers=monitoring_routers())
     store = instrument(app)
     try:
         with TestClient(app) as client:
@@ -403,7 +386,7 @@ class UnreadableRegistry:
 def test_an_unreadable_registry_leaves_the_labels_on_the_page(dash_settings: Settings) -> None:
     from monitoring.overview import MonitoringContext
 
-    app = create_app(dash_settings, model_source=NoModel(), extra_routers=monitoring_routers())
+    app = create_app(dash_settings, model_source=EmptyRegistry(), extra_routers=monitoring_routers())
     with TestClient(app) as client:
         assert client.post("/webhook", json=webhook(1, 101, "hate", 3, datetime.now(UTC).isoformat()),
                            auth=AUTH).status_code == 201
@@ -431,7 +414,7 @@ def test_one_page_load_reads_the_quality_table_once_and_still_equals_the_api(das
                                                                                real_table(self, with_model))[1])
     monkeypatch.setattr(QualityContext, "label_issues", lambda self, top_k=None: (calls.append("issues"),
                                                                                  real_issues(self, top_k))[1])
-    app = create_app(dash_settings, model_source=NoModel(), extra_routers=monitoring_routers())
+    app = create_app(dash_settings, model_source=EmptyRegistry(), extra_routers=monitoring_routers())
     stamp = datetime.now(UTC).isoformat()
     with TestClient(app) as client:
         for i, label in enumerate(["hate", "neither", "offensive", "neither"]):
@@ -507,7 +490,7 @@ def test_the_protection_panel_equals_its_api(dash_settings: Settings) -> None:
 
     guarded = dash_settings.model_copy(update={"severity": Severity(severe_labels=("hate",)),
                                                "protection": Protection(daily_severe_cap=1)})
-    app = create_app(guarded, model_source=NoModel(), extra_routers=monitoring_routers())
+    app = create_app(guarded, model_source=EmptyRegistry(), extra_routers=monitoring_routers())
     stamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     revealed = webhook(2, 102, "neither", 4, stamp)
     revealed["annotation"]["result"].append({"id": "r2", "from_name": "reveal", "to_name": "text", "type": "choices",

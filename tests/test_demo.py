@@ -28,8 +28,9 @@ from labelloop.slices import SliceStore
 from labelloop.taxonomy import get_taxonomy
 from monitoring.app import monitoring_routers
 from serving.app import create_app
+from tests.fakes import EmptyRegistry
 from tests.label_studio_fixtures import RunningLabelStudio
-from tests.test_dashboard import NoModel, facts
+from tests.test_dashboard import facts
 from training.registry import CHAMPION, Registry
 
 AUTH = ("pm", "demo-dash-42")
@@ -112,7 +113,7 @@ def dashboard_is_fed(settings: Settings, project: int, drift_batch: str, journal
 
     app = create_app(settings.model_copy(update={"ls_project_id": project, "taxonomy": "hate_offensive",
                                                  "basic_user": AUTH[0], "basic_password": SecretStr(AUTH[1])}),
-                     model_source=NoModel(), extra_routers=monitoring_routers())
+                     model_source=EmptyRegistry(), extra_routers=monitoring_routers())
     with TestClient(app) as api:
         quality = api.get("/v1/quality", auth=AUTH).json()
         alerts = api.get("/v1/monitoring/alerts", auth=AUTH).json()

@@ -25,6 +25,7 @@ from labelloop.config import Settings
 from labelloop.journal import ANNOTATION_ACTIONS, NON_LABEL_ACTIONS, STATUSES, Journal, RecordResult
 from labelloop.policy import REVIEW_CONTROLS
 from serving.app import create_app
+from tests.fakes import EmptyRegistry
 from tests.test_journal import TAXONOMY, annotation, event, task
 
 EXAMPLES = int(os.environ.get("LABELLOOP_FUZZ_EXAMPLES", "60"))
@@ -179,27 +180,10 @@ def test_a_stream_of_hostile_events_keeps_the_journal_consistent(tmp_path_factor
 
 
 # ------------------------------------------------------------------------------------------ over HTTP
-class NoModels:
-    """A registry without a champion: the webhook needs none."""
-
-    model_name = "fuzz"
-
-    def current_version(self) -> None:
-        return None
-
-    def aliases(self) -> dict[str, int]:
-        return {}
-
-    def versions(self) -> list[int]:
-        return []
-
-    def check_texts(self, limit: int) -> list[str]:
-        return []
-
-
 @pytest.fixture
 def client(settings: Settings, journal: Journal) -> Iterator[TestClient]:
-    app = create_app(settings.model_copy(update={"poll_seconds": 0}), model_source=NoModels(), journal=journal)
+    app = create_app(settings.model_copy(update={"poll_seconds": 0}), model_source=EmptyRegistry("fuzz"),
+                     journal=journal)
     with TestClient(app) as c:
         yield c
 

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from labelloop.config import Settings
 from labelloop.journal import Journal, JournalUnavailable, RecordResult
 from serving.app import create_app
+from tests.fakes import EmptyRegistry
 from tests.test_journal import TAXONOMY, annotation, event, task
-from tests.test_journal_fuzz import NoModels
 
 
 def replica_journal(tmp_path: Path, url: str) -> Journal:
@@ -135,7 +135,8 @@ def test_the_webhook_answers_503_while_the_database_is_away_and_201_after(settin
                                                                           outage: str) -> None:
     """The same answer as a full disk: no acknowledgement without a durable write, and /health says why."""
     with replica_journal(tmp_path, outage) as journal:
-        app = create_app(settings.model_copy(update={"poll_seconds": 0}), model_source=NoModels(), journal=journal)
+        app = create_app(settings.model_copy(update={"poll_seconds": 0}), model_source=EmptyRegistry("fuzz"),
+                         journal=journal)
         with TestClient(app) as client:
             set_reachable(outage, False)
             r = client.post("/webhook", json=event())

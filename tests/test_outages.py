@@ -34,6 +34,7 @@ from labelloop.ls_server import free_port
 from labelloop.taxonomy import get_taxonomy, label_config_xml
 from serving.app import create_app
 from serving.champion import Backoff
+from tests.fakes import EmptyRegistry
 from tests.label_studio_fixtures import RunningLabelStudio
 from tests.test_journal import annotation, event, task
 
@@ -415,12 +416,11 @@ def test_label_studio_down_reconciliation_backs_off_and_recovers_while_serving_g
 
 
 # ------------------------------------------------------------------------------------------ unit level
-class FlakySource:
+class FlakySource(EmptyRegistry):
     """A registry that is down until ``up`` is set."""
 
-    model_name = "flaky"
-
     def __init__(self) -> None:
+        super().__init__("flaky")
         self.up = False
         self.asked = 0
 
@@ -429,15 +429,6 @@ class FlakySource:
         if not self.up:
             raise ConnectionError("connection refused")
         return None
-
-    def aliases(self) -> dict[str, int]:
-        return {}
-
-    def versions(self) -> list[int]:
-        return []
-
-    def check_texts(self, limit: int) -> list[str]:
-        return []
 
 
 def test_backoff_doubles_up_to_its_cap_and_resets_on_success() -> None:
