@@ -33,7 +33,9 @@ BOTH = frozenset({SINGLE, MULTI})
 #: what ``strategy = "auto"`` (the setting's default) means for each kind of model. Single-label: margin with
 #: the k-means diversity step, the arm measured best on Davidson, a rare-harm task, with the fast head's
 #: embedding and with its n-gram features, and not below random on TweetEval-offensive
-#: (bench/results/al_levers.md, al_summary.md).
+#: (bench/results/al_levers.md, al_summary.md); no variant of it measured since (candidate pool, class quotas,
+#: cold start, early batch size, committee, rare-class and density weights) beat it at 500 and 1,000 labels
+#: (bench/results/al_levers_selection.md).
 #: Multi-label: on ETHOS (bench/results/al_curves_ethos_multilabel.md) mean binary entropy with the k-means
 #: diversity step is the only arm that beats random clearly at some budget and falls clearly below it at
 #: none; without the diversity step the same score falls clearly below random at some budgets.
@@ -525,6 +527,114 @@ class SeverityWeighted(QueryStrategy):
         return base * (1.0 + self.boost * self.severe_probability(ctx))
 
 
+class RareWeighted(QueryStrategy):
+    """The base strategy's score times ``(sum_c p_c / (K * q_c)) ** power``, where ``q_c`` is class ``c``'s
+    share of the labels so far (add-one smoothed): among equally uncertain items, the one the model thinks
+    may belong to a class the labeled set is short of comes first.
+
+    Macro-F1 weighs every class equally, so on a skewed task (Davidson's hate class is 6 % of the pool) the
+    rare class's F1 decides it, and the rare class is what plain uncertainty under-samples early. Unlike
+    :class:`ClassBalanced`, which hands the rare predicted class a fixed share of each batch whatever its
+    candidates are worth, the weight multiplies the base score, so an item must still be uncertain to be chosen; unlike
+    :class:`SeverityWeighted`, it needs no severity policy and follows the labels: when the classes are
+    balanced every weight is 1 and the base strategy is unchanged, and the push fades as the rare class
+    catches up. The base score is shifted to be non-negative first, so the weight always ranks up.
+
+    Not the default: on Davidson it labels far more of the rare class but gains less than the plain base at
+    500 and 1,000 labels, and as much or more only at 2,000 (bench/results/al_levers_selection.md)."""
+
+    name = "rare_weighted"
+    needs = frozenset({"proba", "labeled_y"})
+    takes_base = True
+
+    def __init__(self, base: QueryStrategy | str = "margin", power: float = 1.0):
+        if power < 0:
+            raise ValueError("power must be >= 0")
+        self.base = parse_strategy(base) if isinstance(base, str) else base
+        self.power = power
+        self.needs = type(self).needs | self.base.needs
+        self.kinds = type(self).kinds & self.base.kinds
+
+    def class_weights(self, ctx: PoolContext) -> np.ndarray:
+        """``1 / (K * q_c)`` per class: 1 for a class holding its fair share of the labels, above 1 below it."""
+        counts = np.bincount(np.asarray(ctx.labeled_y, dtype=np.int64), minlength=ctx.n_classes)
+        share = (counts + 1.0) / (counts.sum() + ctx.n_classes)
+        return 1.0 / (ctx.n_classes * share)
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        base = self.base.scores(ctx)
+        base = base - min(0.0, float(base.min())) if len(base) else base
+        return base * (ctx.proba @ self.class_weights(ctx)) ** self.power
+
+
+class DensityWeighted(QueryStrategy):
+    """The base strategy's score times the item's density to the power ``beta`` (information density, Settles
+    & Craven 2008): density is the mean cosine similarity, mapped to [0, 1], between the item and its
+    ``neighbours`` most similar items in a fixed, evenly spaced sample of up to ``sample`` pool items.
+
+    Uncertainty alone can favour outliers whose labels teach the head little about the rest of the pool;
+    weighting by how typical an item is of the pool prefers the uncertain
+    items whose label generalises to many others, which matters most while the labeled set is small.
+
+    Not the default: on Davidson it measured below the plain base at every budget
+    (bench/results/al_levers_selection.md)."""
+
+    name = "density_weighted"
+    needs = frozenset({"embeddings"})
+    takes_base = True
+
+    def __init__(self, base: QueryStrategy | str = "margin", beta: float = 1.0, sample: int = 1000,
+                 neighbours: int = 20):
+        if beta < 0 or sample < 1 or neighbours < 1:
+            raise ValueError("beta must be >= 0, sample and neighbours >= 1")
+        self.base = parse_strategy(base) if isinstance(base, str) else base
+        self.beta, self.sample, self.neighbours = beta, sample, neighbours
+        self.needs = type(self).needs | self.base.needs
+        self.kinds = type(self).kinds & self.base.kinds
+
+    def density(self, ctx: PoolContext) -> np.ndarray:
+        x = np.asarray(ctx.embeddings, dtype=np.float32)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+        if not len(x):
+            return np.zeros(0)
+        reference = x[np.linspace(0, len(x) - 1, min(self.sample, len(x))).astype(np.int64)]
+        similarity = x @ reference.T
+        nearest = min(self.neighbours, similarity.shape[1])
+        top = np.partition(similarity, similarity.shape[1] - nearest, axis=1)[:, -nearest:]
+        return (1.0 + top.mean(axis=1)) / 2.0
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        base = self.base.scores(ctx)
+        base = base - min(0.0, float(base.min())) if len(base) else base
+        return base * np.clip(self.density(ctx), 0.0, None) ** self.beta
+
+
+class CommitteeMargin(QueryStrategy):
+    """Margin plus ``weight`` times the committee's disagreement (BALD, scaled to [0, 1] by ``log K``).
+
+    Margin alone cannot tell an item the head is unsure about because it has seen too little like it from
+    one that is ambiguous by nature (a tweet reviewers split on stays a coin flip however many neighbours
+    get labeled). A bootstrap committee disagrees on the first kind only; adding its disagreement to the
+    margin moves those items forward without discarding margin's signal, which BALD alone does. With the
+    k-means step it measured no better than ``margin_kmeans``, at five refits per round
+    (bench/results/al_levers_selection.md)."""
+
+    name = "committee_margin"
+    needs = frozenset({"proba", "mc_proba"})
+
+    def __init__(self, weight: float = 1.0):
+        if weight < 0:
+            raise ValueError("weight must be >= 0")
+        self.weight = weight
+
+    def scores(self, ctx: PoolContext) -> np.ndarray:
+        ctx.require(self)
+        disagreement = BALD().scores(ctx) / np.log(max(ctx.n_classes, 2))
+        return Margin().scores(ctx) + self.weight * disagreement
+
+
 class ColdStartKMeans(QueryStrategy):
     """No model yet: k-means (k-means++ seeding) over encoder embeddings, one item per cluster — the
     member closest to its centroid — so the first labels cover the pool's topics instead of repeating
@@ -564,7 +674,8 @@ STRATEGIES: dict[str, type[QueryStrategy]] = {
     cls.name: cls
     for cls in (RandomSampling, LeastConfidence, Margin, Entropy, BALD, MarginKMeans, Badge, ClassBalanced,
                 Mixed, ColdStartKMeans, DiverseKMeans, MeanBinaryEntropy, MaxBinaryEntropy,
-                CardinalityInconsistency, SeverityWeighted)
+                CardinalityInconsistency, SeverityWeighted, RareWeighted, CommitteeMargin,
+                DensityWeighted)
 }
 
 

@@ -195,11 +195,12 @@ def test_serve_refuses_a_public_address_without_credentials(cli_settings):
 
 @pytest.mark.parametrize(("setting", "says"), [
     ('strategy = "margn"', "unknown query strategy 'margn'; choose from ['badge', 'bald', 'cardinality', "
-                           "'class_balanced', 'cold_start', 'entropy', 'kmeans', 'least_confidence', 'margin', "
-                           "'margin_kmeans', 'max_binary_entropy', 'mean_binary_entropy', 'mixed', 'random', "
-                           "'severity_weighted']"),
+                           "'class_balanced', 'cold_start', 'committee_margin', 'density_weighted', 'entropy', "
+                           "'kmeans', 'least_confidence', 'margin', 'margin_kmeans', 'max_binary_entropy', "
+                           "'mean_binary_entropy', 'mixed', 'random', 'rare_weighted', 'severity_weighted']"),
     ('strategy = "margin:entropy"', "'margin' takes no base strategy (in 'margin:entropy'); only ['class_balanced', "
-                                    "'kmeans', 'mixed', 'severity_weighted'] do")])
+                                    "'density_weighted', 'kmeans', 'mixed', 'rare_weighted', 'severity_weighted'] "
+                                    "do")])
 def test_a_bad_strategy_setting_fails_when_settings_load_with_one_error_line(tmp_path, monkeypatch, setting, says):
     """An unknown strategy used to fail only when a round ran; the error names every valid choice."""
     (tmp_path / "labelloop.toml").write_text(setting + "\n")

@@ -537,7 +537,8 @@ def test_a_spec_names_a_composite_strategy_and_its_base_at_any_depth():
     ("margn", r"unknown query strategy 'margn'; choose from \[.*'margin'.*'random'.*\]"),
     ("class_balanced:margn", "unknown query strategy 'margn'"),
     ("margin:entropy",
-     r"'margin' takes no base strategy.*\['class_balanced', 'kmeans', 'mixed', 'severity_weighted'\]"),
+     r"'margin' takes no base strategy.*\['class_balanced', 'density_weighted', 'kmeans', 'mixed', 'rare_weighted', "
+     r"'severity_weighted'\]"),
     ("class_balanced:", "names no base strategy"),
     ("  ", "empty query strategy spec"),
 ])
