@@ -23,6 +23,13 @@ Several replicas may run workers on one database. What keeps them in step:
   server the moment its holder is gone.)
 * **Submissions from elsewhere are seen.** A worker also polls every ``poll_seconds``, so a job submitted on
   another replica or by the CLI starts even when this replica's own submit never woke it.
+* **Kinds run in lanes of their own.** A runner runs one ``kind`` of job (``retrain``: the fast rounds;
+  ``finetune``: a transformer fine-tune that takes minutes) under that kind's slot, so a fine-tune never holds
+  up the rounds queued behind it. Everything above holds per kind: one running job, one queued job, and
+  recovery fails only the orphans of its own kind (the other lane's running job has a live holder).
+* **Conditional submits are exactly once.** ``submit_if`` reads a mark, decides and queues in one serialised
+  write, so replicas that see the same threshold crossed queue one job between them, and a restart that finds
+  the mark already moved queues none.
 
 One limit: if a PostgreSQL session holding the slot is cut while its job still runs (a database restart),
 another replica may fail that job and start the next; the job's own final write then records how it ended.
@@ -37,7 +44,7 @@ import socket
 import threading
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -57,8 +64,13 @@ ReportProgress = Callable[[float, str], None]
 _ERROR_CHARS = 1000  # a job's error is one line; the traceback's tail is in its message
 #: the work of one job: reports progress, returns a JSON-able summary
 JobWork = Callable[[ReportProgress], dict[str, Any]]
-#: the lock a worker holds while it claims and runs a job (see the module docstring)
+#: the lock a worker holds while it claims and runs a job of the default kind (see the module docstring)
 JOB_SLOT = "job-slot"
+RETRAIN = "retrain"
+FINETUNE = "finetune"
+JobKind = Literal["retrain", "finetune"]
+#: a conditional submit's decision: ``None`` (nothing to queue), or the mark's new value and the job's reason
+Decision = tuple[str, str] | None
 #: the key of every serialised write to the jobs store
 _WRITE_KEY = "jobs"
 INTERRUPTED = "interrupted: the service stopped while it ran"
@@ -82,7 +94,7 @@ _meta = sa.Table(
 
 class Job(BaseModel):
     id: str
-    kind: str = "retrain"
+    kind: str = RETRAIN
     reason: str
     state: JobStateName
     progress: float = Field(0.0, ge=0, le=1)
@@ -97,6 +109,8 @@ class Job(BaseModel):
 
 class RetrainRequest(BaseModel):
     reason: str = Field("manual", max_length=200)
+    kind: JobKind = Field(RETRAIN, description="retrain: a fast-mode round; finetune: fine-tune the base model on "
+                          "the loop's labels (minutes), gated like any retrain")
 
 
 class JobList(BaseModel):
@@ -105,6 +119,16 @@ class JobList(BaseModel):
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _slot(kind: str) -> str:
+    return JOB_SLOT if kind == RETRAIN else f"{JOB_SLOT}-{kind}"
+
+
+def _of_kind(bodies: Iterable[str], kind: str) -> list[Job]:
+    """The jobs among ``bodies`` of ``kind``, in the given order. Kind is read from the body (a row written
+    before kinds existed is a retrain), and the rows filtered are few: the queued or running ones."""
+    return [job for job in map(Job.model_validate_json, bodies) if job.kind == kind]
 
 
 def _create_schema(conn: Connection) -> None:
@@ -120,16 +144,19 @@ def _create_schema(conn: Connection) -> None:
 
 
 class JobRunner:
-    """Retrain jobs in the jobs store, run one at a time (across every replica on the store) by worker threads.
+    """Jobs of one ``kind`` in the jobs store, run one at a time (across every replica on the store) by worker
+    threads; a runner of another kind on the same store runs its own jobs alongside (see the module docstring).
 
     Processes that only read or submit (``labelloop loop status``, the dashboard) pass ``run_jobs=False``:
     they neither recover nor claim anything. The runner owns ``db`` and disposes of it on ``close``.
     """
 
     def __init__(self, db: Database, work: JobWork | None = None, *, run_jobs: bool = True,
-                 poll_seconds: float = 1.0):
+                 poll_seconds: float = 1.0, kind: str = RETRAIN):
         if run_jobs and work is None:
             raise ValueError("a runner that runs jobs needs the work to run")
+        self.kind = kind
+        self._slot = _slot(kind)
         self._db = db
         self._schema_ready = False
         self._lock = threading.RLock()
@@ -143,7 +170,7 @@ class JobRunner:
         try:
             self._open()
             if run_jobs:
-                with db.exclusive(JOB_SLOT, wait=False) as free:
+                with db.exclusive(self._slot, wait=False) as free:
                     if free:  # nobody runs a job: any job still "running" lost its runner
                         with self._write() as conn:
                             self._recover(conn)
@@ -205,25 +232,52 @@ class JobRunner:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as conn:
-            if not conn.execute(_meta.update().where(_meta.c.key == key).values(value=value)).rowcount:
-                conn.execute(_meta.insert().values(key=key, value=value))
+            self._set_meta(conn, key, value)
+
+    @staticmethod
+    def _set_meta(conn: Connection, key: str, value: str) -> None:
+        if not conn.execute(_meta.update().where(_meta.c.key == key).values(value=value)).rowcount:
+            conn.execute(_meta.insert().values(key=key, value=value))
 
     # ------------------------------------------------------------------ scheduling
-    def submit(self, reason: str) -> Job:
-        """Queue a job, or return the one already queued, by whichever replica (triggers coalesce; a running
-        job is not interrupted, so a trigger during a run queues exactly one follow-up)."""
+    def submit(self, reason: str, kind: str | None = None) -> Job:
+        """Queue a job of ``kind`` (default: this runner's), or return the one of that kind already queued, by
+        whichever replica (triggers coalesce; a running job is not interrupted, so a trigger during a run
+        queues exactly one follow-up)."""
         with self._write() as conn:
-            body = conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "queued")
-                                .order_by(_jobs.c.created_at, _jobs.c.id).limit(1)).scalar()
-            if body is not None:
-                return Job.model_validate_json(body)
-            job = Job(id=uuid.uuid4().hex[:12], reason=reason, state="queued", created_at=_now())
-            conn.execute(_jobs.insert().values(id=job.id, created_at=job.created_at, state=job.state,
-                                               body=job.model_dump_json()))
+            job = self._submit(conn, reason, kind or self.kind)
+        self._woken()
+        return job
+
+    def submit_if(self, key: str, decide: Callable[[str | None], Decision], kind: str | None = None) -> Job | None:
+        """Queue a job of ``kind`` when ``decide`` says so, given the mark stored under ``key``; the mark moves to
+        the value ``decide`` returns in the same serialised write, so no two callers (threads, replicas, a
+        restarted process) act on one mark. A job of that kind already queued absorbs the new reason's job
+        (the mark still moves: the queued job will train on everything there is by then)."""
+        with self._write() as conn:
+            decision = decide(conn.execute(sa.select(_meta.c.value).where(_meta.c.key == key)).scalar())
+            if decision is None:
+                return None
+            value, reason = decision
+            self._set_meta(conn, key, value)
+            job = self._submit(conn, reason, kind or self.kind)
+        self._woken()
+        return job
+
+    def _submit(self, conn: Connection, reason: str, kind: str) -> Job:
+        queued = _of_kind(conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "queued")
+                                       .order_by(_jobs.c.created_at, _jobs.c.id)).scalars(), kind)
+        if queued:
+            return queued[0]
+        job = Job(id=uuid.uuid4().hex[:12], kind=kind, reason=reason, state="queued", created_at=_now())
+        conn.execute(_jobs.insert().values(id=job.id, created_at=job.created_at, state=job.state,
+                                           body=job.model_dump_json()))
+        return job
+
+    def _woken(self) -> None:
         with self._lock:
             self._submitted = True
             self._wake.notify_all()
-        return job
 
     def wait(self, job_id: str, timeout: float) -> Job | None:
         """Block until the job finishes (for the CLI and tests); None if it does not exist."""
@@ -249,9 +303,10 @@ class JobRunner:
 
     # ------------------------------------------------------------------ the worker
     def _recover(self, conn: Connection) -> None:
-        """Fail every ``running`` job. Only call with the job slot held: then none of them has a live runner."""
-        for body in conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "running")).scalars():
-            job = Job.model_validate_json(body)
+        """Fail every ``running`` job of this kind. Only call with the kind's slot held: then none of them has a
+        live runner (a running job of another kind has its own slot, and maybe a live runner)."""
+        for job in _of_kind(conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "running")).scalars(),
+                            self.kind):
             log.warning("job %s lost its runner %s: marking it failed", job.id, job.runner)
             self._update(conn, job.model_copy(update={"state": "failed", "finished_at": _now(),
                                                       "error": INTERRUPTED}))
@@ -260,22 +315,21 @@ class JobRunner:
         """Fail orphans and take the oldest queued job, in one write (with the job slot held)."""
         with self._write() as conn:
             self._recover(conn)
-            body = conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "queued")
-                                .order_by(_jobs.c.created_at, _jobs.c.id).limit(1)).scalar()
-            if body is None:
+            queued = _of_kind(conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state == "queued")
+                                           .order_by(_jobs.c.created_at, _jobs.c.id)).scalars(), self.kind)
+            if not queued:
                 return None
-            job = Job.model_validate_json(body).model_copy(
-                update={"state": "running", "started_at": _now(), "runner": self.name})
+            job = queued[0].model_copy(update={"state": "running", "started_at": _now(), "runner": self.name})
             return self._update(conn, job)
 
     def _run_next(self) -> bool:
-        """Claim and run the oldest queued job; False when there was nothing this worker could run (none
-        queued, or another worker holds the slot). An idle poll is one read: no lock, no write."""
+        """Claim and run the oldest queued job of this kind; False when there was nothing this worker could run
+        (none queued, or another worker holds the slot). An idle poll is one read: no lock, no write."""
         with self._read() as conn:
-            if conn.execute(sa.select(_jobs.c.id).where(_jobs.c.state.in_(("queued", "running"))).limit(1)
-                            ).first() is None:
+            if not _of_kind(conn.execute(sa.select(_jobs.c.body).where(_jobs.c.state.in_(("queued", "running")))
+                                         ).scalars(), self.kind):
                 return False
-        with self._db.exclusive(JOB_SLOT, wait=False) as held:
+        with self._db.exclusive(self._slot, wait=False) as held:
             if not held:
                 return False
             job = self._claim()
@@ -370,7 +424,7 @@ def jobs_router(runner: JobRunner) -> APIRouter:
     # whose path matches, and "retrain" also matches {job_id}
     @router.post("/jobs/retrain", response_model=Job, status_code=202)
     def retrain(request: RetrainRequest) -> Job:
-        return runner.submit(request.reason)
+        return runner.submit(request.reason, request.kind)
 
     @router.get("/jobs/{job_id}", response_model=Job, responses={404: {"description": "no job with this id"}})
     def get_job(job_id: str) -> Job:

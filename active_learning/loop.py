@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from active_learning.adjudication import AdjudicationResult, send_for_adjudication
+from active_learning.auto_finetune import FinetuneProgress, finetune_frames
 from active_learning.drift_mix import drift_batch
 from active_learning.labelstudio import LabelStudioClient, PriorityIn
 from active_learning.pool import ScoredPool
@@ -84,6 +85,7 @@ class RoundResult:
     stopping: dict | None
     seconds: dict[str, float] = field(default_factory=dict)
     cold_start: str | None = None  # what the round did for the queue while no champion exists
+    mode: str = "fast"  # how the round's model was trained: fast (frozen encoder + head) or finetune
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -494,3 +496,38 @@ class ActiveLearningLoop:
         signal = self.last_signal
         return RoundResult(len(labels), trained, macro_f1, promoted, reason,
                            loaded.ref.label if loaded else None, queue, signal, timings, cold_start)
+
+    def run_finetune(self, progress: ReportProgress | None = None) -> RoundResult:
+        """Fine-tune the base model on every label the loop has, with the product's recipe (what
+        ``labelloop train --dataset <loop export>`` does), register it as challenger and gate it like any retrain.
+
+        Training takes minutes, so it runs outside the round lock and fast rounds go on meanwhile; the gate, the
+        serving swap and the queue refresh take the lock, so they never interleave with a round's own, and the
+        gate compares with whichever champion the rounds left in place by then."""
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        labels = self.training_labels()
+        source = f"label-studio:project-{self.project_id}"
+        if progress:
+            progress(0.02, f"splitting {len(labels)} labels for fine-tuning")
+        train, validation = finetune_frames(labels, self.taxonomy, seed=self.settings.seed, source=source)
+        result = train_and_register(train, validation, self.taxonomy, mode="finetune", settings=self.settings,
+                                    source=source, extra_params={"strategy": self.strategy_name, "labels": len(labels)},
+                                    progress=FinetuneProgress(progress, 0.05, 0.85))
+        timings["train"] = time.perf_counter() - started
+        with _exclusive_round(self.settings):
+            if progress:
+                progress(0.9, "promotion gate")
+            decision = self.registry.promote(result.ref.version)
+            timings["gate"] = time.perf_counter() - started - timings["train"]
+            if decision.promoted and self._on_promoted:
+                self._on_promoted()
+            loaded = self.champion()
+            queue = None
+            if self.steers_queue and loaded is not None and self.project_model_version() != loaded.ref.label:
+                t_push = time.perf_counter()
+                queue = self.push_queue(loaded, progress)
+                timings["queue"] = time.perf_counter() - t_push
+        timings["total"] = time.perf_counter() - started
+        return RoundResult(len(labels), result.ref.label, result.report.macro_f1, decision.promoted, decision.reason,
+                           loaded.ref.label if loaded else None, queue, None, timings, mode="finetune")

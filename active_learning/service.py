@@ -2,7 +2,8 @@
 
 Serving knows nothing of active learning (imports point downstream only); this module composes them:
 webhooks land in the journal (serving), the journal's events drive the retrain trigger, one worker runs
-retrain rounds (train → gate → push queue), a promotion refreshes the served champion at once, and a
+retrain rounds (train → gate → push queue), a second one runs fine-tunes once enough labels exist
+(:mod:`active_learning.auto_finetune`), a promotion refreshes the served champion at once, and a
 reconciler pulls annotations from Label Studio now and then so that a missed webhook is never a lost
 label.
 """
@@ -20,7 +21,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from mlflow.exceptions import MlflowException
 
-from active_learning.jobs import JobRunner, RetrainTrigger, jobs_router
+from active_learning.auto_finetune import AutoFinetune, FinetuneSchedule
+from active_learning.jobs import FINETUNE, JobRunner, RetrainTrigger, jobs_router
 from active_learning.labelstudio import LabelStudioClient, LabelStudioError
 from active_learning.loop import ActiveLearningLoop
 from active_learning.reconcile import Reconciler, reconcile
@@ -82,6 +84,9 @@ class Service:
                                        champion=self._served_champion, on_promoted=self._refresh_serving)
         self.runner = JobRunner(settings.database("jobs"), self._run_round)
         self.trigger = RetrainTrigger(self.journal, self.runner, settings.retrain_every)
+        self.finetune_runner = JobRunner(settings.database("jobs"), self._run_finetune, kind=FINETUNE)
+        self.auto_finetune = AutoFinetune(self.runner, FinetuneSchedule(
+            settings.finetune_after_labels, settings.finetune_every_labels) if settings.auto_finetune else None)
         self.escalations = EscalationOutbox(settings.database("escalations"))
         self.exposure = ExposureLedger(settings.database("exposure"))
         self.delivery = DeliveryWorker(self.escalations, self.journal, settings.escalation_url,
@@ -139,7 +144,24 @@ class Service:
         asyncio.run_coroutine_threadsafe(self.app.state.champion.refresh(), loop).result(timeout=300)
 
     def _run_round(self, progress) -> dict[str, Any]:
-        return self.loop.run_round(progress, on_snapshot=self.trigger.advance).to_dict()
+        result = self.loop.run_round(progress, on_snapshot=self.trigger.advance)
+        self.check_finetune(result.labels)  # the round counted the labelled set anyway
+        return result.to_dict()
+
+    def check_finetune(self, labels: int | None = None) -> None:
+        """Queue a fine-tune if the labelled set (``labels``, else counted now) crossed a threshold. Never raises:
+        on failure the mark has not moved, so the next check queues it."""
+        if self.auto_finetune.schedule is None:
+            return
+        try:
+            labels = len(self.loop.training_labels()) if labels is None else labels
+            if (job := self.auto_finetune.check(labels)) is not None:
+                log.info("%d labels: fine-tune job %s queued (%s)", labels, job.id, job.reason)
+        except Exception as e:
+            log.warning("could not check whether a fine-tune is due: %s: %s", type(e).__name__, e)
+
+    def _run_finetune(self, progress) -> dict[str, Any]:
+        return self.loop.run_finetune(progress).to_dict()
 
     # ------------------------------------------------------------------ reconciliation
     def reconcile_once(self) -> dict[str, int]:
@@ -189,8 +211,10 @@ class Service:
     def _at_start(self) -> None:
         """Check the connection, and on a project with no champion yet run a round at once: it pushes the
         cold-start queue (or finds it still queued), so the first reviewers do not work in random order
-        until enough labels for a retrain have come in."""
+        until enough labels for a retrain have come in. Also queue a fine-tune that became due while no service
+        ran (or before ``auto_finetune`` was turned on): rounds check only when new labels come in."""
         self.check_connection()
+        self.check_finetune()
         if not self.loop.steers_queue:
             return
         try:
@@ -213,6 +237,7 @@ class Service:
         self._stop.set()
         self.delivery.close()
         self.runner.close()
+        self.finetune_runner.close()
         if self._reconciler:
             self._reconciler.join(timeout=10)
         self.journal.close()

@@ -82,7 +82,8 @@ def train(
     mode: Annotated[str, typer.Option(help="finetune (best quality) or fast (frozen encoder + linear head)")] = (
         "finetune"),
     limit: Annotated[int | None, typer.Option(help="train on a stratified sample of N rows (quick runs)")] = None,
-    epochs: Annotated[int, typer.Option(help="fine-tuning epochs (early stopping may stop sooner)")] = 2,
+    epochs: Annotated[int | None, typer.Option(help="the most fine-tuning epochs; early stopping usually ends "
+                                               "sooner (default: training.finetune.FineTuneConfig's)", min=1)] = None,
     min_steps: Annotated[int | None, typer.Option(help="fine-tune at least this many optimiser steps, adding "
                                                   "epochs on small data (default: training.finetune."
                                                   "DEFAULT_MIN_STEPS; 0: off)", min=0)] = None,
@@ -125,6 +126,7 @@ def train(
     validating = f", validating on {len(val_frame)}" if mode == "finetune" else ""
     console.print(f"{labeled.source}: {len(labeled)} rows after de-duplication; training on {len(train_frame)}"
                   f"{validating}, taxonomy {labeled.taxonomy.name} {list(labeled.taxonomy.labels)}")
+    epochs = FineTuneConfig.epochs if epochs is None else epochs
     config = FineTuneConfig(base_model=settings.base_model, max_length=settings.max_length, epochs=epochs,
                             seed=settings.seed, min_steps=DEFAULT_MIN_STEPS if min_steps is None else min_steps,
                             device=settings.device)
@@ -499,6 +501,7 @@ def loop_round(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None
 def loop_status(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> None:
     """Labels collected, labels waiting for the next retrain, recent jobs, the stopping signal, and whether
     Label Studio's webhooks can reach the backend."""
+    from active_learning.auto_finetune import AutoFinetune, FinetuneSchedule
     from active_learning.jobs import JobRunner, RetrainTrigger
     from labelloop.journal import Journal
     from labelloop.taxonomy import get_taxonomy
@@ -510,14 +513,22 @@ def loop_status(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> Non
         trigger = RetrainTrigger(journal, runner, settings.retrain_every)
         console.print(f"labels: {len(journal.labels())}; waiting for the next retrain: {trigger.pending_labels()} "
                       f"(retrain every {settings.retrain_every}); journal: {journal.stats()}")
+        auto = AutoFinetune(runner, FinetuneSchedule(settings.finetune_after_labels, settings.finetune_every_labels)
+                            if settings.auto_finetune else None)
+        console.print(f"automatic fine-tune: next when the labelled set reaches {auto.next_threshold()} "
+                      f"(then every {settings.finetune_every_labels})" if auto.schedule else
+                      "automatic fine-tune: off (auto_finetune = false; `labelloop loop finetune` queues one)")
         table = Table(title="recent retrain jobs")
-        for col in ("created", "state", "reason", "labels", "macro-F1", "gate", "stopping signal"):
+        for col in ("created", "kind", "state", "reason", "progress", "labels", "macro-F1", "gate",
+                    "stopping signal"):
             table.add_column(col)
         for job in runner.list(limit=10):
             r = job.result or {}
             f1 = r.get("macro_f1")
             stopping = r.get("stopping") or {}
-            table.add_row(job.created_at[:19], job.state, job.reason, str(r.get("labels", "-")),
+            table.add_row(job.created_at[:19], job.kind, job.state, job.reason,
+                          f"{job.progress:.0%} {job.message}" if job.state == "running" else "-",
+                          str(r.get("labels", "-")),
                           f"{f1:.4f}" if f1 is not None else "-",
                           ("promoted" if r.get("promoted") else "refused") if r else (job.error or "-"),
                           ("STOP: " if stopping.get("stop") else "") + stopping.get("reason", "-"))
@@ -526,6 +537,66 @@ def loop_status(project: ProjectOpt = None, taxonomy: TaxonomyOpt = None) -> Non
     finally:
         runner.close()
         journal.close()
+
+
+@loop_app.command("finetune")
+@friendly_errors
+def loop_finetune(
+    wait: Annotated[bool, typer.Option(help="follow the job to its end, running it in this process unless a "
+                                       "running `labelloop serve` takes it first")] = False,
+    reason: Annotated[str, typer.Option(help="why, shown with the job")] = "requested by an ML engineer",
+    project: ProjectOpt = None,
+    taxonomy: TaxonomyOpt = None,
+) -> None:
+    """Queue a fine-tune of base_model on the loop's labels now, as a background job: what the service does by
+    itself once the labelled set reaches finetune_after_labels. It is registered as challenger and gated like
+    any retrain; serving swaps to it if it wins."""
+    from active_learning.jobs import FINETUNE, JobRunner
+
+    if not reason.strip() or len(reason) > 200:
+        raise CliError("--reason must be 1 to 200 characters")
+    settings = settings_for(taxonomy)
+    submitter = JobRunner(settings.database("jobs"), run_jobs=False)
+    try:
+        job = submitter.submit(reason, FINETUNE)
+    finally:
+        submitter.close()
+    console.print(f"fine-tune job {job.id} {job.state} ({job.reason}): a running `labelloop serve` takes it (or "
+                  f"`--wait` here); follow it with `labelloop loop status` or GET /jobs/{job.id}")
+    if not wait:
+        return
+    loop = _finetune_loop(settings, project)
+    worker = JobRunner(settings.database("jobs"), lambda progress: loop.run_finetune(progress).to_dict(),
+                       kind=FINETUNE, poll_seconds=1.0)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("fine-tune queued", total=1.0)
+            while (job := worker.get(job.id)) is not None and job.state not in ("done", "failed"):
+                bar.update(task, completed=job.progress, description=job.message or job.state)
+                worker.wait(job.id, 1.0)
+    finally:
+        worker.close()
+        loop.journal.close()
+        loop.slices.close()
+    if job is None or job.state == "failed":
+        raise CliError(f"fine-tune job {job.id if job else '?'} failed: {job.error if job else 'it disappeared'}")
+    r = job.result or {}
+    console.print(f"fine-tuned {r.get('trained_version')} on {r.get('labels')} labels: macro-F1 "
+                  f"{r.get('macro_f1', float('nan')):.4f}; {'promoted' if r.get('promoted') else 'refused'}: "
+                  f"{r.get('gate_reason')}")
+
+
+def _finetune_loop(settings: Settings, project_id: int | None):
+    """The loop a fine-tune run here trains with: the project's when Label Studio is configured (its queue is
+    refreshed if the fine-tune is promoted), else one over every label in the journal, with no queue to push."""
+    from active_learning.loop import ActiveLearningLoop
+    from labelloop.journal import Journal
+    from labelloop.taxonomy import get_taxonomy
+
+    if settings.ls_api_key is not None and (project_id or settings.ls_project_id) is not None:
+        return _loop(settings, project_id)
+    journal = Journal(settings.database("journal"), get_taxonomy(settings.taxonomy), policy=settings.review_policy)
+    return ActiveLearningLoop(settings, None, project_id, journal)
 
 
 def _print_connection(settings: Settings, project_id: int | None) -> None:

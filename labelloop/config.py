@@ -124,6 +124,14 @@ class Settings(BaseSettings):
                           "for single-label taxonomies, kmeans:mean_binary_entropy for multi-label ones)")
     reconcile_seconds: float = Field(60.0, description="how often the service pulls annotations from Label "
                                      "Studio to catch missed webhooks (0: never)")
+    auto_finetune: bool = Field(True, description="queue a fine-tune of base_model on the loop's labels as a "
+                                "background job once the labelled set reaches finetune_after_labels, and again "
+                                "every finetune_every_labels more (false: only `labelloop loop finetune` does)")
+    finetune_after_labels: int = Field(2000, description="labels before the first automatic fine-tune: the measured "
+                                       "budget where a fine-tune beats the fast head (bench/results/al_transfer.md); "
+                                       "on a few hundred labels it loses to it (bench/results/train_small.md)")
+    finetune_every_labels: int = Field(2000, description="more labels between two automatic fine-tunes; each one "
+                                       "takes minutes of CPU, growing with the labelled set")
 
     # --- label quality (monitoring/quality.py) -----------------------------------------------
     honeypot_rate: float = Field(0.02, ge=0, le=0.5, description="share of each pushed batch that is honeypots: "
@@ -192,6 +200,16 @@ class Settings(BaseSettings):
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"must be an http:// or https:// URL with a host, not {v!r}")
         return v.strip()
+
+    @field_validator("finetune_after_labels", "finetune_every_labels")
+    @classmethod
+    def _positive_labels(cls, v: int) -> int:
+        """A threshold of 0 would fine-tune on every round (and ``every = 0`` never advance): refused when
+        settings load, with the way to turn the feature off instead."""
+        if v < 1:
+            raise ValueError(f"must be a positive number of labels, not {v} (to turn automatic fine-tuning off, "
+                             "set auto_finetune = false)")
+        return v
 
     @field_validator("strategy")
     @classmethod
