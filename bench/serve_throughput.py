@@ -8,8 +8,9 @@ next to its own baseline:
 
 - ``labelloop``: ``serving.app`` over HTTP (uvicorn), the champion loaded from a real MLflow registry;
   at load it times every candidate path (fp32 torch, torch int8, ONNX Runtime fp32 and int8) on the
-  frozen evaluation texts and serves the fastest one whose top label agrees with fp32 torch on >= 99 %
-  of them (``serving/quantize.py``). The path chosen, and every candidate's agreement and speed, come
+  frozen evaluation texts and serves the fastest one that passes the guard: top-label agreement with fp32
+  torch of >= 99 % in the batches serving runs, for the batch-dependent int8 paths as a lower confidence
+  bound (``serving/quantize.py``). The path chosen, and every candidate's agreement and speed, come
   from the server's ``/health``. The servers load one after another, so no load-time timing overlaps
   another's.
 - ``upstream pipeline``: what label-studio-ml-backend's ``bert_classifier`` example does, with the model
@@ -28,8 +29,9 @@ Goal (issue 15): for every champion, >= 250 texts/s and >= 4x the pipeline at 10
 
 Run: ``.venv/bin/python bench/serve_throughput.py``. The first run fine-tunes the three champions into
 ``--champions-dir`` (git-ignored, one MLflow store per recipe and seed); later runs reuse them and their
-ONNX exports, so only the measuring runs again. ``--quick`` is a small check with its own champions.
-Writes ``bench/results/serve_throughput.{json,md}``.
+ONNX exports, so only the measuring runs again. ``--champions-key`` measures the champions of an earlier
+recipe (after ``FineTuneConfig``'s defaults moved), reporting the recipe they recorded. ``--quick`` is a
+small check with its own champions. Writes ``bench/results/serve_throughput.{json,md}``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from labelloop import data  # noqa: E402
 from labelloop.config import REPO_ROOT, Settings  # noqa: E402
 from labelloop.taxonomy import get_taxonomy, label_config_xml  # noqa: E402
 from serving.app import create_app  # noqa: E402
-from serving.quantize import MIN_AGREEMENT  # noqa: E402
+from serving.quantize import GUARD_CONFIDENCE, MIN_AGREEMENT  # noqa: E402
 from training.classifier import resolve_model_path  # noqa: E402
 from training.finetune import FineTuneConfig  # noqa: E402
 from training.registry import Registry  # noqa: E402
@@ -102,10 +104,14 @@ def recipe(train_rows: int, epochs: int | None = None) -> dict:
             "eval_rows": 500, "fine_tune": config}
 
 
-def champion_store(champions_dir: Path, the_recipe: dict, seed: int) -> Path:
-    """Where the champion of ``seed`` under ``the_recipe`` is kept: a changed recipe never reuses a stale one."""
-    key = hashlib.sha1(json.dumps(the_recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return champions_dir / f"{key}-seed-{seed}"
+def recipe_key(the_recipe: dict) -> str:
+    return hashlib.sha1(json.dumps(the_recipe, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def champion_store(champions_dir: Path, the_recipe: dict, seed: int, key: str | None = None) -> Path:
+    """Where the champion of ``seed`` under ``the_recipe`` is kept: a changed recipe never reuses a stale one.
+    ``key`` names an earlier recipe's stores explicitly (``--champions-key``)."""
+    return champions_dir / f"{key or recipe_key(the_recipe)}-seed-{seed}"
 
 
 def ensure_champion(store: Path, davidson: data.LabeledData, seed: int, the_recipe: dict) -> dict:
@@ -116,8 +122,9 @@ def ensure_champion(store: Path, davidson: data.LabeledData, seed: int, the_reci
     trained = store / "champion.json"
     if trained.exists():
         registry = Registry(settings)
+        summary = {k: v for k, v in json.loads(trained.read_text()).items() if k != "recipe"}
         return {"version": f"{registry.name}:v{registry.alias_version('champion')}", "seed": seed,
-                "trained_this_run": False, **json.loads(trained.read_text())}
+                "trained_this_run": False, **summary}
     shutil.rmtree(store, ignore_errors=True)
     started = time.perf_counter()
     splits = data.split(davidson, seed=the_recipe["split_seed"])
@@ -131,8 +138,28 @@ def ensure_champion(store: Path, davidson: data.LabeledData, seed: int, the_reci
     registry.promote(result.ref.version)
     summary = {"eval_macro_f1": round(result.report.macro_f1, 4),
                "train_seconds": round(time.perf_counter() - started, 1)}
-    trained.write_text(json.dumps(summary))
+    trained.write_text(json.dumps({**summary, "recipe": the_recipe}))
     return {"version": result.ref.label, "seed": seed, "trained_this_run": True, **summary}
+
+
+def stored_recipe(champions_dir: Path, key: str, seeds: list[int]) -> dict:
+    """The recipe the champions stored under ``key`` were trained with, from their ``champion.json``: a run
+    that reuses them by key reports their recipe, not today's defaults. Raises ``ValueError`` when a store
+    is missing, does not record its recipe, or records one whose key is not ``key``."""
+    found: dict | None = None
+    for seed in seeds:
+        trained = champions_dir / f"{key}-seed-{seed}" / "champion.json"
+        if not trained.exists():
+            raise ValueError(f"no finished champion under {trained.parent} (train it without --champions-key)")
+        the_recipe = json.loads(trained.read_text()).get("recipe")
+        if the_recipe is None or recipe_key(the_recipe) != key:
+            raise ValueError(f"{trained} does not record the recipe of key {key}")
+        if found is not None and the_recipe != found:
+            raise ValueError(f"the champions under key {key} record different recipes")
+        found = the_recipe
+    if found is None:
+        raise ValueError("no seeds given")
+    return found
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,7 +428,7 @@ def summarise_champion(entry: dict, measured: dict, seed: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
-    the_recipe = recipe(args.train_rows, epochs=args.epochs)
+    the_recipe = getattr(args, "recipe", None) or recipe(args.train_rows, epochs=args.epochs)
     davidson = data.load("davidson", settings=Settings())
     splits = data.split(davidson, seed=the_recipe["split_seed"])
     # the champions' frozen evaluation texts are their guard's check texts; agreement and speed are
@@ -415,7 +442,7 @@ def run(args: argparse.Namespace) -> dict:
     systems: list[System] = []
     with ExitStack() as stack:
         for seed in args.seeds:
-            store = champion_store(args.champions_dir, the_recipe, seed)
+            store = champion_store(args.champions_dir, the_recipe, seed, getattr(args, "champions_key", None))
             print(f"champion seed {seed}: {store} (fine-tuned once, then reused) …", flush=True)
             info: dict[str, Any] = {"seed": seed, "store": str(store)}
             try:
@@ -438,7 +465,8 @@ def run(args: argparse.Namespace) -> dict:
     lengths = [len(ids) for ids in tokenizer(timing_pool[:2000])["input_ids"]]
     return {
         "goal": GOAL,
-        "recipe": {**the_recipe, "base_model": "all-MiniLM-L6-v2", "seeds": list(args.seeds), "quick": args.quick},
+        "recipe": {**the_recipe, "base_model": "all-MiniLM-L6-v2", "seeds": list(args.seeds), "quick": args.quick,
+                   "champions_key": getattr(args, "champions_key", None)},
         "texts": {"source": "Davidson held-out test split without the frozen evaluation set, random order",
                   "tokens_mean": round(float(np.mean(lengths)), 1), "tokens_p95": int(np.percentile(lengths, 95))},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -487,7 +515,10 @@ def markdown(result: dict) -> str:
         f"the `transformers.pipeline` baseline at 100 tasks per request, with >= {GOAL['agreement']:.0%} top-label "
         "agreement with fp32 PyTorch, on 2 CPU cores.",
         "",
-        f"Champions: all-MiniLM-L6-v2 fine-tuned with `FineTuneConfig`'s defaults ({fine_tune['epochs']} epochs, "
+        "Champions: all-MiniLM-L6-v2 fine-tuned with "
+        + (f"the recipe stored with champions `{recipe_['champions_key']}` (`FineTuneConfig`'s defaults when they "
+           "were trained: " if recipe_.get("champions_key") else "`FineTuneConfig`'s defaults (")
+        + f"{fine_tune['epochs']} epochs, "
         f"lr {fine_tune['lr']:g}, batch {fine_tune['batch_size']}, {fine_tune['class_weighting']} class weights, "
         f"early stopping, min_steps {fine_tune['min_steps']}) on {recipe_['train_rows']:,} stratified Davidson "
         "rows, seeds "
@@ -532,10 +563,13 @@ def markdown(result: dict) -> str:
             continue
         lines += [f"**seed {c['seed']}** ({c.get('version')}, load and choice {c.get('load_and_choose_seconds')} s): "
                   f"{serving['chosen']}: {serving['reason']}", "",
-                  "| candidate | top-label agreement | texts/s at load | error |", "|---|---|---|---|"]
+                  f"| candidate | top-label agreement | {GUARD_CONFIDENCE:.0%} lower bound (batch-dependent only) | "
+                  "agreement per batching | texts/s at load | error |", "|---|---|---|---|---|---|"]
         for cand in serving["candidates"]:
-            lines.append(f"| {cand['path']} | {_pct(cand['agreement'])} | {_num(cand['texts_per_s'])} | "
-                         f"{cand['error'] or ''} |")
+            per_batching = ", ".join(f"{name}: {_pct(value)}"
+                                     for name, value in (cand.get("agreement_by_batching") or {}).items())
+            lines.append(f"| {cand['path']} | {_pct(cand['agreement'])} | {_pct(cand.get('agreement_low'))} | "
+                         f"{per_batching or '–'} | {_num(cand['texts_per_s'])} | {cand['error'] or ''} |")
         lines.append("")
     lines += ["## Detail (median over rounds; every round's texts/s in brackets)", "",
               "| seed | workload | system | texts/s | rounds | p50 ms | p95 ms |", "|---|---|---|---|---|---|---|"]
@@ -553,6 +587,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--champions-dir", type=Path, default=REPO_ROOT / "var" / "bench" / "serve_champions",
                         help="one MLflow store per champion, named by recipe and seed (git-ignored, reused)")
+    parser.add_argument("--champions-key", default=None,
+                        help="measure the champions stored under this recipe key (the NNNNNNNNNN of "
+                        "NNNNNNNNNN-seed-1) instead of the current recipe's, e.g. to compare with an earlier run "
+                        "after FineTuneConfig's defaults moved; their recorded recipe is reported")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--epochs", type=int, default=None, help="default: the product's FineTuneConfig")
@@ -569,6 +607,12 @@ def main() -> None:
     if args.quick:
         args.train_rows, args.rounds = 300, 2
         args.requests_1, args.requests_100, args.concurrent_requests, args.agreement_texts = 4, 1, 16, 200
+    args.recipe = None
+    if args.champions_key:
+        try:
+            args.recipe = stored_recipe(args.champions_dir, args.champions_key, args.seeds)
+        except ValueError as e:
+            parser.error(str(e))
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_throughput.json").write_text(json.dumps(result, indent=2) + "\n")

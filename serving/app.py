@@ -84,7 +84,8 @@ def create_app(
                 log.warning("%s: check texts unreadable (%s: %s); serving fp32 torch", loaded.ref.label,
                             type(e).__name__, e)
         return prepare_for_serving(loaded, settings.quantize, texts, cache_dir=settings.cache_dir / "onnx",
-                                   device=settings.device, batch_size=settings.batch_size)
+                                   device=settings.device, batch_size=settings.batch_size,
+                                   call_texts=settings.batch_size * _MERGE_BATCHES)
 
     champion = Champion(source, prepare=prepare, on_swap=lambda m: metrics.observe_swap(m.ref.label),
                         backoff=(settings.backoff_first_seconds, settings.backoff_max_seconds))

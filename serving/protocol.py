@@ -113,9 +113,15 @@ class DependencyHealth(_Strict):
 
 class ServingCandidate(_Strict):
     path: str = Field(description="torch-fp32, torch-int8, onnx-fp32, onnx-int8, torch-bf16, torch-fp16")
-    agreement: float | None = Field(None, description="share of check texts whose top label matches fp32 torch")
+    agreement: float | None = Field(None, description="share of check texts whose top label matches fp32 torch "
+                                    "(batch-dependent candidates: in every batching checked)")
     texts_per_s: float | None = Field(None, description="measured on a short timed batch at load")
     error: str | None = Field(None, description="why the candidate could not be built or run")
+    batch_dependent: bool = Field(False, description="its labels can depend on which texts share a batch "
+                                  "(dynamic int8): checked in every serving batching, judged by agreement_low")
+    agreement_low: float | None = Field(None, description="batch-dependent candidates: the one-sided lower "
+                                        "confidence bound on agreement that must reach min_agreement")
+    agreement_by_batching: dict[str, float] | None = Field(None, description="agreement in each batching checked")
 
 
 class ServingPath(_Strict):
@@ -123,6 +129,8 @@ class ServingPath(_Strict):
     reason: str
     check_texts: int
     min_agreement: float
+    confidence: float | None = Field(None, description="the confidence of agreement_low")
+    batchings: list[str] = Field(default_factory=list, description="the batch make-ups agreement was checked in")
     speeds_from: Literal["measured", "memo"] | None = Field(
         None, description="memo: speeds remembered from an earlier champion over the same accelerated module "
                           "(agreement is still checked for this one); null when nothing was tried")

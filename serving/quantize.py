@@ -11,10 +11,24 @@ So no path is fixed in advance. Each freshly loaded champion is run every candid
 
 Each candidate's top label (a multi-label model's whole decided label set) is compared with fp32 torch
 on the check texts (the registry's frozen evaluation set) and its speed is timed on a short batch;
-the fastest candidate that agrees on at least :data:`MIN_AGREEMENT` is served, and ``/health`` reports
-the choice with every candidate's agreement and speed. A candidate that fails in any way (no onnxruntime,
-an export error) is recorded and skipped: the choice never stops a champion from being
-served, since fp32 torch always qualifies.
+the fastest candidate that passes the guard is served, and ``/health`` reports the choice with every
+candidate's agreement and speed. A candidate that fails in any way (no onnxruntime, an export error) is
+recorded and skipped: the choice never stops a champion from being served, since fp32 torch always
+qualifies.
+
+The guard measures what serving serves. Dynamic int8 (torch's and ONNX Runtime's) scales each batch's
+activations by that batch's own range, padding included, so a text's label can depend on which texts
+share its batch. Checked with all check texts length-sorted together (batches of near-equal length, the
+least padding), a torch int8 copy once passed that then served clearly under the threshold (issue 15;
+``bench/results/serve_throughput.md`` has the numbers). So the check runs in the batchings serving uses
+(:func:`serving_batchings`): merged calls of the size the micro-batcher runs, each length-sorted and cut
+into ``batch_size`` batches, and single texts. A candidate whose numerics depend on the batch keeps a
+text only when it keeps it in every batching, and passes only when the one-sided lower confidence bound
+on that share (Clopper-Pearson, :data:`GUARD_CONFIDENCE`) reaches :data:`MIN_AGREEMENT`: the check sees
+a few of the batch make-ups serving will meet, on a sample of texts, and a point estimate at the
+threshold passes a worse copy about half the time. A candidate whose numerics do not depend on the batch
+(the fp32 and half-precision paths) is checked in serving's merged calls against the point estimate, so
+that a small evaluation set does not lock serving into fp32 torch.
 
 ONNX exports are cached on disk, keyed by the transformer's weights, so a restart (or a fast-mode
 version that shares its frozen encoder with the last one) does not export again. For the frozen encoder
@@ -43,7 +57,7 @@ import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +65,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from training.classifier import TextClassifier
 from training.registry import LoadedModel
@@ -58,6 +73,9 @@ from training.registry import LoadedModel
 log = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.99
+#: one-sided confidence that a batch-dependent candidate's agreement is at least MIN_AGREEMENT; with 500
+#: check texts it allows one disagreement
+GUARD_CONFIDENCE = 0.95
 TORCH_FP32 = "torch-fp32"
 #: serving modes (``settings.quantize``): ``auto`` tries every candidate, ``int8`` only torch's dynamic
 #: int8 against fp32 (the behaviour before ONNX Runtime), ``none`` serves fp32 torch without checking
@@ -76,19 +94,56 @@ def precision(classifier: TextClassifier) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+def agreement_lower_bound(kept: int, checked: int, confidence: float = GUARD_CONFIDENCE) -> float:
+    """The one-sided (Clopper-Pearson) lower confidence bound on the share of texts a candidate keeps."""
+    if checked <= 0:
+        return 0.0
+    interval = binomtest(kept, checked, alternative="greater").proportion_ci(confidence_level=confidence,
+                                                                              method="exact")
+    return float(interval.low)
+
+
+@lru_cache(maxsize=64)
+def fewest_kept(checked: int) -> int | None:
+    """The fewest kept texts out of ``checked`` whose lower bound still reaches :data:`MIN_AGREEMENT` (None:
+    not even all of them do): once a batch-dependent candidate has lost more, its remaining batchings
+    cannot save it and are not run."""
+    if checked <= 0 or agreement_lower_bound(checked, checked) < MIN_AGREEMENT:
+        return None
+    kept = checked
+    while kept > 0 and agreement_lower_bound(kept - 1, checked) >= MIN_AGREEMENT:
+        kept -= 1
+    return kept
+
+
 @dataclass(frozen=True)
 class Trial:
     """One candidate way of running the champion, as measured at load."""
 
     path: str
-    agreement: float | None = None  # share of check texts decided as fp32 torch decides them
+    #: share of check texts decided as fp32 torch decides them (a batch-dependent candidate: in every batching)
+    agreement: float | None = None
     texts_per_s: float | None = None
     error: str | None = None  # why the candidate could not be built or run
+    batch_dependent: bool = False
+    #: batch-dependent candidates: the one-sided lower confidence bound on ``agreement`` that must pass
+    agreement_low: float | None = None
+    agreement_by_batching: dict[str, float] | None = field(default=None, compare=False)
 
     @property
     def passed(self) -> bool:
-        return (self.error is None and self.texts_per_s is not None and self.agreement is not None
-                and self.agreement >= MIN_AGREEMENT)
+        if self.error is not None or self.texts_per_s is None or self.agreement is None:
+            return False
+        if self.batch_dependent:
+            return self.agreement_low is not None and self.agreement_low >= MIN_AGREEMENT
+        return self.agreement >= MIN_AGREEMENT
+
+    def verdict(self) -> str:
+        """The measured agreement as the guard judged it, for the reason /health gives."""
+        if not self.batch_dependent or self.agreement_low is None:
+            return f"{self.agreement:.2%} agreement"
+        return (f"{self.agreement:.2%} agreement in every serving batching, {GUARD_CONFIDENCE:.0%} lower bound "
+                f"{self.agreement_low:.2%}")
 
 
 @dataclass(frozen=True)
@@ -100,11 +155,13 @@ class PathChoice:
     #: where the candidates' speeds came from: timed at this load, or remembered from an earlier champion
     #: over the same accelerated module (agreement is measured at every load either way)
     speeds_from: Literal["measured", "memo"] | None = None
+    #: the batchings agreement was checked in (batch-dependent candidates: all; the others: the first)
+    batchings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "reason": self.reason, "check_texts": self.check_texts,
-                "min_agreement": MIN_AGREEMENT, "speeds_from": self.speeds_from,
-                "candidates": [asdict(t) for t in self.trials]}
+                "min_agreement": MIN_AGREEMENT, "confidence": GUARD_CONFIDENCE, "batchings": list(self.batchings),
+                "speeds_from": self.speeds_from, "candidates": [asdict(t) for t in self.trials]}
 
 
 def memo_order(speeds: dict[str, float | None], preferred: str | None = None) -> list[str]:
@@ -121,30 +178,35 @@ def memo_order(speeds: dict[str, float | None], preferred: str | None = None) ->
     return faster
 
 
-def choose_path(trials: Sequence[Trial], check_texts: int, preferred: str | None = None) -> PathChoice:
-    """The fastest candidate whose top label agrees with fp32 torch on >= :data:`MIN_AGREEMENT` of the
-    check texts; fp32 torch when none does (it is the reference, so it cannot disagree with itself).
-    A ``preferred`` path that passes wins regardless of speed: the operator asked for it by name."""
+def choose_path(trials: Sequence[Trial], check_texts: int, preferred: str | None = None,
+                batchings: Sequence[str] = ()) -> PathChoice:
+    """The fastest candidate that passes the guard (:attr:`Trial.passed`: agreement with fp32 torch of at
+    least :data:`MIN_AGREEMENT`, for a batch-dependent candidate as a lower confidence bound); fp32 torch
+    when none does (it is the reference, so it cannot disagree with itself). A ``preferred`` path that
+    passes wins regardless of speed: the operator asked for it by name."""
     passing = [t for t in trials if t.passed]
     others = [t for t in trials if not t.passed]
     refused = "; ".join(
         f"{t.path} failed ({t.error})" if t.error else
-        f"{t.path} refused ({t.agreement:.2%} agreement)" if t.agreement is not None else
+        f"{t.path} refused ({t.verdict()})" if t.agreement is not None else
         f"{t.path} not measured" for t in others)
     if not passing:
         reason = f"no candidate passed the {MIN_AGREEMENT:.0%} top-label guard; serving fp32 torch"
-        return PathChoice(TORCH_FP32, reason + (f" ({refused})" if refused else ""), check_texts, tuple(trials))
+        return PathChoice(TORCH_FP32, reason + (f" ({refused})" if refused else ""), check_texts, tuple(trials),
+                          batchings=tuple(batchings))
     asked = [t for t in passing if t.path == preferred]
     best = asked[0] if asked else max(passing, key=lambda t: t.texts_per_s)
+    kept = (f"in every serving batching, {GUARD_CONFIDENCE:.0%} lower bound {best.agreement_low:.2%}"
+            if best.batch_dependent and best.agreement_low is not None else "in serving's merged calls")
     reason = (f"{'asked for by name' if asked else 'fastest passing candidate'}: {best.texts_per_s:.0f} texts/s, "
-              f"top label agrees with fp32 torch on {best.agreement:.2%} of {check_texts} check texts "
+              f"top label agrees with fp32 torch on {best.agreement:.2%} of {check_texts} check texts {kept} "
               f"(>= {MIN_AGREEMENT:.0%} required)")
     slower = [t for t in passing if t is not best]
     if slower:
         reason += "; slower: " + ", ".join(f"{t.path} {t.texts_per_s:.0f} texts/s" for t in slower)
     if refused:
         reason += f"; {refused}"
-    return PathChoice(best.path, reason, check_texts, tuple(trials))
+    return PathChoice(best.path, reason, check_texts, tuple(trials), batchings=tuple(batchings))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +218,32 @@ def choose_path(trials: Sequence[Trial], check_texts: int, preferred: str | None
 class Candidate:
     path: str
     build: Callable[[], TextClassifier]
+    #: its numerics depend on which texts share a batch (dynamic int8: per-batch activation scales)
+    batch_dependent: bool = False
+
+
+@dataclass(frozen=True)
+class Batching:
+    """One way serving groups texts for the model: calls of ``call_texts`` texts in the order given (``None``:
+    one call), each length-sorted and cut into ``batch_size`` batches by ``predict_proba`` / ``embed``."""
+
+    name: str
+    call_texts: int | None
+    batch_size: int
+
+    def run(self, compute: Callable[[Sequence[str], int], np.ndarray], texts: Sequence[str]) -> np.ndarray:
+        step = self.call_texts or max(1, len(texts))
+        parts = [compute(texts[start : start + step], self.batch_size) for start in range(0, len(texts), step)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else compute(texts, self.batch_size)
+
+
+def serving_batchings(batch_size: int, call_texts: int) -> tuple[Batching, ...]:
+    """The batch make-ups serving runs, merged calls first (the one every candidate is checked in):
+    the micro-batcher's merged calls of up to ``call_texts`` texts from whichever requests were waiting
+    (the check texts are a random sample of the evaluation set, so consecutive chunks mix lengths as
+    merged requests do), and a text alone (a task opened in Label Studio, a one-text API call)."""
+    return (Batching(f"calls of {call_texts} in batches of {batch_size}", call_texts, batch_size),
+            Batching("single texts", None, 1))
 
 
 class AutocastModule(torch.nn.Module):
@@ -348,11 +436,12 @@ def candidates(classifier: TextClassifier, mode: Mode, cache_dir: Path) -> list[
                 out.append(Candidate("torch-bf16", lambda: _autocast_copy(classifier, torch.bfloat16, "bf16")))
             out.append(Candidate("torch-fp16", lambda: _autocast_copy(classifier, torch.float16, "fp16")))
         return out
-    out.append(Candidate("torch-int8", classifier.quantized_copy))
+    # both int8 paths quantise activations dynamically, per tensor: the scale comes from the batch
+    out.append(Candidate("torch-int8", classifier.quantized_copy, batch_dependent=True))
     if mode == "auto":
         onnx = OnnxCandidates(classifier, cache_dir)
         out.append(Candidate("onnx-fp32", lambda: onnx.build("fp32")))
-        out.append(Candidate("onnx-int8", lambda: onnx.build("int8")))
+        out.append(Candidate("onnx-int8", lambda: onnx.build("int8"), batch_dependent=True))
     return out
 
 
@@ -366,37 +455,35 @@ def _error(e: BaseException) -> str:
 
 
 def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_texts: Sequence[str],
-            batch_size: int, outputs: dict[str, np.ndarray] | None = None
+            batchings: Sequence[Batching], outputs: dict[str, np.ndarray] | None = None
             ) -> tuple[list[Trial], dict[str, TextClassifier]]:
-    """Agreement of each candidate with the first (the reference) on ``check_texts``, then speed on
-    ``timing_texts``: ``_TIMING_ROUNDS`` interleaved rounds, best round kept, so a burst of load from
-    anything else on the machine does not decide the choice."""
+    """Agreement of each candidate with the first (the reference) on ``check_texts`` (:func:`_agreement`),
+    then speed on ``timing_texts`` run as serving's merged calls (the first batching): ``_TIMING_ROUNDS``
+    interleaved rounds, best round kept, so a burst of load from anything else on the machine does not
+    decide the choice."""
     built: dict[str, TextClassifier] = {}
-    agreement: dict[str, float] = {}
+    agreement: dict[str, Trial] = {}
     errors: dict[str, str] = {}
     reference = None
     for candidate in options:
         try:
             model = candidate.build()
-            # what serving answers with: the top label, or a multi-label model's thresholded label set (a
-            # shifted sigmoid can flip a label across its threshold while the top label stays put)
-            labels = _labels(model, check_texts, batch_size, outputs, candidate.path)
+            if reference is None:
+                reference = _labels(model, check_texts, batchings[0], outputs, candidate.path)
+            agreement[candidate.path] = _agreement(candidate, model, check_texts, reference, batchings, outputs)
         except Exception as e:  # any failure only removes the candidate
             if reference is None:
                 raise  # the reference itself cannot run: the champion is broken, not a candidate
             errors[candidate.path] = _error(e)
             log.info("serving candidate %s failed: %s", candidate.path, errors[candidate.path])
             continue
-        if reference is None:
-            reference = labels
         built[candidate.path] = model
-        agreement[candidate.path] = float((labels == reference).all(axis=1).mean())
     best: dict[str, float] = {}
     for _ in range(_TIMING_ROUNDS):
         for path, model in list(built.items()):
             try:
                 started = time.perf_counter()
-                model.predict_proba(timing_texts, batch_size)
+                batchings[0].run(model.predict_proba, timing_texts)
                 best[path] = min(best.get(path, np.inf), time.perf_counter() - started)
             except Exception as e:
                 if path == options[0].path:
@@ -406,51 +493,77 @@ def measure(options: Sequence[Candidate], check_texts: Sequence[str], timing_tex
     trials = []
     for candidate in options:
         path = candidate.path
+        checked = agreement.get(path, Trial(path, batch_dependent=candidate.batch_dependent))
         if path in errors:
-            trials.append(Trial(path, agreement.get(path), None, errors[path]))
+            trials.append(replace(checked, error=errors[path]))
         else:
-            trials.append(Trial(path, round(agreement[path], 4), round(len(timing_texts) / best[path], 1)))
+            trials.append(replace(checked, texts_per_s=round(len(timing_texts) / best[path], 1)))
     return trials, built
 
 
-def _labels(model: TextClassifier, texts: Sequence[str], batch_size: int,
+def _agreement(candidate: Candidate, model: TextClassifier, texts: Sequence[str], reference: np.ndarray,
+               batchings: Sequence[Batching], outputs: dict[str, np.ndarray] | None = None) -> Trial:
+    """How ``model`` keeps the reference's decisions: the top label, or a multi-label model's thresholded
+    label set (a shifted sigmoid can flip a label across its threshold while the top label stays put). A
+    batch-dependent candidate is run in every batching, keeps a text only when it keeps it in all of them,
+    and is judged by the lower confidence bound (the batchings left once it cannot pass are skipped: single
+    texts cost a forward pass each); any other in serving's merged calls alone."""
+    used = batchings if candidate.batch_dependent else batchings[:1]
+    needed = fewest_kept(len(texts)) if candidate.batch_dependent else None
+    kept = np.ones(len(texts), dtype=bool)
+    by_batching: dict[str, float] = {}
+    for batching in used:
+        if by_batching and (needed is None or kept.sum() < needed):
+            break
+        same = (_labels(model, texts, batching, outputs, candidate.path) == reference).all(axis=1)
+        by_batching[batching.name] = round(float(same.mean()), 4)
+        kept &= same
+    low = round(agreement_lower_bound(int(kept.sum()), len(texts)), 4) if candidate.batch_dependent else None
+    return Trial(candidate.path, round(float(kept.mean()), 4), batch_dependent=candidate.batch_dependent,
+                 agreement_low=low, agreement_by_batching=by_batching)
+
+
+def _labels(model: TextClassifier, texts: Sequence[str], batching: Batching,
             outputs: dict[str, np.ndarray] | None = None, path: str | None = None) -> np.ndarray:
-    """What serving answers on ``texts``. A frozen-encoder model's embeddings of the check texts are kept
-    in ``outputs`` by path: they depend on the encoder alone, so a later head over the same encoder is
-    checked on exactly the outputs its path produces, without running the encoder again."""
+    """What serving answers on ``texts`` when they are batched as ``batching`` says. A frozen-encoder model's
+    embeddings of the check texts are kept in ``outputs`` by path and batching: they depend on the encoder
+    alone, so a later head over the same encoder is checked on exactly the outputs its path produces,
+    without running the encoder again."""
     if outputs is None or model.frozen_encoder is None:
-        proba = model.predict_proba(texts, batch_size)
+        proba = batching.run(model.predict_proba, texts)
     else:
-        if path not in outputs:
-            outputs[path] = model.embed(texts, batch_size)
-        proba = model.proba_from_embeddings(outputs[path])
+        key = f"{path}|{batching.name}"
+        if key not in outputs:
+            outputs[key] = batching.run(model.embed, texts)
+        proba = model.proba_from_embeddings(outputs[key])
     return model.decide_ids(proba).reshape(len(texts), -1)
 
 
 def recheck(options: Sequence[Candidate], order: Sequence[str], speeds: dict[str, float | None],
-            check_texts: Sequence[str], batch_size: int, outputs: dict[str, np.ndarray] | None = None
+            check_texts: Sequence[str], batchings: Sequence[Batching], outputs: dict[str, np.ndarray] | None = None
             ) -> tuple[list[Trial], dict[str, TextClassifier]]:
     """Agreement with the reference (the first option) for the candidates in ``order``, stopping at the
     first that passes; speeds are the remembered ones. Candidates not reached keep no agreement, so
     :func:`choose_path` cannot pick them."""
     by_path = {c.path: c for c in options}
     reference = options[0].build()
-    expected = _labels(reference, check_texts, batch_size, outputs, options[0].path)
+    expected = _labels(reference, check_texts, batchings[0], outputs, options[0].path)
     built = {options[0].path: reference}
     found: dict[str, Trial] = {options[0].path: Trial(options[0].path, 1.0, speeds.get(options[0].path))}
     for path in order:
+        candidate = by_path[path]
         try:
-            model = by_path[path].build()
-            labels = _labels(model, check_texts, batch_size, outputs, path)
-            agreement = round(float((labels == expected).all(axis=1).mean()), 4)
+            model = candidate.build()
+            checked = _agreement(candidate, model, check_texts, expected, batchings, outputs)
         except Exception as e:  # as in measure: a failure only removes the candidate
-            found[path] = Trial(path, None, None, _error(e))
+            found[path] = Trial(path, None, None, _error(e), batch_dependent=candidate.batch_dependent)
             continue
-        found[path] = Trial(path, agreement, speeds.get(path))
+        found[path] = replace(checked, texts_per_s=speeds.get(path))
         if found[path].passed:
             built[path] = model
             break
-    trials = [found.get(c.path, Trial(c.path, None, speeds.get(c.path))) for c in options]
+    trials = [found.get(c.path, Trial(c.path, None, speeds.get(c.path), batch_dependent=c.batch_dependent))
+              for c in options]
     return trials, built
 
 
@@ -516,15 +629,18 @@ def _memo_key(classifier: TextClassifier, batch_size: int) -> tuple[str, str, in
 
 
 def choose_for_serving(classifier: TextClassifier, mode: Mode, check_texts: Sequence[str], cache_dir: Path,
-                       batch_size: int = 16, timing_texts: int = 128,
-                       memo: SpeedMemo = SPEEDS) -> tuple[TextClassifier, PathChoice]:
-    """The copy of ``classifier`` to serve and why (see the module docstring)."""
+                       batch_size: int = 16, timing_texts: int = 128, memo: SpeedMemo = SPEEDS, *,
+                       call_texts: int = 128) -> tuple[TextClassifier, PathChoice]:
+    """The copy of ``classifier`` to serve and why (see the module docstring). ``batch_size`` and
+    ``call_texts`` are serving's: texts per forward pass and the most texts one merged call holds."""
     if mode == "none":
         return classifier, PathChoice(TORCH_FP32, "settings.quantize is none: fp32 torch, nothing tried")
     if not check_texts:
         return classifier, PathChoice(TORCH_FP32, "no check texts to verify a faster path against; fp32 torch")
     options = candidates(classifier, mode, cache_dir)
     preferred = "torch-int8" if mode == "int8" else None
+    batchings = serving_batchings(batch_size, call_texts)
+    names = tuple(b.name for b in batchings)
     key = _memo_key(classifier, batch_size)
     speeds = memo.get(key) if key is not None else None
     outputs = memo.outputs(key, check_texts) if key is not None else None
@@ -534,29 +650,29 @@ def choose_for_serving(classifier: TextClassifier, mode: Mode, check_texts: Sequ
             trials = [Trial(c.path, 1.0 if c.path == TORCH_FP32 else None, speeds[c.path]) for c in options]
             reason = (f"speeds remembered from an earlier champion over the same {key[1]} module ({key[0]}): "
                       f"no candidate was faster than fp32 torch")
-            return classifier, PathChoice(TORCH_FP32, reason, len(check_texts), tuple(trials), speeds_from="memo")
-        trials, built = recheck(options, order, speeds, check_texts, batch_size, outputs)
-        choice = choose_path(trials, len(check_texts), preferred)
+            return classifier, PathChoice(TORCH_FP32, reason, len(check_texts), tuple(trials), speeds_from="memo",
+                                          batchings=names)
+        trials, built = recheck(options, order, speeds, check_texts, batchings, outputs)
+        choice = choose_path(trials, len(check_texts), preferred, names)
         if choice.chosen != TORCH_FP32:
             reason = (f"speeds remembered from an earlier champion over the same {key[1]} module "
                       f"({key[0]}), agreement checked now; {choice.reason}")
-            return built[choice.chosen], PathChoice(choice.chosen, reason, choice.check_texts, choice.trials,
-                                                    speeds_from="memo")
+            return built[choice.chosen], replace(choice, reason=reason, speeds_from="memo")
         log.info("no remembered faster path passed the guard for this champion; measuring every candidate")
-    trials, built = measure(options, check_texts, list(check_texts[:timing_texts]), batch_size, outputs)
+    trials, built = measure(options, check_texts, list(check_texts[:timing_texts]), batchings, outputs)
     if key is not None:
         memo.put(key, trials)
-    choice = choose_path(trials, len(check_texts), preferred)
-    return built[choice.chosen], PathChoice(choice.chosen, choice.reason, choice.check_texts, choice.trials,
-                                            speeds_from="measured")
+    choice = choose_path(trials, len(check_texts), preferred, names)
+    return built[choice.chosen], replace(choice, speeds_from="measured")
 
 
 def prepare_for_serving(loaded: LoadedModel, mode: Mode, check_texts: Sequence[str], *,
-                        cache_dir: Path, device: str = "cpu", batch_size: int = 16,
+                        cache_dir: Path, device: str = "cpu", batch_size: int = 16, call_texts: int = 128,
                         memo: SpeedMemo = SPEEDS) -> LoadedModel:
     """The model to swap in: ``loaded``'s classifier on ``device``, run the fastest way that keeps its
     labels, with the choice recorded in ``serving`` for /health."""
     classifier = loaded.classifier.to(device)
-    served, choice = choose_for_serving(classifier, mode, check_texts, cache_dir, batch_size, memo=memo)
+    served, choice = choose_for_serving(classifier, mode, check_texts, cache_dir, batch_size, memo=memo,
+                                        call_texts=call_texts)
     log.info("%s: serving %s (%s)", loaded.ref.label, choice.chosen, choice.reason)
     return LoadedModel(loaded.ref, served, serving=choice.as_dict())

@@ -14,20 +14,24 @@ from fastapi.testclient import TestClient
 from labelloop.config import Settings
 from serving import quantize
 from serving.quantize import (
+    GUARD_CONFIDENCE,
     MIN_AGREEMENT,
     TORCH_FP32,
     Candidate,
     OnnxCandidates,
     Trial,
+    agreement_lower_bound,
     choose_for_serving,
     choose_path,
     measure,
+    serving_batchings,
 )
 from tests.test_classifier_kinds import TEXTS, LengthClassifier, tiny_embedding_head, tiny_finetuned
 from training.classifier import AutoTokenizer, resolve_model_path
 from training.registry import LoadedModel, ModelRef
 
 CHECK = [f"check text {i} " + "word " * (i % 17) for i in range(60)]
+BATCHINGS = serving_batchings(16, 128)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +78,26 @@ def test_a_slower_fp32_torch_is_not_chosen_over_a_faster_exact_path():
     assert choice.chosen == "onnx-fp32" and "torch-fp32 100 texts/s" in choice.reason
 
 
+def test_the_lower_bound_is_the_exact_one_sided_binomial_bound():
+    assert agreement_lower_bound(500, 500) == pytest.approx((1 - GUARD_CONFIDENCE) ** (1 / 500))
+    assert agreement_lower_bound(499, 500) >= MIN_AGREEMENT > agreement_lower_bound(498, 500)
+    assert agreement_lower_bound(60, 60) < MIN_AGREEMENT  # too few texts to vouch for a batch-dependent copy
+    assert agreement_lower_bound(0, 0) == 0.0
+
+
+def test_a_batch_dependent_candidate_needs_the_margin_an_exact_one_does_not():
+    """3 misses in 500 is 99.4 %: enough for a path whose labels are fixed per text, not for one whose labels
+    move with the batch (its 95 % lower bound is under 99 %)."""
+    low = agreement_lower_bound(497, 500)
+    trials = [Trial(TORCH_FP32, 1.0, 100.0), Trial("onnx-fp32", 0.994, 200.0),
+              Trial("onnx-int8", 0.994, 400.0, batch_dependent=True, agreement_low=low)]
+    choice = choose_path(trials, 500)
+    assert choice.chosen == "onnx-fp32"
+    assert f"onnx-int8 refused (99.40% agreement in every serving batching, 95% lower bound {low:.2%})" in choice.reason
+    sure = Trial("onnx-int8", 0.998, 400.0, batch_dependent=True, agreement_low=agreement_lower_bound(499, 500))
+    assert choose_path([*trials[:2], sure], 500).chosen == "onnx-int8"
+
+
 # --- measuring ------------------------------------------------------------------------------------
 
 
@@ -85,7 +109,7 @@ def test_a_candidate_that_raises_is_recorded_and_skipped():
 
     flipped = LengthClassifier(cut=0)  # calls every text "b": disagrees on most
     trials, built = measure([Candidate(TORCH_FP32, lambda: toy), Candidate("onnx-fp32", broken),
-                             Candidate("torch-int8", lambda: flipped)], CHECK, CHECK[:8], 16)
+                             Candidate("torch-int8", lambda: flipped)], CHECK, CHECK[:8], BATCHINGS)
     by_path = {t.path: t for t in trials}
     assert by_path["onnx-fp32"].error == "RuntimeError: export exploded" and "onnx-fp32" not in built
     assert by_path[TORCH_FP32].agreement == 1.0 and by_path[TORCH_FP32].texts_per_s > 0
@@ -111,7 +135,7 @@ def test_a_multi_label_candidate_must_keep_the_whole_label_set_not_just_the_top_
     shifted = FixedMultiLabel([0.9, 0.4])  # same top label, but b fell below its threshold: decides {a}
     same = FixedMultiLabel([0.8, 0.7])
     trials, _ = measure([Candidate(TORCH_FP32, lambda: reference), Candidate("onnx-int8", lambda: shifted),
-                         Candidate("onnx-fp32", lambda: same)], CHECK, CHECK[:4], 16)
+                         Candidate("onnx-fp32", lambda: same)], CHECK, CHECK[:4], BATCHINGS)
     by_path = {t.path: t for t in trials}
     assert by_path["onnx-int8"].agreement == 0.0 and by_path["onnx-fp32"].agreement == 1.0
     assert choose_path(trials, len(CHECK)).chosen in (TORCH_FP32, "onnx-fp32")
@@ -122,7 +146,124 @@ def test_a_broken_reference_is_a_load_failure_not_a_silent_choice():
         raise RuntimeError("weights missing")
 
     with pytest.raises(RuntimeError, match="weights missing"):
-        measure([Candidate(TORCH_FP32, broken)], CHECK, CHECK[:4], 16)
+        measure([Candidate(TORCH_FP32, broken)], CHECK, CHECK[:4], BATCHINGS)
+
+
+# --- the guard checks in serving's batch make-ups (issue 15) ---------------------------------------
+
+_lengths = np.random.default_rng(0).permutation(np.arange(400) % 100)
+#: a random sample of texts of every length, as the frozen evaluation set is
+SPREAD = [f"t{i:03d} " + "x" * int(n) for i, n in enumerate(_lengths)]
+
+
+class PaddingSensitive(LengthClassifier):
+    """Stands for dynamic int8: a text's label flips when its length-sorted batch pads it by more than
+    ``tolerance`` characters, as a per-batch activation scale taken over the padding can move a label."""
+
+    def __init__(self, cut: int, tolerance: int):
+        super().__init__(cut=cut)
+        self.tolerance = tolerance
+        self.batch_sizes: list[int] = []
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        self.batch_sizes.append(batch_size)
+        proba = super().predict_proba(texts, batch_size)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            longest = max(len(texts[i]) for i in idx)
+            for i in idx:
+                if longest - len(texts[i]) > self.tolerance:
+                    proba[i] = proba[i][::-1]
+        return proba
+
+
+class AloneSensitive(LengthClassifier):
+    """A copy that decides some texts differently only when each runs alone (batch size 1)."""
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        proba = super().predict_proba(texts, batch_size)
+        if batch_size == 1:
+            flip = np.array([i % 40 == 0 for i in range(len(texts))])
+            proba[flip] = proba[flip][:, ::-1]
+        return proba
+
+
+class ChampionWithInt8(LengthClassifier):
+    """An fp32 champion whose int8 copy (the ``int8`` mode's only candidate) is ``copy``."""
+
+    def __init__(self, copy: LengthClassifier):
+        super().__init__(cut=50)
+        self.copy = copy
+
+    def quantized_copy(self):
+        return self.copy
+
+
+def served_agreement(reference, served, texts, request_texts=100, batch_size=16):
+    """What the serving benchmark measures: requests of ``request_texts``, each one model call."""
+    def labels(model):
+        return np.concatenate([model.predict_proba(texts[i : i + request_texts], batch_size).argmax(1)
+                               for i in range(0, len(texts), request_texts)])
+
+    return float((labels(reference) == labels(served)).mean())
+
+
+def test_a_copy_that_keeps_labels_only_in_length_sorted_batches_of_the_whole_set_is_refused(tmp_path):
+    """The seed-1 failure: sorted all together, the check texts fill batches of near-equal length and the
+    copy agrees on all of them; in serving's calls it does not, and serving must not get it."""
+    copy = PaddingSensitive(cut=50, tolerance=6)
+    champion = ChampionWithInt8(copy)
+    whole = (copy.predict_proba(SPREAD, 16).argmax(1) == champion.predict_proba(SPREAD, 16).argmax(1)).mean()
+    assert whole == 1.0  # what the guard used to measure
+    assert served_agreement(champion, copy, SPREAD) < MIN_AGREEMENT  # what serving then serves
+    served, choice = choose_for_serving(champion, "int8", SPREAD, tmp_path, 16, call_texts=128)
+    assert choice.chosen == TORCH_FP32 and served is champion
+    int8 = next(c for c in choice.as_dict()["candidates"] if c["path"] == "torch-int8")
+    assert int8["batch_dependent"] and int8["agreement"] < MIN_AGREEMENT
+    # refused in merged calls already: single texts (a forward pass each) are not run for nothing
+    assert list(int8["agreement_by_batching"]) == ["calls of 128 in batches of 16"]
+    assert int8["agreement_by_batching"]["calls of 128 in batches of 16"] < MIN_AGREEMENT
+    assert "torch-int8 refused" in choice.reason
+    assert choice.as_dict()["batchings"] == ["calls of 128 in batches of 16", "single texts"]
+
+
+def test_a_copy_that_differs_only_on_single_texts_is_refused(tmp_path):
+    copy = AloneSensitive(cut=50)
+    champion = ChampionWithInt8(copy)
+    assert (copy.predict_proba(SPREAD, 16).argmax(1) == champion.predict_proba(SPREAD, 16).argmax(1)).all()
+    _, choice = choose_for_serving(champion, "int8", SPREAD, tmp_path, 16, call_texts=128)
+    assert choice.chosen == TORCH_FP32
+    int8 = next(c for c in choice.as_dict()["candidates"] if c["path"] == "torch-int8")
+    assert int8["agreement_by_batching"] == {"calls of 128 in batches of 16": 1.0, "single texts": 0.975}
+
+
+def test_a_batch_dependent_copy_that_keeps_every_label_in_every_batching_is_served(tmp_path):
+    copy = PaddingSensitive(cut=50, tolerance=1000)  # never flips
+    served, choice = choose_for_serving(ChampionWithInt8(copy), "int8", SPREAD, tmp_path, 16, call_texts=128)
+    assert choice.chosen == "torch-int8" and served is copy
+    assert set(copy.batch_sizes) == {16, 1}  # checked in merged calls and alone
+    int8 = next(c for c in choice.as_dict()["candidates"] if c["path"] == "torch-int8")
+    assert int8["agreement"] == 1.0 and int8["agreement_low"] == pytest.approx(agreement_lower_bound(400, 400),
+                                                                               abs=1e-4)
+    assert f"{GUARD_CONFIDENCE:.0%} lower bound" in choice.reason
+
+
+def test_too_few_check_texts_cannot_vouch_for_a_batch_dependent_copy(tmp_path):
+    copy = PaddingSensitive(cut=50, tolerance=1000)
+    _, choice = choose_for_serving(ChampionWithInt8(copy), "int8", SPREAD[:200], tmp_path, 16, call_texts=128)
+    int8 = next(c for c in choice.as_dict()["candidates"] if c["path"] == "torch-int8")
+    assert choice.chosen == TORCH_FP32 and int8["agreement"] == 1.0 and int8["agreement_low"] < MIN_AGREEMENT
+    assert set(copy.batch_sizes) == {16}  # no single-text pass once the bound cannot reach 99 %
+
+
+def test_a_batch_independent_candidate_is_checked_once_in_merged_calls(tmp_path):
+    checked = CountingLength(50)
+    trials, _ = measure([Candidate(TORCH_FP32, lambda: LengthClassifier(cut=50)),
+                         Candidate("onnx-fp32", lambda: checked)], SPREAD, SPREAD[:8], BATCHINGS)
+    assert checked.calls[0] == 128 and sum(checked.calls[:4]) == len(SPREAD)  # calls of 128, then timing
+    assert trials[1].agreement_by_batching == {"calls of 128 in batches of 16": 1.0}
+    assert trials[1].agreement_low is None and trials[1].passed
 
 
 def test_without_onnxruntime_the_onnx_candidates_are_skipped(tokenizer, tmp_path, monkeypatch):
@@ -293,9 +434,9 @@ class FakeChampion:
 
 
 def fake_speeds(measure_calls: list[int]):
-    def fixed(options, check_texts, timing_texts, batch_size, outputs=None):
+    def fixed(options, check_texts, timing_texts, batchings, outputs=None):
         measure_calls.append(1)
-        trials, built = measure(options, check_texts, timing_texts, batch_size, outputs)
+        trials, built = measure(options, check_texts, timing_texts, batchings, outputs)
         speeds = {TORCH_FP32: 100.0, "torch-int8": 150.0, "onnx-fp32": 200.0, "onnx-int8": 300.0}
         return [Trial(t.path, t.agreement, speeds[t.path], t.error) for t in trials], built
 

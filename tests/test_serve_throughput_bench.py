@@ -35,7 +35,9 @@ def workload(bench, ours: float, pipeline: float, ratio: float | None = None) ->
 
 def champion(bench, seed: int, chosen: str, ours: float, pipeline: float, agreement: float) -> dict:
     candidates = [{"path": "torch-fp32", "agreement": 1.0, "texts_per_s": 150.0, "error": None},
-                  {"path": "onnx-int8", "agreement": 0.978, "texts_per_s": 300.0, "error": None},
+                  {"path": "onnx-int8", "agreement": 0.978, "texts_per_s": 300.0, "error": None,
+                   "batch_dependent": True, "agreement_low": 0.9651,
+                   "agreement_by_batching": {"calls of 128 in batches of 16": 0.99, "single texts": 0.982}},
                   {"path": "onnx-fp32", "agreement": None, "texts_per_s": None,
                    "error": "ImportError: import of onnxruntime halted"}]
     entry = {"seed": seed, "version": f"m:v{seed}", "eval_macro_f1": 0.71, "load_and_choose_seconds": 12.0,
@@ -75,8 +77,9 @@ def test_every_champion_is_reported_with_its_path_even_refused_or_failed(bench):
     assert "| 1 | 0.71 | onnx-fp32 | 99.50% (1000 texts) ✓ | 300.0 ✓ | 60.0 | 5.0× ✓ |" in report
     assert "| 2 | 0.71 | torch-fp32 | 100.00% (1000 texts) ✓ | 150.0 ✗ | 60.0 | 2.5× ✗ |" in report
     assert "| 3 | – | – |" in report and "RuntimeError: registry unreachable" in report
-    assert "| onnx-int8 | 97.80% | 300 |" in report
-    assert "| onnx-fp32 | – | – | ImportError: import of onnxruntime halted |" in report
+    assert ("| onnx-int8 | 97.80% | 96.51% | calls of 128 in batches of 16: 99.00%, single texts: 98.20% | 300 |"
+            in report)
+    assert "| onnx-fp32 | – | – | – | – | ImportError: import of onnxruntime halted |" in report
     assert "goal >= 250" in report and "goal >= 4×" in report and "goal >= 99%" in report
     assert "load average 9.1–12.0 (median 10.5)" in report
     assert "absolute texts/s are lower bounds" in report
@@ -93,6 +96,8 @@ def test_champions_are_cached_by_recipe_and_seed(bench, tmp_path):
     assert bench.champion_store(tmp_path, base, 1) != bench.champion_store(tmp_path, base, 2)
     assert bench.champion_store(tmp_path, base, 1) != bench.champion_store(tmp_path, bench.recipe(1000), 1)
     assert bench.champion_store(tmp_path, base, 1) != bench.champion_store(tmp_path, bench.recipe(2000, epochs=1), 1)
+    # an earlier recipe's champions, named explicitly (a new config field at a default that trains the same)
+    assert bench.champion_store(tmp_path, base, 2, "f6ebbaf1ca") == tmp_path / "f6ebbaf1ca-seed-2"
 
 
 def test_rounds_interleave_every_system_and_ratios_pair_rounds(bench):
@@ -205,4 +210,33 @@ def test_an_interrupted_champion_store_is_trained_again_and_a_finished_one_reuse
     assert first["trained_this_run"] and [c[0] for c in calls] == ["train", "promote"] and calls[0][2] == 5
     again = bench.ensure_champion(store, davidson, 5, recipe)
     assert not again["trained_this_run"] and again["eval_macro_f1"] == 0.7 and again["version"] == "m:v7"
+    assert json.loads((store / "champion.json").read_text())["recipe"] == recipe and "recipe" not in again
     assert len(calls) == 2  # reused, not trained again
+
+
+def test_champions_reused_by_key_report_the_recipe_they_were_trained_with(bench, tmp_path):
+    old = bench.recipe(300, epochs=1)
+    key = bench.recipe_key(old)
+    for seed in (1, 2):
+        store = bench.champion_store(tmp_path, old, seed)
+        store.mkdir(parents=True)
+        (store / "champion.json").write_text(json.dumps({"eval_macro_f1": 0.7, "recipe": old}))
+    assert bench.stored_recipe(tmp_path, key, [1, 2]) == old
+    with pytest.raises(ValueError, match="no finished champion"):
+        bench.stored_recipe(tmp_path, key, [1, 3])
+    (bench.champion_store(tmp_path, old, 2) / "champion.json").write_text(json.dumps({"eval_macro_f1": 0.7}))
+    with pytest.raises(ValueError, match="does not record the recipe"):
+        bench.stored_recipe(tmp_path, key, [1, 2])
+    report = bench.markdown(fake_result(bench, [champion(bench, 1, "onnx-fp32", 300.0, 60.0, 0.995)], [0.4])
+                            | {"recipe": {**old, "base_model": "m", "seeds": [1], "quick": False,
+                                          "champions_key": key}})
+    assert f"the recipe stored with champions `{key}`" in report and "1 epochs" in report
+
+
+def test_a_bad_champions_key_is_an_error_line_not_a_traceback(bench, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["serve_throughput.py", "--champions-dir", str(tmp_path),
+                                      "--champions-key", "0123456789", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2 and "error: no finished champion" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
