@@ -31,8 +31,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.tracking import MlflowClient
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
@@ -459,9 +457,14 @@ _NOT_METRICS = frozenset({"strategy", "seed", "round", "n_labels", "kappa_stop_a
 class _Tracker:
     """One MLflow parent run per simulation, a nested run per (strategy, seed), one metrics batch per
     round with step = number of labels. Uses an explicit client, so the process-wide tracking URI of
-    whoever called us is left alone."""
+    whoever called us is left alone. MLflow is imported here, not at module level, so that a replay
+    without tracking (``log_to_mlflow=False``, as ``bench/al_transfer.py`` runs it on a GPU machine that
+    has no MLflow) needs none of it."""
 
     def __init__(self, settings: Settings, config: dict):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(tracking_uri=settings.resolved_tracking_uri)
         name = f"{settings.experiment}-al-simulation"
         experiment = self.client.get_experiment_by_name(name)
@@ -477,6 +480,8 @@ class _Tracker:
         self.client.log_batch(self.parent_id, params=[Param(k, str(v)) for k, v in config.items()])
 
     def start(self, name: str, params: dict) -> str:
+        from mlflow.entities import Param
+
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.parentRunId": self.parent_id, "labelloop.kind": "al-simulation"})
         self.open.append(run.info.run_id)
@@ -486,6 +491,8 @@ class _Tracker:
     def log_round(self, run_id: str, row: dict) -> None:
         """Every number of the round (the kind's metrics, per-label F1 and counts, timing, kappa once
         defined), except the identifiers and the stop point, which are parameters of the run."""
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         keys = [key for key, value in row.items() if key not in _NOT_METRICS and not pd.isna(value)]
         metrics = [Metric(key, float(row[key]), now, int(row["n_labels"])) for key in keys]
@@ -496,10 +503,14 @@ class _Tracker:
             self.client.log_artifact(self.parent_id, str(path))
 
     def finish(self, run_id: str) -> None:
+        from mlflow.entities import RunStatus
+
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         self.open.remove(run_id)
 
     def fail(self) -> None:
+        from mlflow.entities import RunStatus
+
         for run_id in list(self.open):
             self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         self.open.clear()

@@ -322,7 +322,8 @@ def test_multilabel_early_stopping_keeps_the_best_checkpoints_thresholds(monkeyp
         return scores[len(given) - 1]
 
     monkeypatch.setattr(finetune_module, "_score_validation", fake)
-    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=5, batch_size=16, lr=1e-3, seed=1)
+    config = FineTuneConfig(base_model=tiny_bert, max_length=16, epochs=5, batch_size=16, lr=1e-3, patience=1,
+                            seed=1)
     result = finetune(ethos["train"].iloc[:32], ethos["validation"], ETHOS, config)
     assert [h["val_macro_f1"] for h in result.history] == scores
     np.testing.assert_allclose(result.classifier.thresholds, given[1])
