@@ -7,12 +7,12 @@ differ only in their seed (the product's default fine-tuning recipe) and serves 
 next to its own baseline:
 
 - ``labelloop``: ``serving.app`` over HTTP (uvicorn), the champion loaded from a real MLflow registry;
-  at load it times every candidate path (fp32 torch, torch int8, ONNX Runtime fp32 and int8) on the
-  frozen evaluation texts and serves the fastest one that passes the guard: top-label agreement with fp32
-  torch of >= 99 % in the batches serving runs, for the batch-dependent int8 paths as a lower confidence
-  bound (``serving/quantize.py``). The path chosen, and every candidate's agreement and speed, come
-  from the server's ``/health``. The servers load one after another, so no load-time timing overlaps
-  another's.
+  at load it times every candidate path (fp32 torch, torch int8, ONNX Runtime fp32 and int8, and ONNX int8
+  with its near-ties rerun on ONNX fp32) on the frozen evaluation texts and serves the fastest one that
+  passes the guard: top-label agreement with fp32 torch of >= 99 % in the batches serving runs, for the
+  batch-dependent int8 paths as a lower confidence bound (``serving/quantize.py``). The path chosen, and
+  every candidate's agreement and speed, come from the server's ``/health``. The servers load one after
+  another, so no load-time timing overlaps another's.
 - ``upstream pipeline``: what label-studio-ml-backend's ``bert_classifier`` example does, with the model
   kept in memory: ``transformers.pipeline("text-classification")`` on the same fine-tuned checkpoint,
   behind an equivalent ``/predict`` (a sync handler, as upstream's Flask route is).
@@ -69,7 +69,14 @@ from labelloop import data  # noqa: E402
 from labelloop.config import REPO_ROOT, Settings  # noqa: E402
 from labelloop.taxonomy import get_taxonomy, label_config_xml  # noqa: E402
 from serving.app import create_app  # noqa: E402
-from serving.quantize import GUARD_CONFIDENCE, MIN_AGREEMENT  # noqa: E402
+from serving.quantize import (  # noqa: E402
+    GUARD_CONFIDENCE,
+    MIN_AGREEMENT,
+    Batching,
+    OnnxCandidates,
+    agreement_lower_bound,
+    near_ties,
+)
 from training.classifier import resolve_model_path  # noqa: E402
 from training.finetune import FineTuneConfig  # noqa: E402
 from training.registry import Registry  # noqa: E402
@@ -425,18 +432,66 @@ def summarise_champion(entry: dict, measured: dict, seed: int) -> dict:
     return entry
 
 
+def held_out_texts(davidson: data.LabeledData, the_recipe: dict) -> list[str]:
+    """The held-out split without the champions' frozen evaluation texts (their guard's check texts), in a
+    fixed random order: agreement and speed are measured on texts no candidate was chosen on."""
+    splits = data.split(davidson, seed=the_recipe["split_seed"])
+    frozen = set(data.stratified_sample(splits.test, the_recipe["eval_rows"], seed=0)["text"])
+    held_out = [t for t in splits.test["text"].tolist() if t not in frozen]
+    rng = np.random.default_rng(0)
+    return [held_out[i] for i in rng.permutation(len(held_out))]
+
+
+def fallback_bands(args: argparse.Namespace) -> dict:
+    """For each champion and band: the share of held-out texts whose ONNX int8 answer is a near-tie (and so
+    falls back to ONNX fp32), and the top-label agreement with fp32 torch of int8 alone and of int8 with that
+    fallback, in serving's batchings (calls of 100 texts in batches of 16, as the benchmark's requests, and
+    single texts). What the ``onnx-int8+fallback`` candidate's band (``serving.quantize.FALLBACK_BAND``) is
+    chosen from. fp32's answers do not depend on the batch, so they are computed once, in calls of 100."""
+    the_recipe = args.recipe or recipe(args.train_rows, epochs=args.epochs)
+    texts = held_out_texts(data.load("davidson", settings=Settings()), the_recipe)[: args.agreement_texts]
+    batchings = (Batching("calls of 100 in batches of 16", 100, 16), Batching("single texts", None, 1))
+    out: dict[str, Any] = {"texts": len(texts), "bands": args.fallback_bands, "champions": [],
+                           "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    for seed in args.seeds:
+        store = champion_store(args.champions_dir, the_recipe, seed, args.champions_key)
+        settings = bench_settings(store)
+        try:
+            classifier = Registry(settings).load("champion").classifier
+            onnx = OnnxCandidates(classifier, settings.cache_dir / "onnx")
+            int8, fp32 = onnx.build("int8"), onnx.build("fp32")
+            reference = classifier.decide_ids(batchings[0].run(classifier.predict_proba, texts))
+            exact = fp32.predict_proba(texts, 16)
+            fast = {b.name: b.run(int8.predict_proba, texts) for b in batchings}
+        except Exception as e:  # one champion's failure is reported; the others are still measured
+            out["champions"].append({"seed": seed, "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows = []
+        for band in [0.0, *args.fallback_bands]:
+            kept_everywhere = np.ones(len(texts), dtype=bool)
+            per_batching = {}
+            for name, proba in fast.items():
+                tie = near_ties(proba, band, classifier.thresholds if classifier.multi_label else None)
+                served = np.where(tie[:, None], exact, proba)
+                same = classifier.decide_ids(served) == reference
+                kept_everywhere &= same.reshape(len(texts), -1).all(axis=1)
+                per_batching[name] = {"fallback_share": round(float(tie.mean()), 4),
+                                      "agreement": round(float(same.reshape(len(texts), -1).all(axis=1).mean()), 4)}
+            rows.append({"band": band, "agreement_every_batching": round(float(kept_everywhere.mean()), 4),
+                         "lower_bound": round(agreement_lower_bound(int(kept_everywhere.sum()), len(texts)), 4),
+                         "by_batching": per_batching})
+        out["champions"].append({"seed": seed, "store": str(store), "rows": rows})
+        print(json.dumps(out["champions"][-1]), flush=True)
+    out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     load_start = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     the_recipe = getattr(args, "recipe", None) or recipe(args.train_rows, epochs=args.epochs)
     davidson = data.load("davidson", settings=Settings())
-    splits = data.split(davidson, seed=the_recipe["split_seed"])
-    # the champions' frozen evaluation texts are their guard's check texts; agreement and speed are
-    # measured on the rest of the held-out split, which no candidate was chosen on
-    frozen = set(data.stratified_sample(splits.test, the_recipe["eval_rows"], seed=0)["text"])
-    held_out = [t for t in splits.test["text"].tolist() if t not in frozen]
-    rng = np.random.default_rng(0)
-    pool = [held_out[i] for i in rng.permutation(len(held_out))]
+    pool = held_out_texts(davidson, the_recipe)
     agreement_texts, timing_pool = pool[: args.agreement_texts], pool[args.agreement_texts :]
     champions: dict[int, dict] = {}
     systems: list[System] = []
@@ -603,6 +658,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small and fast: 300 training rows, 2 rounds, few "
                         "requests")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--fallback-bands", type=float, nargs="+", default=None,
+                        help="instead of the throughput run: the int8 near-tie fallback's share and agreement "
+                        "at these bands, written to serve_fallback_bands.json")
     args = parser.parse_args()
     if args.quick:
         args.train_rows, args.rounds = 300, 2
@@ -613,8 +671,12 @@ def main() -> None:
             args.recipe = stored_recipe(args.champions_dir, args.champions_key, args.seeds)
         except ValueError as e:
             parser.error(str(e))
-    result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.fallback_bands:
+        bands = fallback_bands(args)
+        (args.out / "serve_fallback_bands.json").write_text(json.dumps(bands, indent=2) + "\n")
+        return
+    result = run(args)
     (args.out / "serve_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     report = args.out / "serve_throughput.md"
     kept = report.read_text().partition(NOTES)[2] if report.exists() else ""

@@ -5,8 +5,9 @@ recipe: two fine-tunes with the same recipe had their torch int8 copies pass and
 So no path is fixed in advance. Each freshly loaded champion is run every candidate way the device offers:
 
 - CPU: fp32 torch (the reference), torch dynamic int8, ONNX Runtime fp32 with its BERT fusions
-  (attention, GELU, skip-LayerNorm) and all graph optimisations, and ONNX Runtime int8 with per-channel
-  weights;
+  (attention, GELU, skip-LayerNorm) and all graph optimisations, ONNX Runtime int8 with per-channel
+  weights, and (models without a frozen encoder) that int8 with its near-ties rerun on the fp32 session
+  (:class:`NearTieFallback`);
 - CUDA: fp32 torch, and bf16 / fp16 autocast.
 
 Each candidate's top label (a multi-label model's whole decided label set) is compared with fp32 torch
@@ -77,6 +78,11 @@ MIN_AGREEMENT = 0.99
 #: check texts it allows one disagreement
 GUARD_CONFIDENCE = 0.95
 TORCH_FP32 = "torch-fp32"
+#: the ``onnx-int8+fallback`` candidate reruns on fp32 the rows whose int8 answer is within this much of a
+#: tie: the top two probabilities (multi-label: any label's probability and its threshold); chosen on the
+#: cached champions' held-out texts, the share of rows it sends to fp32 and what it keeps are in
+#: ``bench/results/serve_throughput.md``
+FALLBACK_BAND = 0.2
 #: serving modes (``settings.quantize``): ``auto`` tries every candidate, ``int8`` only torch's dynamic
 #: int8 against fp32 (the behaviour before ONNX Runtime), ``none`` serves fp32 torch without checking
 Mode = Literal["none", "int8", "auto"]
@@ -207,6 +213,19 @@ def choose_path(trials: Sequence[Trial], check_texts: int, preferred: str | None
     if refused:
         reason += f"; {refused}"
     return PathChoice(best.path, reason, check_texts, tuple(trials), batchings=tuple(batchings))
+
+
+def near_ties(proba: np.ndarray, band: float, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """The rows whose decision a small shift of the probabilities could flip: the top two closer than
+    ``band`` (single-label), or any label closer than ``band`` to its threshold (multi-label, ``thresholds``
+    given). Dynamic int8 moves probabilities by a little, so the labels it flips are near-ties of this kind."""
+    proba = np.asarray(proba)
+    if thresholds is not None:
+        return (np.abs(proba - thresholds) < band).any(axis=1)
+    if proba.shape[1] < 2:
+        return np.zeros(len(proba), dtype=bool)
+    top_two = np.partition(proba, -2, axis=1)[:, -2:]
+    return (top_two[:, 1] - top_two[:, 0]) < band
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,6 +439,63 @@ class OnnxCandidates:
         served.precision = f"onnx-{which}"
         return served
 
+    def build_fallback(self, band: float = FALLBACK_BAND) -> NearTieFallback:
+        """ONNX int8 with its near-ties answered by ONNX fp32 (both sessions are shared with the plain
+        candidates, so this costs no extra export or session)."""
+        return NearTieFallback(self.build("int8"), self.build("fp32"), band)
+
+
+class NearTieFallback(TextClassifier):
+    """Serves ``fast``'s answers, except on the rows where ``fast`` is within ``band`` of a tie
+    (:func:`near_ties`): those are run again, alone together, on ``exact`` and take its answer.
+
+    Why: int8 is faster than fp32 on CPU, but its flips cost it the guard; most of them are near-ties, so
+    rerunning only those keeps fp32's labels while most rows pay only int8. Which rows fall back depends on ``fast``'s
+    batch-dependent probabilities, so the copy is as batch-dependent as ``fast`` and checked like it. It has
+    no frozen encoder (a head over cached embeddings could not fall back row by row), so it is only offered
+    for models that run their transformer on every prediction.
+    """
+
+    def __init__(self, fast: TextClassifier, exact: TextClassifier, band: float):
+        self.fast = fast
+        self.exact = exact
+        self.band = band
+        self.labels = fast.labels
+        self.max_length = fast.max_length
+        self.device = fast.device
+        self.multi_label = fast.multi_label
+        if fast.multi_label:
+            self.thresholds = fast.thresholds
+        self.precision = f"{fast.precision}+fallback"
+
+    def fallback_rows(self, proba: np.ndarray) -> np.ndarray:
+        """Indices of the rows of ``fast``'s ``proba`` that ``exact`` answers."""
+        return np.flatnonzero(near_ties(proba, self.band, self.thresholds if self.multi_label else None))
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        proba = np.array(self.fast.predict_proba(texts, batch_size, progress))
+        rows = self.fallback_rows(proba)
+        if len(rows):
+            proba[rows] = self.exact.predict_proba([texts[i] for i in rows], batch_size)
+        return proba
+
+    def embed(self, texts, batch_size=64, progress=None):
+        return self.fast.embed(texts, batch_size, progress)
+
+    @property
+    def tokenizer(self):
+        return self.fast.tokenizer
+
+    def transformer(self) -> torch.nn.Module:
+        return self.fast.transformer()
+
+    def stochastic_proba(self, texts, n_samples, *, seed, batch_size=64, embeddings=None, labeled=None):
+        return self.fast.stochastic_proba(texts, n_samples, seed=seed, batch_size=batch_size,
+                                          embeddings=embeddings, labeled=labeled)
+
+    def _save_weights(self, path: Path) -> dict:
+        raise TypeError("a served int8+fallback copy is not saved: the registry keeps the fp32 champion")
+
 
 def _autocast_copy(classifier: TextClassifier, dtype: torch.dtype, name: str) -> TextClassifier:
     served = classifier.with_module(lambda module: AutocastModule(module, dtype))
@@ -442,6 +518,8 @@ def candidates(classifier: TextClassifier, mode: Mode, cache_dir: Path) -> list[
         onnx = OnnxCandidates(classifier, cache_dir)
         out.append(Candidate("onnx-fp32", lambda: onnx.build("fp32")))
         out.append(Candidate("onnx-int8", lambda: onnx.build("int8"), batch_dependent=True))
+        if classifier.frozen_encoder is None:
+            out.append(Candidate("onnx-int8+fallback", onnx.build_fallback, batch_dependent=True))
     return out
 
 

@@ -14,16 +14,19 @@ from fastapi.testclient import TestClient
 from labelloop.config import Settings
 from serving import quantize
 from serving.quantize import (
+    FALLBACK_BAND,
     GUARD_CONFIDENCE,
     MIN_AGREEMENT,
     TORCH_FP32,
     Candidate,
+    NearTieFallback,
     OnnxCandidates,
     Trial,
     agreement_lower_bound,
     choose_for_serving,
     choose_path,
     measure,
+    near_ties,
     serving_batchings,
 )
 from tests.test_classifier_kinds import TEXTS, LengthClassifier, tiny_embedding_head, tiny_finetuned
@@ -358,7 +361,8 @@ def test_health_reports_the_chosen_path_and_why(tokenizer, tmp_path, monkeypatch
 
     def slow_onnx_int8(options, *args, **kwargs):  # fixes which path wins, whatever the machine's load
         trials, built = real_measure(options, *args, **kwargs)
-        speeds = {TORCH_FP32: 100.0, "torch-int8": 150.0, "onnx-fp32": 300.0, "onnx-int8": 200.0}
+        speeds = {TORCH_FP32: 100.0, "torch-int8": 150.0, "onnx-fp32": 300.0, "onnx-int8": 200.0,
+                  "onnx-int8+fallback": 250.0}
         return [Trial(t.path, t.agreement, speeds[t.path], t.error) for t in trials], built
 
     monkeypatch.setattr(quantize, "measure", slow_onnx_int8)
@@ -370,7 +374,8 @@ def test_health_reports_the_chosen_path_and_why(tokenizer, tmp_path, monkeypatch
         predicted = client.post("/v1/predict", json={"texts": TEXTS[:2]})
     path = health["serving_path"]
     assert health["precision"] == "onnx-fp32" and path["chosen"] == "onnx-fp32"
-    assert [c["path"] for c in path["candidates"]] == [TORCH_FP32, "torch-int8", "onnx-fp32", "onnx-int8"]
+    assert [c["path"] for c in path["candidates"]] == [TORCH_FP32, "torch-int8", "onnx-fp32", "onnx-int8",
+                                                        "onnx-int8+fallback"]
     assert all(c["agreement"] is not None for c in path["candidates"])
     assert "300 texts/s" in path["reason"] and path["check_texts"] == len(CHECK)
     assert predicted.status_code == 200
@@ -555,3 +560,101 @@ def test_health_says_when_speeds_came_from_the_memo(tokenizer, tmp_path):
         app = create_app(settings, model_source=TinySource(_other_head(model) if expected == "memo" else model))
         with TestClient(app) as client:
             assert client.get("/health").json()["serving_path"]["speeds_from"] == expected
+
+
+# --- int8 with its near-ties answered by fp32 (issue 15) -------------------------------------------
+
+
+class Margin(LengthClassifier):
+    """P(b) rises with length through 0.5 at ``cut``; ``shift`` moves it as int8's rounding might, and
+    ``flip_every`` turns every n-th text's answer around however confident it is. Records the texts asked."""
+
+    def __init__(self, cut: int = 55, shift: float = 0.0, flip_every: int = 0):
+        super().__init__(cut=cut)
+        self.shift = shift
+        self.flip_every = flip_every
+        self.asked: list[str] = []
+
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        self.asked.extend(texts)
+        p = np.clip(0.5 + (np.array([len(t) for t in texts]) - self.cut) / 100 + self.shift, 0, 1)
+        if self.flip_every:
+            flip = np.array([int(t[1:4]) % self.flip_every == 0 for t in texts])
+            p = np.where(flip, 1 - p, p)
+        return np.c_[1 - p, p].astype(np.float32)
+
+
+def fallback_trials(fast: Margin, exact: Margin):
+    reference = Margin()
+    options = [Candidate(TORCH_FP32, lambda: reference),
+               Candidate("onnx-int8", lambda: fast, batch_dependent=True),
+               Candidate("onnx-int8+fallback", lambda: NearTieFallback(fast, exact, FALLBACK_BAND),
+                         batch_dependent=True)]
+    trials, built = measure(options, SPREAD, SPREAD[:8], BATCHINGS)
+    return {t.path: t for t in trials}, built
+
+
+def test_int8_whose_flips_are_near_ties_is_refused_alone_and_served_with_the_fallback():
+    by_path, _ = fallback_trials(Margin(shift=0.03), Margin())
+    assert by_path["onnx-int8"].agreement < MIN_AGREEMENT and not by_path["onnx-int8"].passed
+    fallback = by_path["onnx-int8+fallback"]
+    assert fallback.agreement == 1.0 and fallback.batch_dependent and fallback.passed
+    assert choose_path(list(by_path.values()), len(SPREAD)).chosen in ("onnx-int8+fallback", TORCH_FP32)
+
+
+def test_int8_whose_flips_are_confident_is_refused_even_with_the_fallback():
+    by_path, _ = fallback_trials(Margin(flip_every=25), Margin())
+    assert not by_path["onnx-int8+fallback"].passed
+    assert by_path["onnx-int8+fallback"].agreement < MIN_AGREEMENT  # only the flipped near-ties are saved
+    assert choose_path(list(by_path.values()), len(SPREAD)).chosen == TORCH_FP32
+
+
+def test_exactly_the_near_ties_are_rerun_on_fp32():
+    fast, exact = Margin(shift=0.03), Margin()
+    served = NearTieFallback(fast, exact, FALLBACK_BAND)
+    proba = served.predict_proba(SPREAD, 16)
+    int8 = fast.predict_proba(SPREAD, 16)
+    expected = [t for t, row in zip(SPREAD, int8, strict=True) if abs(row[1] - row[0]) < FALLBACK_BAND]
+    assert 0 < len(expected) < len(SPREAD) and exact.asked == expected
+    rerun = np.isin(SPREAD, expected)
+    assert np.array_equal(proba[rerun], exact.predict_proba(expected)) and np.array_equal(proba[~rerun], int8[~rerun])
+    assert served.precision == "fp32+fallback" and served.frozen_encoder is None
+
+
+def test_near_ties_of_a_multi_label_model_are_labels_close_to_their_thresholds():
+    proba = np.array([[0.9, 0.1], [0.62, 0.1], [0.9, 0.35], [0.5, 0.5]])
+    assert near_ties(proba, 0.05, np.array([0.6, 0.3])).tolist() == [False, True, True, False]
+    assert near_ties(proba, 0.05).tolist() == [False, False, False, True]  # single-label: the top two
+
+
+class Broken(LengthClassifier):
+    def predict_proba(self, texts, batch_size=64, progress=None):
+        raise RuntimeError("fp32 session failed")
+
+
+def test_a_failing_fp32_session_only_removes_the_fallback_candidate():
+    by_path, built = fallback_trials(Margin(shift=0.03), Broken())
+    assert by_path["onnx-int8+fallback"].error == "RuntimeError: fp32 session failed"
+    assert "onnx-int8+fallback" not in built and TORCH_FP32 in built
+
+
+def test_an_fp32_export_that_fails_never_breaks_loading(tokenizer, tmp_path, monkeypatch):
+    real_build = OnnxCandidates.build
+
+    def no_fp32(self, which):
+        if which == "fp32":
+            raise RuntimeError("fp32 session failed")
+        return real_build(self, which)
+
+    monkeypatch.setattr(OnnxCandidates, "build", no_fp32)
+    model = tiny_finetuned(tokenizer)
+    served, choice = choose_for_serving(model, "auto", CHECK, tmp_path)
+    errors = {c["path"]: c["error"] for c in choice.as_dict()["candidates"]}
+    assert errors["onnx-int8+fallback"] == errors["onnx-fp32"] == "RuntimeError: fp32 session failed"
+    assert errors["onnx-int8"] is None and choice.chosen != "onnx-int8+fallback"
+    assert served.predict_proba(CHECK[:2]).shape == (2, len(model.labels))
+
+
+def test_the_fallback_is_not_offered_over_a_frozen_encoder(tokenizer, tmp_path):
+    paths = [c.path for c in quantize.candidates(tiny_embedding_head(tokenizer), "auto", tmp_path)]
+    assert "onnx-int8" in paths and "onnx-int8+fallback" not in paths
