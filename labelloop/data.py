@@ -600,6 +600,8 @@ def split(data: LabeledData, *, seed: int, val_frac: float = 0.1, test_frac: flo
             raise DataError(f"{data.source}: too few rows to split ({len(frame)} rows); need at least 10")
     else:
         counts = frame["label"].value_counts()
+        if frame.empty:  # a loop with no labels yet, fine-tuned by hand: say so, not numpy's empty argmin
+            raise DataError(f"{data.source}: no labeled rows to split; need at least 10, >= 3 per class")
         if len(frame) < 10 or counts.min() < 3:
             raise DataError(f"{data.source}: too few rows to split ({len(frame)} rows, smallest class "
                             f"{counts.idxmin()!r} has {counts.min()}); need >= 3 per class")

@@ -72,6 +72,15 @@ def test_split_is_deterministic_stratified_and_disjoint(davidson):
     assert abs(share - 1430 / 24783) < 0.005
 
 
+@pytest.mark.parametrize("rows", [0, 5])
+def test_split_of_too_few_rows_is_a_data_error_that_says_why(davidson_small, rows):
+    """A fine-tune queued before the loop has labels splits an empty frame: one clear DataError, not numpy's
+    'argmin of an empty sequence'."""
+    few = data.LabeledData(davidson_small.frame.head(rows), davidson_small.taxonomy, "label-studio:project-1")
+    with pytest.raises(DataError, match=r"label-studio:project-1: .*need (at least 10, )?>= 3 per class"):
+        data.split(few, seed=0)
+
+
 def test_snapshot_id_depends_on_content_not_order(davidson_small):
     frame = davidson_small.frame
     assert data.snapshot_id(frame) == data.snapshot_id(frame.sample(frac=1.0, random_state=3))
