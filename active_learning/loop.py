@@ -507,7 +507,7 @@ class ActiveLearningLoop:
         started = time.perf_counter()
         timings: dict[str, float] = {}
         labels = self.training_labels()
-        source = f"label-studio:project-{self.project_id}"
+        source = f"label-studio:project-{self.project_id}" if self.project_id is not None else "the journal's labels"
         if progress:
             progress(0.02, f"splitting {len(labels)} labels for fine-tuning")
         train, validation = finetune_frames(labels, self.taxonomy, seed=self.settings.seed, source=source)
