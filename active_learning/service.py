@@ -41,6 +41,10 @@ log = logging.getLogger("labelloop.service")
 
 #: how often a ``/setup`` from Label Studio may trigger a connection check
 SETUP_CHECK_SECONDS = 300.0
+#: how long a background connection check waits before it warns about what it found, and looks again: `labelloop
+#: connect` and the demo connect the ML backend first (Label Studio then calls ``/setup``, which starts a check)
+#: and fix the webhook's credentials a moment later, so a first look can catch a problem that is being mended
+CONNECTION_SETTLE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -175,16 +179,21 @@ class Service:
         return dict(vars(report))
 
     # ------------------------------------------------------------------ the Label Studio connection
-    def check_connection(self) -> list[str]:
+    def check_connection(self, settle_seconds: float = 0.0) -> list[str]:
         """Log a warning for each reason Label Studio's calls or annotation webhooks would not reach this
         backend, above all a webhook made by connecting in Label Studio's UI, which carries no credentials:
         with auth on, each of its events is refused and labels wait for the reconciler. Never raises: a
-        Label Studio that is down must not keep the backend from serving."""
+        Label Studio that is down must not keep the backend from serving. With ``settle_seconds``, problems
+        found are looked at again after that long and only those still there are reported (see
+        :data:`CONNECTION_SETTLE_SECONDS`)."""
         if not self.loop.steers_queue:
             return []
         project_id = self.settings.ls_project_id
         try:
             problems = self.client.connection_problems(project_id, Credentials(self.settings).accepts)
+            if problems and settle_seconds > 0:
+                time.sleep(settle_seconds)
+                problems = self.client.connection_problems(project_id, Credentials(self.settings).accepts)
         except LabelStudioError as e:
             log.warning("could not check the connection of Label Studio project %s: %s", project_id, e)
             return []
@@ -206,14 +215,16 @@ class Service:
             if self._setup_checked_at is not None and now - self._setup_checked_at < SETUP_CHECK_SECONDS:
                 return
             self._setup_checked_at = now
-        threading.Thread(target=self.check_connection, name="labelloop-setup-check", daemon=True).start()
+        threading.Thread(target=self.check_connection, args=(CONNECTION_SETTLE_SECONDS,), name="labelloop-setup-check",
+                         daemon=True).start()
 
     def _at_start(self) -> None:
         """Check the connection, and on a project with no champion yet run a round at once: it pushes the
         cold-start queue (or finds it still queued), so the first reviewers do not work in random order
         until enough labels for a retrain have come in. Also queue a fine-tune that became due while no service
         ran (or before ``auto_finetune`` was turned on): rounds check only when new labels come in."""
-        self.check_connection()
+        threading.Thread(target=self.check_connection, args=(CONNECTION_SETTLE_SECONDS,), name="labelloop-start-check",
+                         daemon=True).start()
         self.check_finetune()
         if not self.loop.steers_queue:
             return

@@ -9,6 +9,7 @@ status``, the service's start and the 401 itself say what is wrong.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,7 +170,33 @@ def test_setup_from_label_studio_checks_the_connection_once_per_period_off_the_r
             for project in ("7.1700000000", "7.1700000000", "8.1700000000"):
                 assert http.post("/setup", json={"project": project, "schema": "<View></View>"}).status_code == 200
             wait_for(lambda: "has no credentials (project 7)" in caplog.text, "the warning after /setup", 10)
-        assert client.checks == 1  # the second /setup falls in the same period; project 8 is not ours
+        # one check, which looks twice (the problem was still there after settling); the second /setup falls in
+        # the same period, and project 8 is not ours
+        assert client.checks == 2
+    finally:
+        service.close()
+
+
+class MendedClient(CountingClient):
+    """A webhook without credentials at first look, fixed by then at the second: what a background check sees
+    while `labelloop connect` (or the demo) connects the ML backend and then mends the webhook."""
+
+    def connection_problems(self, project_id, accepts, backend_url=None):
+        problems = super().connection_problems(project_id, accepts, backend_url)
+        return problems if self.checks == 1 else []
+
+
+def test_a_problem_mended_while_the_check_settles_is_not_reported(settings, caplog, monkeypatch):
+    monkeypatch.setattr("active_learning.service.CONNECTION_SETTLE_SECONDS", 0.2)
+    client = MendedClient()
+    service = Service(settings.model_copy(update={"ls_project_id": 7}), client=client)
+    try:
+        with TestClient(service.app) as http, caplog.at_level(logging.WARNING, logger="labelloop.service"):
+            assert http.post("/setup", json={"project": "7.1700000000", "schema": "<View></View>"}).status_code == 200
+            wait_for(lambda: client.checks >= 2, "the second look", 10)
+            time.sleep(0.2)
+        assert "has no credentials" not in caplog.text
+        assert service.check_connection() == []  # a direct call reports what is there now
     finally:
         service.close()
 
