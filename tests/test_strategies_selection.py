@@ -13,10 +13,7 @@ from active_learning.strategies import (
     RareWeighted,
     parse_strategy,
 )
-
-
-def rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
+from tests.test_strategies import rng
 
 
 def ctx(proba, labeled_y, **extra) -> PoolContext:
