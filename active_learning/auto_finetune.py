@@ -91,9 +91,9 @@ class AutoFinetune:
     def check(self, labels: int) -> Job | None:
         """Queue a fine-tune if ``labels`` (the size of the labelled set a round just trained on) crossed a
         threshold not yet queued for; the job queued (or the one already waiting), else None."""
-        if self.schedule is None:
-            return None
-        return self.runner.submit_if(MARK, self.schedule.decide(labels), FINETUNE)
+        if self.schedule is None or self.schedule.due(labels, self.done_through()) is None:
+            return None  # most rounds cross no threshold: a read answers that, with no serialised write
+        return self.runner.submit_if(MARK, self.schedule.decide(labels), FINETUNE)  # decided again, under the lock
 
 
 def finetune_frames(labels: pd.DataFrame, taxonomy: Taxonomy, *, seed: int, source: str
